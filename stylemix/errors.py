@@ -1,0 +1,5 @@
+"""The one exception type that carries a message meant for the user (CLI line, app banner)."""
+
+
+class StyleMixError(Exception):
+    """A user-facing error: bad input, missing model, unusable file.  str(e) is the message."""

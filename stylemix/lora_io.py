@@ -1,0 +1,224 @@
+"""LoRA weight files: safe reading, format detection, saving, kohya/A1111 conversion.
+
+Canonical on-disk form (what the trainer writes and the library stores): one
+`pytorch_lora_weights.safetensors` in diffusers/peft layout, keys
+`unet.<module>.lora_A.weight` / `.lora_B.weight` and `text_encoder.text_model.<module>...`
+(the released SD1.5 module names, which every tool expects), with peft's LoraConfig of each
+component in the `lora_adapter_metadata` header field, so plain diffusers
+`load_lora_weights` restores the trained alpha.  Only safetensors is ever read: a pickle file
+is refused by its header before any byte of it is deserialised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from stylemix.errors import StyleMixError
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+MAX_LORA_BYTES = 2 * 1024**3  # a rank-128 SD1.5 LoRA is ~150 MB; 2 GB is an upload limit, not a model limit
+MAX_HEADER_BYTES = 100 * 1024**2
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def check_safetensors_header(path: Path) -> dict:
+    """Parse and return the JSON header of a safetensors file, refusing anything else.
+
+    A pickle (torch.save) file starts with b'\\x80' or a zip signature: it fails here with a
+    clear message before any loader could execute it.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_LORA_BYTES:
+        raise StyleMixError(f"{path.name}: {size / 1e9:.1f} GB is larger than the {MAX_LORA_BYTES / 1e9:.0f} GB limit.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise StyleMixError(f"{path.name}: not a safetensors file (only {size} bytes).")
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise StyleMixError(f"{path.name}: this is a pickle/PyTorch checkpoint, not safetensors. "
+                                "StyleMix only loads safetensors files (pickle can run code).")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 1 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise StyleMixError(f"{path.name}: not a valid safetensors file (bad header length).")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise StyleMixError(f"{path.name}: not a valid safetensors file (header is not JSON).") from None
+    if not isinstance(header, dict):
+        raise StyleMixError(f"{path.name}: not a valid safetensors file (header is not an object).")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end > size:
+        raise StyleMixError(f"{path.name}: the file is truncated ({size} bytes, header promises {8 + n + end}).")
+    return header
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a LoRA safetensors file (state dict, header metadata), after checking it is one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise StyleMixError(f"LoRA file not found: {path}")
+    check_safetensors_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise StyleMixError(f"{path.name}: could not read it as safetensors ({e}).") from None
+    if not state:
+        raise StyleMixError(f"{path.name}: the file holds no tensors.")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise StyleMixError(f"{path.name}: {len(bad)} tensors contain NaN or inf (first: {bad[0]}); refusing to load.")
+    return state, metadata
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def detect_format(state: dict[str, torch.Tensor]) -> str:
+    """'peft' (diffusers/peft lora_A/lora_B), 'kohya' (lora_unet_/lora_te_), or raise naming the problem."""
+    keys = list(state)
+    if any(k.startswith(("lora_te2_", "text_encoder_2.", "lora_te1_")) or "input_blocks" in k or "add_embedding" in k
+           for k in keys):
+        raise StyleMixError("This LoRA is for SDXL (it has a second text encoder or SDXL block names); "
+                            "StyleMix works with Stable Diffusion 1.5 LoRAs.")
+    if all(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        return "kohya"
+    if all(k.startswith(("unet.", "text_encoder.")) for k in keys) and any(
+            ".lora_A." in k or ".lora.down." in k or ".lora_linear_layer." in k for k in keys):
+        return "peft"
+    unknown = next((k for k in keys if not k.startswith(("lora_unet_", "lora_te_", "unet.", "text_encoder."))), keys[0])
+    raise StyleMixError(f"Unrecognised LoRA layout (key {unknown!r}): expected diffusers/peft keys "
+                        "('unet.…lora_A.weight') or kohya/A1111 keys ('lora_unet_…lora_down.weight').")
+
+
+def canonical_text_encoder_key(key: str) -> str:
+    """transformers 5 drops the `text_model.` level from CLIPTextModel; files keep the released names."""
+    prefix = "text_encoder."
+    if key.startswith(prefix) and not key.startswith(prefix + "text_model."):
+        return prefix + "text_model." + key[len(prefix):]
+    return key
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def peft_state_dict(model: torch.nn.Module, adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
+    """The adapter's weights as `prefix.<module>.lora_A.weight` tensors (fp32, contiguous, on cpu)."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    out = {}
+    for k, v in sd.items():
+        key = f"{prefix}.{k}"
+        if prefix == "text_encoder":
+            key = canonical_text_encoder_key(key)
+        out[key] = v.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def lora_config_metadata(model: torch.nn.Module, adapter_name: str) -> dict:
+    cfg = model.peft_config[adapter_name].to_dict()
+    for k, v in list(cfg.items()):
+        if isinstance(v, set):
+            cfg[k] = sorted(v)
+    return cfg
+
+
+def save_lora_weights(path: str | os.PathLike, unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None,
+                      adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Write the adapter `adapter_name` of unet/text_encoder to `path` (a .safetensors file), atomically.
+
+    Refuses to write non-finite weights.  Returns the saved state dict.
+    """
+    from safetensors.torch import save_file
+
+    state: dict[str, torch.Tensor] = {}
+    metadata: dict[str, dict] = {}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is None or adapter_name not in getattr(model, "peft_config", {}):
+            continue
+        state.update(peft_state_dict(model, adapter_name, prefix))
+        for k, v in lora_config_metadata(model, adapter_name).items():
+            metadata[f"{prefix}.{k}"] = v
+    if not state:
+        raise StyleMixError(f"No LoRA adapter named {adapter_name!r} to save.")
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise StyleMixError(f"Refusing to save LoRA weights with NaN/inf ({len(bad)} tensors, first {bad[0]}).")
+    write_safetensors(Path(path), state, {"lora_adapter_metadata": json.dumps(metadata, sort_keys=True), "format": "pt"})
+    return state
+
+
+def write_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def lora_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """peft-layout state dict -> {module key (with component prefix): (A [r, in], B [out, r])}."""
+    out = {}
+    for k, a in state.items():
+        if k.endswith(".lora_A.weight"):
+            mod = k[: -len(".lora_A.weight")]
+            b = state.get(mod + ".lora_B.weight")
+            if b is None:
+                raise StyleMixError(f"LoRA key {k!r} has no matching lora_B weight.")
+            out[mod] = (a, b)
+    return out
+
+
+def adapter_alphas(metadata: dict[str, str]) -> dict[str, tuple[int, float]]:
+    """{'unet': (r, alpha), 'text_encoder': (r, alpha)} from the header, where recorded."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        md = json.loads(raw)
+    except json.JSONDecodeError:
+        raise StyleMixError("LoRA file has an unreadable lora_adapter_metadata header.") from None
+    out = {}
+    for comp in ("unet", "text_encoder"):
+        r, alpha = md.get(f"{comp}.r"), md.get(f"{comp}.lora_alpha")
+        if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r > 0:
+            out[comp] = (int(r), float(alpha))
+    return out
+
+
+def module_scale(metadata_alphas: dict[str, tuple[int, float]], module_key: str, rank: int) -> float:
+    comp = "text_encoder" if module_key.startswith("text_encoder.") else "unet"
+    r, alpha = metadata_alphas.get(comp, (rank, float(rank)))
+    return alpha / r if r else 1.0
+
+
+def is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,88 @@
+"""Where StyleMix keeps its files, and the one name check every user-chosen name goes through.
+
+Every folder can be moved with an environment variable; on a Hugging Face Space with
+persistent storage (`/data` exists and is writable) everything defaults to `/data/stylemix`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from stylemix.errors import StyleMixError
+
+# Letters, digits, '_', '-', '.', not starting with '.', at most 64 characters: such a name can
+# never be a path ('/', '..'), a hidden file, or carry control characters.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return `name` if it is a safe single path component, else raise StyleMixError."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise StyleMixError(
+            f"Invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', not starting with '.' "
+            "and without '..'.")
+    return name
+
+
+def _default_root() -> Path:
+    persistent = Path("/data")
+    if os.environ.get("SPACE_ID") and persistent.is_dir() and os.access(persistent, os.W_OK):
+        return persistent / "stylemix"
+    return Path.cwd()
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The folders one StyleMix installation works in."""
+
+    loras: Path
+    data: Path
+    jobs: Path
+    outputs: Path
+
+    @classmethod
+    def default(cls, loras_dir: str | os.PathLike | None = None) -> "Workspace":
+        root = Path(os.environ.get("STYLEMIX_HOME", _default_root()))
+        return cls(
+            loras=Path(loras_dir or os.environ.get("STYLEMIX_LORAS", root / "loras")),
+            data=Path(os.environ.get("STYLEMIX_DATA", root / "data")),
+            jobs=Path(os.environ.get("STYLEMIX_JOBS", root / "jobs")),
+            outputs=Path(os.environ.get("STYLEMIX_OUTPUTS", root / "outputs")),
+        )
+
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> "Workspace":
+        root = Path(root)
+        return cls(loras=root / "loras", data=root / "data", jobs=root / "jobs", outputs=root / "outputs")
+
+
+def inside(base: Path, *parts: str) -> Path:
+    """base/parts..., refusing any result that resolves outside `base` (symlinks included)."""
+    base_resolved = Path(base).resolve()
+    target = base_resolved.joinpath(*parts).resolve()
+    if target != base_resolved and base_resolved not in target.parents:
+        raise StyleMixError(f"Refusing path {'/'.join(parts)!r}: it leads outside {base}.")
+    return target
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,44 @@
+"""Shared test helpers: real random LoRAs made with peft and saved in StyleMix's library layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from stylemix.lora_io import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights
+from stylemix.models import tiny_components
+
+
+def make_lora_file(path: Path, seed: int, rank: int = 4, alpha: float = 4.0, text_encoder: bool = True,
+                   scale: float = 1.0) -> Path:
+    """A random (init_lora_weights=False) LoRA for the tiny model, saved with StyleMix's saver."""
+    comps = tiny_components()
+    torch.manual_seed(seed)
+    comps["unet"].add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                                         target_modules=UNET_TARGETS), adapter_name="x")
+    te = None
+    if text_encoder:
+        te = comps["text_encoder"]
+        te.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=TEXT_TARGETS),
+                       adapter_name="x")
+    if scale != 1.0:
+        with torch.no_grad():
+            for n, p in list(comps["unet"].named_parameters()) + (list(te.named_parameters()) if te else []):
+                if "lora_B" in n:
+                    p.mul_(scale)
+    save_lora_weights(path, comps["unet"], te, adapter_name="x")
+    return path
+
+
+def make_library_lora(loras_dir: Path, name: str, seed: int, trigger: str | None = None, **kw) -> Path:
+    """A LoRA folder `loras_dir/name/` as the library stores it (weights + stylemix.json)."""
+    d = Path(loras_dir) / name
+    d.mkdir(parents=True, exist_ok=True)
+    make_lora_file(d / WEIGHTS_NAME, seed, **kw)
+    meta = {"name": name, "trigger_word": trigger or f"{name}style", "base_model": "tiny",
+            "rank": kw.get("rank", 4), "alpha": kw.get("alpha", 4.0)}
+    (d / "stylemix.json").write_text(json.dumps(meta))
+    return d
