@@ -287,5 +287,10 @@ def quiet_library_logs() -> None:
     import diffusers
     import transformers
 
+    import warnings
+
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
+    # peft warns on every second adapter; several resident adapters is exactly what the mixer wants
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

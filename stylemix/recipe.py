@@ -1,0 +1,230 @@
+"""A generation recipe: everything needed to make an image again, and its PNG form.
+
+The same dataclass is the mixer's request and what every saved PNG carries, twice:
+an A1111-compatible `parameters` text chunk (so A1111, Civitai and other tools read it) and a
+`stylemix` JSON chunk (exact, including LoRA weights and per-block weights).  A PNG from the
+outside world is hostile: chunks are size-limited and every field is validated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from stylemix.errors import StyleMixError
+from stylemix.paths import check_name
+
+# A1111 sampler names -> (diffusers scheduler class, extra config)
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
+DEFAULT_SAMPLER = "DPM++ 2M Karras"
+WEIGHT_LIMIT = 2.0
+MAX_PROMPT_CHARS = 2000
+MAX_CHUNK_BYTES = 256 * 1024
+MAX_LORAS = 64
+
+
+@dataclass
+class Recipe:
+    prompt: str
+    negative_prompt: str = ""
+    loras: dict[str, float] = field(default_factory=dict)  # LoRA name -> weight in [-2, 2]; 0 = off
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 7.5  # classifier-free guidance scale (A1111's "CFG scale")
+    width: int = 512
+    height: int = 512
+    sampler: str = DEFAULT_SAMPLER
+    batch_size: int = 1  # images 2..n use seeds seed+1.., as A1111 does
+    add_trigger_words: bool = True  # put the active LoRAs' trigger words in front of the prompt
+    total_strength: float | None = None  # if set, weights are scaled so their absolute sum equals this
+    block_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # LoRA -> {block: multiplier}
+    model: str | None = None  # filled in by the mixer: the base model that made the image
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # filled in by the mixer: name -> sha256[:12]
+
+    def validate(self) -> "Recipe":
+        """Raise ValueError naming the first bad field; return self."""
+        if not isinstance(self.prompt, str) or len(self.prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt must be text of at most {MAX_PROMPT_CHARS} characters.")
+        if not isinstance(self.negative_prompt, str) or len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"negative_prompt must be text of at most {MAX_PROMPT_CHARS} characters.")
+        if not isinstance(self.loras, dict) or len(self.loras) > MAX_LORAS:
+            raise ValueError(f"loras must be a mapping of at most {MAX_LORAS} names to weights.")
+        for name, w in self.loras.items():
+            check_name(name, "LoRA name")
+            if not _is_number(w) or abs(w) > WEIGHT_LIMIT:
+                raise ValueError(f"weight of LoRA {name!r} is {w!r}; it must be a number in [-2, 2].")
+        for name, blocks in self.block_weights.items():
+            check_name(name, "LoRA name")
+            if not isinstance(blocks, dict) or not all(isinstance(k, str) and _is_number(v) and abs(v) <= 4
+                                                       for k, v in blocks.items()):
+                raise ValueError(f"block_weights of {name!r} must map block names to numbers in [-4, 4].")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed {self.seed!r} must be an integer in [0, 2^63).")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 150:
+            raise ValueError(f"steps {self.steps!r} must be an integer from 1 to 150.")
+        if not _is_number(self.guidance) or not 0 <= self.guidance <= 30:
+            raise ValueError(f"guidance {self.guidance!r} must be a number from 0 to 30.")
+        for dim in ("width", "height"):
+            v = getattr(self, dim)
+            if not isinstance(v, int) or v % 8 or not 64 <= v <= 2048:
+                raise ValueError(f"{dim} {v!r} must be a multiple of 8 from 64 to 2048.")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}.")
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 8:
+            raise ValueError(f"batch_size {self.batch_size!r} must be from 1 to 8.")
+        if self.total_strength is not None and (not _is_number(self.total_strength) or not 0 < self.total_strength <= 4):
+            raise ValueError(f"total_strength {self.total_strength!r} must be a number in (0, 4] or None.")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        if not isinstance(data, dict):
+            raise ValueError("A recipe must be a JSON object.")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "prompt" not in kwargs:
+            raise ValueError("A recipe needs a prompt.")
+        for k in ("loras", "block_weights", "lora_hashes"):
+            if k in kwargs and not isinstance(kwargs[k], dict):
+                raise ValueError(f"recipe field {k!r} must be an object.")
+        for k in ("seed", "steps", "width", "height", "batch_size"):
+            if isinstance(kwargs.get(k), float) and kwargs[k].is_integer():
+                kwargs[k] = int(kwargs[k])
+        return cls(**kwargs).validate()
+
+    def with_(self, **changes) -> "Recipe":
+        return Recipe(**{**asdict(self), **changes})
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# --------------------------------------------------------------------------- A1111 text
+
+
+def a1111_parameters(recipe: Recipe, prompt_used: str | None = None) -> str:
+    """The `parameters` text A1111 writes: prompt with <lora:name:w> tags, then settings."""
+    tags = " ".join(f"<lora:{n}:{_fmt(w)}>" for n, w in recipe.loras.items() if w != 0)
+    lines = [" ".join(x for x in (prompt_used or recipe.prompt, tags) if x)]
+    if recipe.negative_prompt:
+        lines.append(f"Negative prompt: {recipe.negative_prompt}")
+    settings = [f"Steps: {recipe.steps}", f"Sampler: {recipe.sampler}", f"CFG scale: {_fmt(recipe.guidance)}",
+                f"Seed: {recipe.seed}", f"Size: {recipe.width}x{recipe.height}"]
+    if recipe.model:
+        settings.append(f"Model: {recipe.model}")
+    hashes = {n: h for n, h in recipe.lora_hashes.items() if recipe.loras.get(n)}
+    if hashes:
+        settings.append('Lora hashes: "' + ", ".join(f"{n}: {h}" for n, h in hashes.items()) + '"')
+    settings.append("Version: StyleMix")
+    lines.append(", ".join(settings))
+    return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+_LORA_TAG = re.compile(r"<lora:([^:<>]+):(-?[0-9.]+)>")
+
+
+def parse_a1111_parameters(text: str) -> Recipe:
+    """Best-effort reader of A1111's `parameters` text (images made elsewhere)."""
+    if not isinstance(text, str) or len(text) > MAX_CHUNK_BYTES:
+        raise ValueError("parameters text is missing or too long.")
+    lines = text.strip().split("\n")
+    settings_line = lines[-1] if len(lines) > 1 and "Steps:" in lines[-1] else ""
+    body = lines[:-1] if settings_line else lines
+    neg = ""
+    prompt_lines = []
+    for i, line in enumerate(body):
+        if line.startswith("Negative prompt:"):
+            neg = "\n".join([line[len("Negative prompt:"):].strip()] + body[i + 1:])
+            break
+        prompt_lines.append(line)
+    prompt = "\n".join(prompt_lines)
+    loras = {n.strip(): float(w) for n, w in _LORA_TAG.findall(prompt)}
+    prompt = _LORA_TAG.sub("", prompt).strip()
+    kv = dict(re.findall(r"(\w[\w ]*?): (\"[^\"]*\"|[^,]+)", settings_line))
+    recipe = Recipe(prompt=prompt, negative_prompt=neg, loras=loras)
+    conv = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
+            "Sampler": ("sampler", str), "Model": ("model", str)}
+    for key, (attr, typ) in conv.items():
+        if key in kv:
+            try:
+                setattr(recipe, attr, typ(kv[key].strip()))
+            except ValueError:
+                raise ValueError(f"Unreadable {key!r} value {kv[key]!r} in PNG parameters.") from None
+    if "Size" in kv:
+        m = re.fullmatch(r"(\d+)x(\d+)", kv["Size"].strip())
+        if m:
+            recipe.width, recipe.height = int(m.group(1)), int(m.group(2))
+    if recipe.sampler not in SAMPLERS:
+        recipe.sampler = DEFAULT_SAMPLER
+    return recipe.validate()
+
+
+# --------------------------------------------------------------------------- PNG
+
+
+def png_info(recipe: Recipe, prompt_used: str | None = None, extra: dict | None = None) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(recipe, prompt_used))
+    payload = {"version": 1, "recipe": recipe.to_dict(), **(extra or {})}
+    info.add_itxt("stylemix", json.dumps(payload, sort_keys=True), zip=True)
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path, recipe: Recipe, prompt_used: str | None = None,
+             extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=png_info(recipe, prompt_used, extra))
+    tmp.replace(path)
+    return path
+
+
+def read_recipe(source: str | Path | Image.Image) -> Recipe:
+    """The recipe stored in a PNG: StyleMix's own chunk if present, else A1111's `parameters`."""
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise StyleMixError(f"No such file: {path}")
+        try:
+            img = Image.open(path)
+        except Exception:
+            raise StyleMixError(f"{path.name} is not an image StyleMix can read.") from None
+    text = getattr(img, "text", None) or img.info or {}
+    raw = text.get("stylemix")
+    try:
+        if isinstance(raw, str):
+            if len(raw) > MAX_CHUNK_BYTES:
+                raise ValueError("stylemix chunk is too large")
+            payload = json.loads(raw)
+            if not isinstance(payload, dict) or not isinstance(payload.get("recipe"), dict):
+                raise ValueError("stylemix chunk has no recipe")
+            return Recipe.from_dict(payload["recipe"])
+        if isinstance(text.get("parameters"), str):
+            return parse_a1111_parameters(text["parameters"])
+    except (ValueError, TypeError, json.JSONDecodeError, StyleMixError) as e:
+        raise StyleMixError(f"The image's recipe is unusable: {e}") from None
+    raise StyleMixError("This image carries no StyleMix or A1111 recipe.")
