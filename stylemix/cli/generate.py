@@ -1,0 +1,133 @@
+"""`stylemix generate PROMPT [--lora NAME=WEIGHT ...]`: one mix, saved as PNGs with their recipe."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from stylemix.errors import StyleMixError
+from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, read_recipe, save_png
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate images from a prompt and a LoRA mix")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (optional with --from)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=WEIGHT",
+                   help="a LoRA from the library and its weight in [-2, 2]; repeat for a mix")
+    p.add_argument("--from", dest="from_file", default=None, metavar="PNG_OR_JSON",
+                   help="start from the recipe in a StyleMix/A1111 PNG or a recipe JSON file")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5)")
+    p.add_argument("--size", default=None, metavar="WxH", help="image size, multiples of 8 (default 512x512)")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help=f"default {DEFAULT_SAMPLER!r}")
+    p.add_argument("--batch", type=int, default=None, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--total-strength", type=float, default=None,
+                   help="scale the weights so their absolute sum is this (keeps stacked LoRAs from frying)")
+    p.add_argument("--no-triggers", action="store_true", help="do not put trigger words in front of the prompt")
+    p.add_argument("--out", default=None, help="output PNG path (default: outputs/<time>-<seed>.png)")
+    p.add_argument("--no-score", action="store_true", help="skip CLIP scores")
+    p.add_argument("--clip-model", default="ViT-B-32", help="CLIP model for the scores (ViT-B-32 or ViT-L-14)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable result")
+    p.set_defaults(func=run)
+
+
+def parse_lora_args(items: list[str]) -> dict[str, float]:
+    loras: dict[str, float] = {}
+    for item in items:
+        name, sep, weight = item.partition("=")
+        if not sep:
+            name, weight = item, "1"
+        try:
+            loras[name.strip()] = float(weight)
+        except ValueError:
+            raise StyleMixError(f"--lora {item!r}: the weight must be a number, as in NAME=0.6.") from None
+    return loras
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise StyleMixError(f"--size {text!r}: write it as WIDTHxHEIGHT, e.g. 512x512.") from None
+    return w, h
+
+
+def build_recipe(args) -> Recipe:
+    if args.from_file:
+        path = Path(args.from_file)
+        if path.suffix.lower() == ".json":
+            try:
+                recipe = Recipe.from_dict(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as e:
+                raise StyleMixError(f"{path}: not a readable recipe JSON ({e}).") from None
+        else:
+            recipe = read_recipe(path)
+    else:
+        if not args.prompt:
+            raise StyleMixError("Give a prompt, or --from a PNG/JSON recipe.")
+        recipe = Recipe(prompt=args.prompt)
+    changes = {}
+    if args.prompt and args.from_file:
+        changes["prompt"] = args.prompt
+    if args.lora:
+        changes["loras"] = parse_lora_args(args.lora)
+    for attr, val in (("negative_prompt", args.negative), ("seed", args.seed), ("steps", args.steps),
+                      ("guidance", args.guidance), ("sampler", args.sampler), ("batch_size", args.batch),
+                      ("total_strength", args.total_strength)):
+        if val is not None:
+            changes[attr] = val
+    if args.size:
+        changes["width"], changes["height"] = parse_size(args.size)
+    if args.no_triggers:
+        changes["add_trigger_words"] = False
+    return recipe.with_(**changes).validate()
+
+
+def run(args) -> int:
+    from stylemix.cli.common import open_mixer, tqdm_progress, workspace
+
+    recipe = build_recipe(args)
+    mixer = open_mixer(args)
+    bar, progress = tqdm_progress(recipe.steps, "generating", disable=args.json)
+    with bar:
+        result = mixer.generate(recipe, progress=progress)
+    scores = None
+    if not args.no_score:
+        from stylemix.scoring_service import score_result
+
+        scores = score_result(mixer, result, clip_model=args.clip_model)
+    out = Path(args.out) if args.out else workspace(args).outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{recipe.seed}.png"
+    if out.suffix.lower() != ".png":
+        raise StyleMixError(f"--out {out}: StyleMix writes PNG files (the recipe lives in PNG text chunks).")
+    paths = []
+    for i, img in enumerate(result.images):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+        extra = {"scores": scores["images"][i]} if scores and scores.get("images") else None
+        save_png(img, path, result.recipe.with_(seed=result.seeds[i], batch_size=1), result.prompt_used, extra)
+        paths.append(str(path))
+    if args.json:
+        print(json.dumps({"images": paths, "recipe": result.recipe.to_dict(), "prompt_used": result.prompt_used,
+                          "weights_used": result.weights_used, "seeds": result.seeds,
+                          "model": mixer.loaded.model_id, "tiny_model": mixer.loaded.is_tiny,
+                          "scores": scores, "timings": result.timings}, indent=2))
+    else:
+        for p in paths:
+            print(p)
+        if scores and scores.get("images"):
+            for p, s in zip(paths, scores["images"]):
+                print(f"  {Path(p).name}: {format_scores(s)}")
+        elif scores:
+            print(f"  scores unavailable: {scores.get('unavailable')}")
+    return 0
+
+
+def format_scores(s: dict) -> str:
+    parts = [f"CLIP {s['clip_score']:.4f}"]
+    for name, share in (s.get("shares") or {}).items():
+        parts.append(f"{name} {100 * share:.0f}%")
+    if s.get("is_demo"):
+        parts.append("(demo values: tiny random CLIP)")
+    return ", ".join(parts)

@@ -1,0 +1,72 @@
+"""`stylemix preprocess SRC... --style NAME --trigger WORD`: build a training set from images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stylemix.errors import StyleMixError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "preprocess", help="turn images, folders or zip archives into a style training set",
+        description="Filter (blur, duplicates), crop to a square, caption and tag images with a trigger word; "
+                    "writes data/<style>/ (images, metadata.jsonl, report.json, dataset.json).")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="image files, folders or .zip archives")
+    p.add_argument("--style", required=True, help="dataset name: the folder data/<style>/")
+    p.add_argument("--trigger", required=True, help="trigger word put first in every caption, e.g. 'kenflat'")
+    p.add_argument("--size", type=int, default=512, help="output side in pixels, a multiple of 64 (default 512)")
+    p.add_argument("--blur-threshold", type=float, default=100.0,
+                   help="keep images whose Laplacian variance is above this (default 100; 0 keeps all)")
+    p.add_argument("--captioner", default=None,
+                   help="BLIP model (hub id or folder; default Salesforce/blip-image-captioning-base), "
+                        "'tiny' (random, offline) or 'none' (neutral captions)")
+    p.add_argument("--pixel-art", choices=["auto", "on", "off"], default="auto",
+                   help="enlarge with NEAREST to keep pixels crisp (default auto: small palettes)")
+    p.add_argument("--background", default="white", help="colour behind transparent pixels (default white)")
+    p.add_argument("--out-dir", default=None, help="parent folder of the dataset (default: the workspace data/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
+    p.add_argument("--batch-size", type=int, default=8, help="images per captioning batch (default 8)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from stylemix.captioning import load_captioner
+    from stylemix.dataset import DatasetConfig, check_trigger_word, prepare_dataset
+    from stylemix.paths import Workspace
+
+    config = DatasetConfig(size=args.size, blur_threshold=args.blur_threshold, pixel_art=args.pixel_art,
+                           background=args.background)
+    trigger = check_trigger_word(args.trigger)  # fail fast, before a model load
+    print(f"trigger word {trigger.word!r} tokenizes as: {trigger.tokenization}")
+    if args.batch_size < 1:
+        raise StyleMixError(f"Invalid --batch-size {args.batch_size!r}: use 1 or more.")
+    out_root = Path(args.out_dir) if args.out_dir else Workspace.default().data
+    target = out_root / args.style
+    if target.exists() and not args.overwrite:  # checked again inside; this saves loading BLIP first
+        raise StyleMixError(f"Dataset {str(target)!r} already exists: choose another --style or add --overwrite.")
+    captioner = load_captioner(args.captioner, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    bar = tqdm(total=1, unit="img", desc="preprocess", leave=True)
+
+    def progress(done: int, total: int, message: str) -> None:
+        bar.total = max(total, 1)
+        bar.n = min(done, bar.total)
+        bar.set_postfix_str(message[-40:], refresh=False)
+        bar.refresh()
+
+    try:
+        result = prepare_dataset(args.sources, args.style, args.trigger, out_root, config,
+                                 captioner=captioner, progress=progress, overwrite=args.overwrite)
+    finally:
+        bar.close()
+    if result.captioner_is_fallback:
+        print("WARNING: captions are neutral placeholders (no captioner could be loaded); edit them in "
+              f"{result.path / 'metadata.jsonl'}.")
+    print(result.summary)
+    for item in result.rejected:
+        print(f"  rejected {item.input}: {item.reason} ({item.detail})")
+    print(f"dataset written to {result.path}")
+    return 0
