@@ -8,14 +8,11 @@ without their training data).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
 from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace, check_name, inside
-
-logger = logging.getLogger("stylemix")
 
 
 def register(sub) -> None:
@@ -67,8 +64,6 @@ def run(args) -> int:
         scorer = load_scorer(clip_model, args.pretrained, device=args.device)
     except ScorerUnavailable as e:
         raise StyleMixError(f"Scores unavailable: {e}") from e
-    if scorer.is_demo:
-        logger.warning("Scoring with the tiny random CLIP: every number below is a DEMO VALUE.")
 
     if args.save_centroid:
         lora_dir = inside(loras, check_name(args.save_centroid, "LoRA name"))

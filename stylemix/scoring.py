@@ -1,0 +1,338 @@
+"""Scores for generated images: CLIP score, style similarity per style, each style's share of a mix.
+
+Definitions (docs/scores.md gives them with their sources):
+
+- CLIP score: cosine between the CLIP image embedding and the text embedding of the prompt
+  with trigger words removed (Hessel et al. 2021, CLIPScore; raw cosine is the seed report's
+  scale, ~0.31 for SD1.5 with ViT-B-32).  `clip_score_100` = 100 * max(cos, 0), the scale of
+  torchmetrics' `CLIPScore`.
+- Style centroid of a LoRA: normalised mean of the normalised CLIP image embeddings of its
+  training (or reference) images, stored in the LoRA folder with the CLIP model it came from.
+- Style similarity: cosine of an image's embedding to a centroid.  Calibrated: 0 at the
+  similarity base-model images reach, 1 at the leave-one-out similarity of the style's own
+  images, so styles with tight and loose image sets can be compared.
+- Shares of a mix: each style's calibrated similarity above zero over the sum of those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from stylemix.clip_models import Scorer
+from stylemix.errors import StyleMixError
+from stylemix.paths import atomic_write_bytes
+
+logger = logging.getLogger("stylemix")
+
+CENTROID_FILE = "style_centroid.safetensors"
+CENTROID_FORMAT = "stylemix-style-centroid"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 8192^2: far above any SD image; larger files are refused, not decoded
+DEMO_LABEL = "demo values (tiny random CLIP, not a real measurement)"
+
+
+# --------------------------------------------------------------------------- definitions
+
+
+def strip_trigger_words(prompt: str | None, trigger_words: Sequence[str] = ()) -> str:
+    """`prompt` without the trigger words (whole words, any case) and the commas they leave behind."""
+    text = prompt or ""
+    for word in trigger_words:
+        if word and word.strip():
+            text = re.sub(rf"(?<!\w){re.escape(word.strip())}(?!\w)", " ", text, flags=re.IGNORECASE)
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s*,(\s*,)+", ",", text)  # "a, , b" -> "a, b"
+    return re.sub(r"\s+,", ",", text).strip(" ,")
+
+
+def clip_score_100(cosine: float) -> float:
+    """torchmetrics' CLIPScore scale: 100 * max(cos, 0)."""
+    return 100.0 * max(float(cosine), 0.0)
+
+
+def calibrate(similarity: float, base_similarity: float, self_similarity: float) -> float | None:
+    """0 at the base model's similarity, 1 at the style's own images'; None when those coincide.
+
+    Not clipped: below 0 means less of the style than the base model shows, above 1 more than
+    the training images themselves.  None (not NaN) when self <= base, where no scale exists.
+    """
+    span = float(self_similarity) - float(base_similarity)
+    if span <= 1e-6:
+        return None
+    return (float(similarity) - float(base_similarity)) / span
+
+
+def mix_shares(values: Mapping[str, float | None]) -> dict[str, float]:
+    """Each value's positive part over the sum of positive parts; all 0 when none is positive (never NaN)."""
+    pos = {k: max(float(v), 0.0) if v is not None and math.isfinite(v) else 0.0 for k, v in values.items()}
+    total = sum(pos.values())
+    return {k: (v / total if total > 0 else 0.0) for k, v in pos.items()}
+
+
+# --------------------------------------------------------------------------- style centroids
+
+
+@dataclass
+class StyleCentroid:
+    """Where a style sits in CLIP image space, and the two anchors of its calibrated scale."""
+
+    vector: torch.Tensor  # [D] unit-norm, float32, cpu
+    clip_model: str  # Scorer.name it was computed with; other CLIP models' spaces are not comparable
+    n_images: int  # how many images it averages
+    self_similarity: float  # mean leave-one-out cosine of those images: the calibrated scale's 1
+    base_similarity: float | None = None  # mean cosine of base-model images to it: the scale's 0, if known
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def info(self) -> dict:
+        """Its numbers without the vector (for stylemix.json's "style" entry and the file's metadata)."""
+        d = {k: v for k, v in asdict(self).items() if k != "vector"}
+        d["dim"] = int(self.vector.numel())
+        return d
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def leave_one_out_similarity(embeddings: torch.Tensor) -> float:
+    """Mean over images of the cosine between each unit embedding and the centroid of the others."""
+    n = embeddings.shape[0]
+    if n < 2:
+        raise StyleMixError(f"A style centroid needs at least 2 images to calibrate against; got {n}.")
+    total = embeddings.sum(0, keepdim=True)
+    others = _unit(total - embeddings)  # row i: direction of the mean of all images but i
+    return float((embeddings * others).sum(-1).mean())
+
+
+def compute_centroid(scorer: Scorer, images: Sequence, base_images: Sequence | None = None) -> StyleCentroid:
+    """The style centroid of `images` (training or reference images of one style).
+
+    base_images: optional base-model images (e.g. the trainer's validation prompts and seeds
+    without the LoRA); their mean similarity is stored as the calibration's low anchor.
+    """
+    emb = scorer.embed_images(images)
+    self_sim = leave_one_out_similarity(emb)
+    vector = _unit(emb.mean(0)).cpu()
+    base = None
+    if base_images:
+        base = float((scorer.embed_images(base_images).cpu() @ vector).mean())
+    return StyleCentroid(vector=vector, clip_model=scorer.name, n_images=len(emb),
+                         self_similarity=self_sim, base_similarity=base)
+
+
+def save_centroid(lora_dir: str | Path, centroid: StyleCentroid) -> Path:
+    """Store `centroid` in `lora_dir/style_centroid.safetensors`, beside those of other CLIP models.
+
+    One file per LoRA holds one vector per CLIP model, so switching CLIP models never discards
+    a centroid computed from training images that may no longer exist.
+    """
+    from safetensors.torch import save
+
+    lora_dir = Path(lora_dir)
+    if not lora_dir.is_dir():
+        raise StyleMixError(f"LoRA folder {lora_dir} does not exist; cannot store a style centroid there.")
+    path = lora_dir / CENTROID_FILE
+    entries: dict[str, StyleCentroid] = {}
+    if path.exists():
+        try:
+            entries = _read_centroids(path)
+        except StyleMixError as e:
+            logger.warning("Replacing unreadable %s: %s", path, e)
+    entries[centroid.clip_model] = centroid
+    tensors, index = {}, {}
+    for i, (name, c) in enumerate(sorted(entries.items())):
+        tensors[f"centroid.{i}"] = c.vector.detach().float().cpu().contiguous()
+        index[name] = {**c.info(), "tensor": f"centroid.{i}"}
+    metadata = {"format": CENTROID_FORMAT, "version": "1", "centroids": json.dumps(index)}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return path
+
+
+def load_centroid(lora_dir: str | Path, clip_model: str) -> StyleCentroid | None:
+    """The centroid stored for `clip_model` (a Scorer.name), or None when absent or only for other models."""
+    path = Path(lora_dir) / CENTROID_FILE
+    if not path.is_file():
+        return None
+    return _read_centroids(path).get(clip_model)
+
+
+def centroid_models(lora_dir: str | Path) -> list[str]:
+    """The CLIP models a LoRA has centroids for (to explain why one is missing)."""
+    path = Path(lora_dir) / CENTROID_FILE
+    return sorted(_read_centroids(path)) if path.is_file() else []
+
+
+def _read_centroids(path: Path) -> dict[str, StyleCentroid]:
+    from safetensors import safe_open
+
+    from stylemix.lora_io import check_safetensors_header
+
+    check_safetensors_header(path)  # refuses pickles and truncated files before anything is parsed
+    bad = f"{path}: not a valid StyleMix style centroid file"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CENTROID_FORMAT:
+                raise StyleMixError(f"{bad} (format {meta.get('format')!r}).")
+            index = json.loads(meta.get("centroids", "{}"))
+            out = {}
+            for name, info in index.items():
+                vec = f.get_tensor(info["tensor"]).float()
+                if vec.ndim != 1 or vec.numel() != int(info["dim"]) or not torch.isfinite(vec).all() or vec.norm() == 0:
+                    raise StyleMixError(f"{bad} (vector for {name!r} is not a finite non-zero 1-D vector).")
+                base = info.get("base_similarity")
+                out[name] = StyleCentroid(vector=_unit(vec), clip_model=name, n_images=int(info["n_images"]),
+                                          self_similarity=float(info["self_similarity"]),
+                                          base_similarity=None if base is None else float(base),
+                                          created=str(info.get("created", "")))
+            return out
+    except StyleMixError:
+        raise
+    except Exception as e:  # bad JSON, missing keys, wrong types
+        raise StyleMixError(f"{bad} ({type(e).__name__}: {e}).") from None
+
+
+# --------------------------------------------------------------------------- scoring images
+
+
+@dataclass
+class ImageScores:
+    """Every score of one image.  Style dicts are keyed by LoRA name."""
+
+    clip_score: float | None  # raw cosine image/prompt-without-triggers; None without a prompt
+    clip_score_100: float | None  # torchmetrics CLIPScore scale: 100 * max(cos, 0)
+    clip_model: str  # the CLIP model all numbers come from
+    is_demo: bool  # tiny random CLIP: numbers only demonstrate the pipeline
+    prompt_scored: str | None = None  # the text the CLIP score used (trigger words removed)
+    similarity: dict[str, float] = field(default_factory=dict)  # cosine to each style centroid
+    calibrated: dict[str, float | None] = field(default_factory=dict)  # 0 = base model, 1 = the style's own images
+    base_similarity: dict[str, float | None] = field(default_factory=dict)  # the low anchor used, per style
+    shares: dict[str, float] = field(default_factory=dict)  # sums to 1 (or all 0 when no style shows)
+    shares_basis: str | None = None  # "calibrated", or "raw" when some style had no low anchor
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.is_demo:
+            d["label"] = DEMO_LABEL
+        return d
+
+    def summary(self) -> str:
+        """One line for a caption: "CLIP 0.312 (ViT-B-32/openai) | watercolor 62% / pixel_art 38%"."""
+        parts = [f"CLIP {self.clip_score:.3f}" if self.clip_score is not None else "CLIP -"]
+        parts[0] += f" ({self.clip_model})"
+        if self.shares:
+            parts.append(" / ".join(f"{k} {100 * v:.0f}%" for k, v in self.shares.items()))
+            if self.shares_basis == "raw":
+                parts[-1] += " (uncalibrated)"
+        line = " | ".join(parts)
+        return f"{line} [DEMO VALUES]" if self.is_demo else line
+
+
+def score_images(scorer: Scorer, images: Sequence, prompt: str | None, styles: Mapping[str, StyleCentroid],
+                 trigger_words: Sequence[str] = (), base_images: Sequence | None = None,
+                 base_similarities: Mapping[str, float] | None = None) -> list[ImageScores]:
+    """Score each image: CLIP score against `prompt`, and similarity, calibrated similarity and
+    share for each style in `styles` (LoRA name -> centroid computed with this scorer's model).
+
+    The calibration's low anchor, per style, is the first of:
+      1. `base_images`: base-model images of the same prompt and seed, paired with `images`
+         (what the mixer can generate); each image is calibrated against its own pair;
+      2. `base_similarities[name]`: a similarity the caller measured;
+      3. the centroid's stored `base_similarity`;
+    and when none exists that style's calibrated value is None.  Shares use calibrated values
+    when every style has one, else raw similarities for all (then `shares_basis == "raw"`:
+    raw cosines of real images are all ~0.5-0.8, so such shares stay near even).
+    """
+    images = list(images)
+    emb = scorer.embed_images(images)
+    n = len(images)
+    clip, text = [None] * n, None
+    if prompt:
+        text = strip_trigger_words(prompt, trigger_words) or None
+        if text:
+            clip = (emb @ scorer.embed_texts([text])[0]).tolist()
+    base_emb = None
+    if base_images is not None:
+        base_images = list(base_images)
+        if len(base_images) != n:
+            raise StyleMixError(f"Got {len(base_images)} base-model images for {n} images; they must pair one to one.")
+        base_emb = scorer.embed_images(base_images) if n else None
+    sims: dict[str, list[float]] = {}
+    anchors: dict[str, list[float | None]] = {}
+    for name, c in styles.items():
+        if c.clip_model != scorer.name:
+            raise StyleMixError(f"The style centroid of {name!r} was computed with CLIP {c.clip_model!r}, "
+                                f"not {scorer.name!r}: similarities across CLIP models are not comparable.")
+        if c.vector.numel() != emb.shape[-1]:
+            raise StyleMixError(f"The style centroid of {name!r} has {c.vector.numel()} dimensions, "
+                                f"CLIP {scorer.name} gives {emb.shape[-1]}.")
+        vec = c.vector.to(emb.device, emb.dtype)
+        sims[name] = (emb @ vec).tolist()
+        if base_emb is not None:
+            anchors[name] = (base_emb @ vec).tolist()
+        elif base_similarities and base_similarities.get(name) is not None:
+            anchors[name] = [float(base_similarities[name])] * n
+        else:
+            anchors[name] = [c.base_similarity] * n
+    out = []
+    for i in range(n):
+        sim = {k: sims[k][i] for k in styles}
+        base = {k: anchors[k][i] for k in styles}
+        cal = {k: calibrate(sim[k], base[k], styles[k].self_similarity) if base[k] is not None else None
+               for k in styles}
+        calibrated_all = bool(styles) and all(v is not None for v in cal.values())
+        out.append(ImageScores(
+            clip_score=clip[i], clip_score_100=None if clip[i] is None else clip_score_100(clip[i]),
+            clip_model=scorer.name, is_demo=scorer.is_demo, prompt_scored=text,
+            similarity=sim, calibrated=cal, base_similarity=base,
+            shares=mix_shares(cal if calibrated_all else sim),
+            shares_basis=None if not styles else ("calibrated" if calibrated_all else "raw")))
+    return out
+
+
+# --------------------------------------------------------------------------- images from disk
+
+
+def open_image(path: str | Path):
+    """Open an untrusted image file as RGB, fully decoded, or raise StyleMixError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise StyleMixError(f"Image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise StyleMixError(f"{path}: {im.width}x{im.height} is too large to score "
+                                        f"(limit {MAX_IMAGE_PIXELS} pixels).")
+                im.load()  # first frame of an animation; decoding errors surface here, not later
+                return im.convert("RGB")
+    except StyleMixError:
+        raise
+    except UnidentifiedImageError:
+        raise StyleMixError(f"{path}: not an image file PIL can read.") from None
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise StyleMixError(f"{path}: unreadable image ({type(e).__name__}: {e}).") from None
+
+
+def images_in_folder(folder: str | Path) -> list:
+    """Every image file directly in `folder` (sorted by name), opened with `open_image`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StyleMixError(f"Image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise StyleMixError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {folder}.")
+    return [open_image(p) for p in files]
