@@ -1,0 +1,5 @@
+import sys
+
+from stylemix.cli import main
+
+sys.exit(main())
