@@ -126,9 +126,11 @@ def to_canonical(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tu
         alpha = alphas.get("unet", alphas.get("text_encoder", (None, None)))[1]
         keep = {"lora_adapter_metadata": metadata["lora_adapter_metadata"]} if "lora_adapter_metadata" in metadata else {}
         return out, keep, alpha
-    # kohya or older diffusers layouts: let diffusers' own converter do the renaming
+    # kohya or older diffusers layouts.  Fold each kohya module's alpha/rank into its lora_up first
+    # (what every loader applies), so the converted LoRA needs no alpha at all.
+    state, alpha = _fold_kohya_alphas(state) if fmt == "kohya" else (state, None)
     try:
-        converted, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(state), unet_config=None)
+        converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state), unet_config=None)
     except Exception as e:
         raise StyleMixError(f"Could not convert this LoRA to diffusers layout ({e}).") from None
     out: dict[str, torch.Tensor] = {}
@@ -141,26 +143,25 @@ def to_canonical(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tu
             out[lora_io.canonical_text_encoder_key(f"{prefix}.{k}")] = v.float()
     if not out:
         raise StyleMixError("This LoRA holds no UNet or text-encoder weights StyleMix can use.")
-    alphas_seen = set()
-    for mod, (a, b) in lora_io.lora_modules(out).items():
-        rank = a.shape[0]
-        alpha = _lookup_alpha(network_alphas or {}, mod)
-        if alpha is not None:
-            alphas_seen.add(float(alpha))
-            out[mod + ".lora_B.weight"] = b * (float(alpha) / rank)
-    alpha = alphas_seen.pop() if len(alphas_seen) == 1 else None
     return out, {}, alpha
 
 
-def _lookup_alpha(network_alphas: dict, module_key: str):
-    # diffusers names them '<prefix>.<module>.alpha' in its own (pre-peft) module naming.
-    short = module_key.replace("text_encoder.text_model.", "text_encoder.")
-    for cand in (module_key, short, module_key.replace("text_encoder.", "text_encoder.text_model.", 1)):
-        for k in (cand + ".alpha", cand.replace(".to_out.0", ".to_out") + ".alpha"):
-            if k in network_alphas:
-                v = network_alphas[k]
-                return float(v.item() if hasattr(v, "item") else v)
-    return None
+def _fold_kohya_alphas(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float | None]:
+    out = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    seen = set()
+    for k, v in state.items():
+        if not k.endswith(".alpha"):
+            continue
+        base = k[: -len(".alpha")]
+        down, up = out.get(base + ".lora_down.weight"), out.get(base + ".lora_up.weight")
+        if down is None or up is None:
+            raise StyleMixError(f"kohya LoRA key {k!r} has no matching lora_down/lora_up weights.")
+        alpha = float(v.item())
+        if not lora_io.is_finite_number(alpha):
+            raise StyleMixError(f"kohya LoRA key {k!r} has a non-finite alpha.")
+        seen.add(alpha)
+        out[base + ".lora_up.weight"] = up.float() * (alpha / down.shape[0])
+    return out, (seen.pop() if len(seen) == 1 else None)
 
 
 def to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], alpha: float | None) -> tuple[dict, dict]:
