@@ -1,0 +1,416 @@
+"""Background training jobs: one folder per job, one process per job, one job on the GPU at a time.
+
+    jobs/<job_id>/config.json    what to train (TrainConfig), owner, library folder    (written once)
+    jobs/<job_id>/status.json    state, step, loss, lr, speed, ETA, samples, error, pid, heartbeat
+    jobs/<job_id>/train.log      the training process's stdout + stderr
+    jobs/<job_id>/checkpoints/   complete checkpoints (see trainers/lora.py), samples/ sample images
+
+The training process is started with `start_new_session=True`, so a crash or an out-of-memory
+kill ends that process only, and cancelling it (SIGTERM to its process group) frees the GPU.
+Nothing lives in memory: the queue is the set of folders whose state is `queued`, a job is
+running if its pid is alive and its heartbeat recent, and `ensure_queue_running` (called by the
+app and CLI on start, and by each job as it ends) starts the oldest queued job when no job is
+running.  So jobs survive an app restart, and a job killed with its machine is marked failed
+(and can be resumed from its last checkpoint) the next time anyone looks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from stylemix.errors import StyleMixError
+from stylemix.paths import Workspace, atomic_write_text, check_name, inside
+
+logger = logging.getLogger("stylemix.jobs")
+
+QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "running", "completed", "failed", "cancelled"
+TERMINAL = (COMPLETED, FAILED, CANCELLED)
+HEARTBEAT_S = 5.0  # the job process refreshes its heartbeat this often, even inside a long step
+STALE_S = 120.0  # no heartbeat for this long: the process is gone (or hung, or its pid was reused)
+CANCEL_FILE = "cancel.request"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # so `-m trainers.lora` imports without installation
+
+_children: dict[int, subprocess.Popen] = {}  # processes this process started: polled so they never linger as zombies
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Job:
+    id: str
+    dir: Path
+    config: dict  # config.json: {"train": TrainConfig fields, "owner", "loras_dir", "created"}
+    status: dict  # status.json
+
+    @property
+    def state(self) -> str:
+        return self.status.get("state", QUEUED)
+
+    @property
+    def lora_name(self) -> str:
+        return self.config["train"]["name"]
+
+    @property
+    def owner(self) -> str | None:
+        return self.config.get("owner")
+
+    def log_tail(self, lines: int = 40) -> str:
+        log = self.dir / "train.log"
+        if not log.is_file():
+            return ""
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - 64 * 1024))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_status(job_dir: Path, status: dict) -> None:
+    atomic_write_text(job_dir / "status.json", json.dumps(status, indent=1))
+
+
+def _load(job_dir: Path) -> Job | None:
+    config = _read_json(job_dir / "config.json")
+    if not config.get("train"):
+        return None  # not a job folder (or one still being created)
+    return Job(job_dir.name, job_dir, config, _read_json(job_dir / "status.json"))
+
+
+@contextmanager
+def _queue_lock(workspace: Workspace):
+    """Serialises queue decisions between the app, CLI calls and ending jobs (advisory file lock)."""
+    workspace.jobs.mkdir(parents=True, exist_ok=True)
+    with open(workspace.jobs / ".queue.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- liveness
+
+
+def _pid_alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        _children.pop(pid, None)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie answers kill(0) but is dead
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def is_alive(job: Job) -> bool:
+    """The job's process exists and has sent a heartbeat recently."""
+    pid, beat = job.status.get("pid"), job.status.get("heartbeat")
+    if job.state != RUNNING or not isinstance(pid, int) or not _pid_alive(pid):
+        return False
+    return isinstance(beat, (int, float)) and time.time() - beat < STALE_S
+
+
+def _reconcile(job: Job) -> Job:
+    """A `running` job whose process is gone ended without saying so: mark it failed (resumable)."""
+    if job.state == RUNNING and not is_alive(job):
+        fresh = _read_json(job.dir / "status.json")  # it may have just finished properly
+        if fresh.get("state") == RUNNING:
+            fresh.update(state=FAILED, finished=_now(), pid=None,
+                         error="The training process ended unexpectedly (killed, crashed or the machine restarted); "
+                               f"see train.log. Resume with `stylemix jobs resume {job.id}`.")
+            _write_status(job.dir, fresh)
+        job.status = fresh
+    return job
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def list_jobs(workspace: Workspace, owner: str | None = None) -> list[Job]:
+    """All jobs (of `owner`, when given), newest first; dead `running` jobs are marked failed."""
+    if not workspace.jobs.is_dir():
+        return []
+    jobs = [j for d in workspace.jobs.iterdir() if d.is_dir() and not d.name.startswith(".")
+            if (j := _load(d)) is not None and (owner is None or j.owner == owner)]
+    return sorted((_reconcile(j) for j in jobs), key=lambda j: j.config.get("created", ""), reverse=True)
+
+
+def get_job(workspace: Workspace, job_id: str, owner: str | None = None) -> Job:
+    """One job; another owner's job is reported as not found, exactly like a missing one."""
+    check_name(job_id, "job id")
+    d = inside(workspace.jobs, job_id)
+    job = _load(d) if d.is_dir() else None
+    if job is None or (owner is not None and job.owner != owner):
+        raise StyleMixError(f"No training job {job_id!r}.")
+    return _reconcile(job)
+
+
+def poll(workspace: Workspace, job_id: str, owner: str | None = None) -> dict:
+    return get_job(workspace, job_id, owner).status
+
+
+def follow(workspace: Workspace, job_id: str, owner: str | None = None, interval: float = 1.0,
+           timeout: float | None = None) -> Iterator[dict]:
+    """Yield the job's status each time it changes, until it reaches a final state (or timeout)."""
+    start, last = time.time(), None
+    while True:
+        ensure_queue_running(workspace)
+        status = get_job(workspace, job_id, owner).status
+        key = json.dumps({k: v for k, v in status.items() if k != "heartbeat"}, sort_keys=True)
+        if key != last:
+            last = key
+            yield status
+        if status.get("state") in TERMINAL or (timeout is not None and time.time() - start > timeout):
+            return
+        time.sleep(interval)
+
+
+def submit(config, workspace: Workspace, owner: str | None = None, start: bool = True) -> Job:
+    """Queue a training job (config: trainers.lora.TrainConfig) and start it if the GPU is free.
+
+    The dataset and the LoRA name are checked now, so a bad request fails here, not in the job.
+    """
+    from trainers.data import load_dataset_folder
+
+    config.loras_dir = str(Path(config.loras_dir or workspace.loras).resolve())
+    config.data_dir = str(Path(config.data_dir).expanduser().resolve())
+    config.validate()
+    if owner is not None:
+        check_name(owner, "owner")
+    load_dataset_folder(config.data_dir)
+    if (Path(config.loras_dir) / config.name).exists() and not config.overwrite:
+        raise StyleMixError(f"A LoRA named {config.name!r} already exists; choose another name or overwrite it.")
+    with _queue_lock(workspace):
+        for other in list_jobs(workspace):
+            if other.lora_name == config.name and other.state in (QUEUED, RUNNING):
+                raise StyleMixError(f"Job {other.id} is already training a LoRA named {config.name!r}.")
+        job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        d = workspace.jobs / job_id
+        d.mkdir(parents=True)
+        _write_status(d, {"state": QUEUED, "step": 0, "total_steps": None, "lora_name": config.name,
+                          "owner": owner, "queued": _now(), "error": None, "samples": []})
+        atomic_write_text(d / "config.json", json.dumps(
+            {"train": asdict(config), "owner": owner, "created": _now(),
+             "workspace": {k: str(Path(v).resolve()) for k, v in asdict(workspace).items()}}, indent=1))
+    if start:
+        ensure_queue_running(workspace)
+    return get_job(workspace, job_id)
+
+
+def ensure_queue_running(workspace: Workspace) -> Job | None:
+    """Start the oldest queued job if no job is running.  Safe to call any time, from anywhere."""
+    with _queue_lock(workspace):
+        jobs = list_jobs(workspace)  # also marks dead `running` jobs failed
+        if any(j.state == RUNNING for j in jobs):
+            return None
+        queued = sorted((j for j in jobs if j.state == QUEUED), key=lambda j: j.status.get("queued", ""))
+        if not queued:
+            return None
+        return _launch(queued[0])
+
+
+def _launch(job: Job) -> Job:
+    log = open(job.dir / "train.log", "ab")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "trainers.lora", "--job-dir", str(job.dir)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=str(PROJECT_ROOT), start_new_session=True)
+    finally:
+        log.close()
+    _children[proc.pid] = proc
+    job.status.update(state=RUNNING, pid=proc.pid, own_session=True, heartbeat=time.time(), started=_now(),
+                      error=None)
+    _write_status(job.dir, job.status)
+    logger.info("Started job %s (pid %d).", job.id, proc.pid)
+    return job
+
+
+def cancel(workspace: Workspace, job_id: str, owner: str | None = None, timeout: float = 60.0) -> Job:
+    """Stop a job: a queued one never starts; a running one saves a checkpoint and ends.
+
+    SIGTERM first (the trainer finishes its step, checkpoints, exits); after `timeout` seconds
+    the whole process group is killed, which frees the GPU; earlier checkpoints stay usable.
+    """
+    with _queue_lock(workspace):
+        job = get_job(workspace, job_id, owner)
+        if job.state in TERMINAL:
+            raise StyleMixError(f"Job {job_id} is already {job.state}.")
+        if job.state == QUEUED:
+            job.status.update(state=CANCELLED, finished=_now(), error=None)
+            _write_status(job.dir, job.status)
+            return job
+        (job.dir / CANCEL_FILE).write_text(_now())
+        pid = job.status["pid"]
+        _signal(pid, signal.SIGTERM, job.status.get("own_session", False))
+    deadline = time.time() + timeout
+    while _pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    if _pid_alive(pid):
+        logger.warning("Job %s did not stop within %.0fs: killing it.", job_id, timeout)
+        _signal(pid, signal.SIGKILL, job.status.get("own_session", False))
+        while _pid_alive(pid) and time.time() < deadline + 10:
+            time.sleep(0.2)
+    with _queue_lock(workspace):
+        status = _read_json(job.dir / "status.json")
+        if status.get("state") not in TERMINAL:
+            status.update(state=CANCELLED, finished=_now(), pid=None, error=None)
+            _write_status(job.dir, status)
+    ensure_queue_running(workspace)
+    return get_job(workspace, job_id, owner)
+
+
+def _signal(pid: int, sig: int, own_session: bool) -> None:
+    try:
+        if own_session:  # the job's process group: the trainer and anything it started
+            os.killpg(pid, sig)
+        else:  # a foreground `stylemix train`: only that process, never the user's shell group
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def resume(workspace: Workspace, job_id: str, owner: str | None = None, start: bool = True) -> Job:
+    """Queue a failed or cancelled job again; it continues from its latest complete checkpoint."""
+    with _queue_lock(workspace):
+        job = get_job(workspace, job_id, owner)
+        if job.state not in (FAILED, CANCELLED):
+            raise StyleMixError(f"Job {job_id} is {job.state}; only failed or cancelled jobs can be resumed.")
+        (job.dir / CANCEL_FILE).unlink(missing_ok=True)
+        job.status.update(state=QUEUED, queued=_now(), error=None, pid=None, finished=None,
+                          resumes=job.status.get("resumes", 0) + 1)
+        _write_status(job.dir, job.status)
+    if start:
+        ensure_queue_running(workspace)
+    return get_job(workspace, job_id, owner)
+
+
+def run_foreground(config, workspace: Workspace, owner: str | None = None,
+                   progress: Callable[[dict], None] | None = None, job_id: str | None = None) -> Job:
+    """Run a job in this process (CLI without --background), still recorded, cancellable and resumable."""
+    with _queue_lock(workspace):
+        running = [j for j in list_jobs(workspace) if j.state == RUNNING]
+        if running:
+            raise StyleMixError(f"Job {running[0].id} is training now (one job at a time); "
+                                "wait for it, or use --background to queue this one.")
+    if job_id is None:
+        job = submit(config, workspace, owner, start=False)
+    else:
+        job = resume(workspace, job_id, owner, start=False)
+    with _queue_lock(workspace):
+        job.status.update(state=RUNNING, pid=os.getpid(), own_session=False, heartbeat=time.time(), started=_now())
+        _write_status(job.dir, job.status)
+    run_job(job.dir, progress=progress, handle_signals=False)
+    return get_job(workspace, job.id)
+
+
+# --------------------------------------------------------------------------- inside the job process
+
+
+class _StatusWriter:
+    """The job process's view of status.json: updated by the loop, refreshed by a heartbeat thread."""
+
+    def __init__(self, job_dir: Path):
+        self.dir, self.lock = job_dir, threading.Lock()
+        self.status = _read_json(job_dir / "status.json")
+        self.stop = threading.Event()
+
+    def update(self, **fields) -> None:
+        with self.lock:
+            self.status.update(fields, heartbeat=time.time())
+            _write_status(self.dir, self.status)
+
+    def beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            self.update()
+
+
+def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handle_signals: bool = True) -> int:
+    """Run the job in `job_dir` in this process: status updates, SIGTERM = cancel, then next in queue."""
+    from trainers.lora import TrainConfig, latest_checkpoint, train
+
+    job_dir = Path(job_dir).resolve()
+    job = _load(job_dir)
+    if job is None:
+        raise StyleMixError(f"{job_dir} is not a job folder.")
+    workspace = Workspace(**{k: Path(v) for k, v in job.config["workspace"].items()})
+    writer = _StatusWriter(job_dir)
+    writer.update(state=RUNNING, pid=os.getpid(), error=None)
+    stop = threading.Event()
+    if handle_signals:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    beat = threading.Thread(target=writer.beat, daemon=True)
+    beat.start()
+
+    def on_progress(info: dict) -> None:
+        fields = {k: v for k, v in info.items() if k != "samples"}
+        if info.get("samples"):
+            fields["samples"] = info["samples"]
+        writer.update(**fields)
+        if progress:
+            progress(info)
+
+    def should_stop(step: int) -> bool:
+        return stop.is_set() or (job_dir / CANCEL_FILE).exists()
+
+    code = 0
+    try:
+        config = TrainConfig.from_dict(job.config["train"])
+        result = train(config, job_dir, resume=latest_checkpoint(job_dir) is not None, progress=on_progress,
+                       should_stop=should_stop)
+        if result.cancelled:
+            writer.update(state=CANCELLED, finished=_now(), pid=None)
+        else:
+            writer.update(state=COMPLETED, finished=_now(), pid=None, lora_dir=str(result.lora_dir), eta_s=0)
+    except StyleMixError as e:
+        logger.error("%s", e)
+        writer.update(state=FAILED, finished=_now(), pid=None, error=str(e))
+        code = 1
+    except BaseException as e:  # noqa: BLE001  (a job must always end with a state, whatever happened)
+        traceback.print_exc()
+        msg = f"{type(e).__name__}: {e}".strip()
+        if "out of memory" in str(e).lower() or isinstance(e, MemoryError):
+            msg = ("Out of memory: try a smaller batch size, a lower resolution, or --gradient-checkpointing. "
+                   f"({msg[:300]})")
+        writer.update(state=FAILED, finished=_now(), pid=None, error=msg[:2000])
+        code = 1
+    finally:
+        writer.stop.set()
+        beat.join(timeout=HEARTBEAT_S + 1)
+    try:
+        ensure_queue_running(workspace)  # hand the GPU to the next queued job
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    return code

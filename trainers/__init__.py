@@ -1,0 +1,1 @@
+"""Training code: `trainers.lora` (style LoRA on accelerate) and `trainers.data` (dataset + latent cache)."""

@@ -1,0 +1,756 @@
+"""Style LoRA training for Stable Diffusion 1.5 on accelerate: one readable loop.
+
+    python -m trainers.lora DATA_DIR --name NAME [--max-steps 400 ...]     # one device
+    accelerate launch -m trainers.lora DATA_DIR --name NAME                 # several GPUs
+    python -m trainers.lora --job-dir jobs/<id>                             # a background job
+
+The loop is diffusers' `train_text_to_image_lora.py` with four changes that matter:
+  * latents (and, with a frozen text encoder, text embeddings) are computed once, not per step;
+  * every loss and gradient norm is checked: a non-finite step is skipped, several in a row stop
+    the run with a clear message, and non-finite weights are never saved;
+  * the VAE and the trainable LoRA parameters stay fp32 under bf16/fp16 autocast;
+  * all randomness of step `s` comes from a generator seeded by (seed, s), and checkpoints hold
+    the optimizer and LR-schedule state, so a resumed run is the same run, not a similar one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from stylemix.errors import StyleMixError
+from stylemix.lora_io import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights, write_safetensors
+from stylemix.models import DEFAULT_MODEL, TINY, ModelLoadError, quiet_library_logs, tiny_components
+from stylemix.paths import atomic_write_text, check_name
+from trainers.data import DatasetInfo, LatentCache, load_dataset_folder, load_pixels, with_trigger
+
+logger = logging.getLogger("stylemix.train")
+
+ADAPTER = "default"
+CHECKPOINT_MARKER = "COMPLETE"  # written last, before the rename: a folder without it is never used
+DIE_DURING_SAVE_ENV = "STYLEMIX_TEST_DIE_DURING_CHECKPOINT"  # test hook: os._exit mid-save at this step
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting.  Defaults are the seed report's settings for SD1.5 style LoRAs."""
+
+    data_dir: str = ""  # dataset folder (imagefolder layout with metadata.jsonl + dataset.json)
+    name: str = ""  # the LoRA's name in the library: loras/<name>/
+    loras_dir: str | None = None  # library folder; None = $STYLEMIX_LORAS or ./loras
+    model: str = DEFAULT_MODEL  # hub id, local diffusers folder, or "tiny" (offline demo model)
+    device: str | None = None  # None picks cuda > mps > cpu (accelerate's choice)
+    overwrite: bool = False  # replace an existing LoRA of the same name at the end
+
+    # --- LoRA
+    rank: int = 32  # LoRA rank r
+    alpha: float = 16.0  # lora_alpha; the update is scaled by alpha / rank = 0.5
+    unet_targets: list[str] = field(default_factory=lambda: list(UNET_TARGETS))  # attention projections
+    text_targets: list[str] = field(default_factory=lambda: list(TEXT_TARGETS))
+    train_text_encoder: bool = True  # off: text embeddings are cached once and only the UNet learns
+
+    # --- optimisation
+    learning_rate: float = 1e-4  # AdamW lr for UNet and text-encoder LoRA
+    epochs: int = 20  # passes over the data (ignored when max_steps is set)
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 2  # images per step per device
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # only AdamW: what the seed report used
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "cosine"  # any diffusers get_scheduler name: cosine, constant, linear, ...
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # gradient clipping (a stabiliser, always on)
+    min_snr_gamma: float | None = None  # min-SNR loss weighting (5.0 is usual); off by default
+    noise_offset: float = 0.0  # offset noise (0.05-0.1 is usual); off by default
+    seed: int = 42
+
+    # --- data and speed
+    resolution: int = 512  # training size; images are resized + centre-cropped to it
+    random_flip: bool = True  # mirror images at random (both views are latent-cached)
+    cache_latents: bool = True  # encode each image once; off = VAE every step (as diffusers' script)
+    gradient_checkpointing: bool = False  # less memory, ~30% slower
+    mixed_precision: str = "auto"  # auto: bf16 where supported, else fp16 on GPU, fp32 (no) on CPU
+
+    # --- robustness, checkpoints, samples
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    checkpoint_every: int = 500  # steps; a checkpoint is also written at the end and on cancel
+    keep_checkpoints: int = 2  # older complete checkpoints are deleted
+    sample_every: int = 250  # steps between sample images (0: only at the end)
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "{trigger}, a portrait of a woman", "{trigger}, a mountain landscape", "{trigger}, a bowl of fruit"])
+    sample_seed: int = 1234  # fixed, so samples at different steps are comparable
+    sample_steps: int = 25  # inference steps per sample
+    sample_guidance: float = 7.5
+
+    # --- test/debug only: inject a NaN into the batch of these steps (1-based)
+    debug_nan_at_steps: list[int] = field(default_factory=list)
+
+    def validate(self) -> "TrainConfig":
+        check_name(self.name, "LoRA name")
+        checks = [("rank", self.rank >= 1), ("alpha", self.alpha > 0), ("learning_rate", 0 < self.learning_rate < 1),
+                  ("epochs", self.epochs >= 1), ("max_steps", self.max_steps is None or self.max_steps >= 1),
+                  ("batch_size", self.batch_size >= 1), ("grad_accumulation", self.grad_accumulation >= 1),
+                  ("resolution", self.resolution >= 8 and self.resolution % 8 == 0),
+                  ("max_grad_norm", self.max_grad_norm > 0), ("noise_offset", 0 <= self.noise_offset < 1),
+                  ("min_snr_gamma", self.min_snr_gamma is None or self.min_snr_gamma > 0),
+                  ("checkpoint_every", self.checkpoint_every >= 1), ("keep_checkpoints", self.keep_checkpoints >= 1),
+                  ("sample_every", self.sample_every >= 0), ("max_bad_steps", self.max_bad_steps >= 1),
+                  ("optimizer", self.optimizer == "adamw"),
+                  ("mixed_precision", self.mixed_precision in ("auto", "no", "fp16", "bf16")),
+                  ("unet_targets", bool(self.unet_targets))]
+        for name, ok in checks:
+            if not ok:
+                raise StyleMixError(f"Invalid training setting {name}={getattr(self, name)!r}.")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise StyleMixError(f"Unknown training setting(s): {', '.join(unknown)}.")
+        return cls(**d)
+
+
+# Settings that change the optimisation: a checkpoint may only be resumed with the same values.
+_RESUME_KEYS = ("model", "rank", "alpha", "unet_targets", "text_targets", "train_text_encoder", "learning_rate",
+                "epochs", "max_steps", "batch_size", "grad_accumulation", "lr_scheduler", "lr_warmup_steps", "seed",
+                "resolution", "random_flip", "min_snr_gamma", "noise_offset")
+
+
+@dataclass
+class TrainResult:
+    lora_dir: Path | None  # None when cancelled before the end
+    steps: int
+    total_steps: int
+    loss_curve: list[list[float]]
+    samples: list[str]  # relative to the work dir
+    skipped_steps: int
+    cancelled: bool = False
+    mixed_precision: str = "no"
+
+
+class TrainingCancelled(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- set-up helpers
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> str:
+    """auto -> bf16 where the GPU supports it, fp16 on other CUDA GPUs, fp32 ('no') elsewhere.
+
+    mps gets fp32: autocast training on mps has no gradient scaler in accelerate, and an fp16
+    run without one is exactly the NaN trap the seed report fell into.  Override if you must.
+    """
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def load_training_components(model: str) -> dict:
+    """unet, vae, text_encoder, tokenizer, noise_scheduler (DDPM, for training), sample_scheduler."""
+    from diffusers import DDPMScheduler
+
+    quiet_library_logs()
+    if model == TINY:
+        logger.warning("Training on the built-in TINY model (random weights): the LoRA is a demo, not a real style.")
+        c = tiny_components()
+        return {**c, "noise_scheduler": DDPMScheduler.from_config(c["scheduler"].config), "sample_scheduler": c["scheduler"]}
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (any scheduler class loads below)
+    from diffusers import SchedulerMixin
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(model).expanduser()
+    source = str(path) if path.exists() else model
+    if (path.exists() or model.startswith((".", "/", "~"))) and not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"Cannot load base model {model!r}: no diffusers folder there (model_index.json missing).")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+        sample_cfg = SchedulerMixin.load_config(source, subfolder="scheduler")
+    except Exception as e:  # offline, gated, wrong layout: one readable line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"Cannot load base model {model!r} for training ({type(e).__name__}: {first[:200]}). "
+                             "Check the name and your connection, or use --model tiny to try offline.") from e
+    from diffusers import PNDMScheduler
+
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "noise_scheduler": noise_scheduler, "sample_scheduler": PNDMScheduler.from_config(sample_cfg)}
+
+
+def step_generator(seed: int, step: int, process: int, micro: int) -> torch.Generator:
+    """All randomness of one micro-batch comes from here: resume replays a step exactly."""
+    h = hashlib.sha256(f"{seed}/{step}/{process}/{micro}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
+
+
+def epoch_batches(n: int, batch: int, seed: int, epoch: int, multiple: int) -> list[list[int]]:
+    """The micro-batches of one epoch: a seeded shuffle, cut into batches, padded by wrapping to a
+    multiple of (processes x accumulation) so every process does the same number of steps."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    batches = [perm[i:i + batch] for i in range(0, n, batch)]
+    i = 0
+    while len(batches) % multiple:
+        batches.append(batches[i])
+        i += 1
+    return batches
+
+
+def trainable_state(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{n}": p.detach().to("cpu", torch.float32).contiguous()
+            for prefix, m in models.items() for n, p in m.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(work_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first.  Half-written ones (no marker, temp names) are ignored."""
+    d = Path(work_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    done = [p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / CHECKPOINT_MARKER).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(work_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().cpu().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def save_checkpoint(work_dir: Path, step: int, models: dict[str, torch.nn.Module], optimizer, lr_scheduler,
+                    trainer_state: dict, keep: int) -> Path:
+    """checkpoints/step-XXXXXX/: LoRA + optimizer state in safetensors, schedule + progress in JSON.
+
+    Written to a temp folder, fsynced, marked complete, then renamed in one step: a process
+    killed at any point leaves either the previous checkpoints alone or this one whole.
+    """
+    root = Path(work_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_safetensors(tmp / "lora.safetensors", trainable_state(models))
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    write_safetensors(tmp / "optimizer.safetensors", opt_tensors or {"_empty": torch.zeros(1)},
+                      {"state": json.dumps(opt_meta)})
+    if os.environ.get(DIE_DURING_SAVE_ENV) == str(step):
+        os._exit(17)  # test hook: simulate a process killed half-way through a save
+    state = {**trainer_state, "step": step, "lr_scheduler": lr_scheduler.state_dict()}
+    (tmp / "trainer.json").write_text(json.dumps(state))
+    (tmp / CHECKPOINT_MARKER).write_text(datetime.now(timezone.utc).isoformat())
+    if final.exists():  # re-saving the same step (cancel right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(work_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, models: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    from stylemix.lora_io import check_safetensors_header
+
+    for f in ("lora.safetensors", "optimizer.safetensors"):
+        check_safetensors_header(ckpt / f)
+    lora = load_file(str(ckpt / "lora.safetensors"))
+    params = {f"{prefix}.{n}": p for prefix, m in models.items() for n, p in m.named_parameters() if p.requires_grad}
+    if set(lora) != set(params):
+        raise StyleMixError(f"Checkpoint {ckpt.name} does not match the model being trained "
+                            f"({len(lora)} saved tensors, {len(params)} trainable); was a setting changed?")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(lora[k].to(p.device, p.dtype))
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "optimizer.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, v in opt_tensors.items():
+        if key == "_empty":
+            continue
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    trainer_state = json.loads((ckpt / "trainer.json").read_text())
+    lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+    return trainer_state
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
+          progress: Callable[[dict], None] | None = None, should_stop: Callable[[int], bool] | None = None,
+          components: dict | None = None) -> TrainResult:
+    """Train a style LoRA and write it to `<loras_dir>/<name>/`.
+
+    work_dir holds checkpoints/ and samples/ (a job folder).  `progress(info)` is called after
+    every step; `should_stop(step)` returning True saves a checkpoint and returns a cancelled
+    result (what SIGTERM does for a job).  `components` replaces model loading (benchmarks).
+    """
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from peft import LoraConfig
+
+    config.validate()
+    work_dir = Path(work_dir)
+    loras_dir = Path(config.loras_dir) if config.loras_dir else _default_loras_dir()
+    # Everything about the inputs is checked before a model is loaded.
+    data = load_dataset_folder(config.data_dir)
+    if (loras_dir / config.name).exists() and not config.overwrite:
+        raise StyleMixError(f"A LoRA named {config.name!r} already exists in {loras_dir}; choose another name "
+                            "or pass --overwrite.")
+
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision, _device_hint(config)),
+                              gradient_accumulation_steps=config.grad_accumulation,
+                              cpu=config.device == "cpu")
+    main = accelerator.is_main_process
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (work_dir / "checkpoints").glob(".tmp-*"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+
+    comps = components or load_training_components(config.model)
+    unet, vae, text_encoder, tokenizer = comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"]
+    noise_scheduler = comps["noise_scheduler"]
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+    # Frozen base weights in the autocast dtype; the VAE stays fp32 (its fp16 encode overflows to NaN).
+    unet.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    vae.to(device, dtype=torch.float32)
+
+    torch.manual_seed(config.seed)  # LoRA init (gaussian A, zero B) is the same in every run
+    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                target_modules=config.unet_targets), adapter_name=ADAPTER)
+    models = {"unet": unet}
+    if config.train_text_encoder:
+        text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                            target_modules=config.text_targets), adapter_name=ADAPTER)
+        models["text_encoder"] = text_encoder
+    cast_training_params(list(models.values()), dtype=torch.float32)  # trainable LoRA params in fp32
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    for m in models.values():
+        m.train()
+
+    # ---- the data, encoded once
+    captions = [with_trigger(c, data.trigger_word) for c in data.captions]
+    input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+    pixels = [load_pixels(p, config.resolution) for p in data.files]
+    t0 = time.perf_counter()
+    cache = LatentCache.build(vae, pixels, device, flips=config.random_flip) if config.cache_latents else None
+    text_cache = None
+    if not config.train_text_encoder:
+        with torch.no_grad(), accelerator.autocast():
+            text_cache = torch.cat([text_encoder(input_ids[i:i + 8].to(device), return_dict=False)[0]
+                                    for i in range(0, len(input_ids), 8)])
+    if main:
+        logger.info("Prepared %d images at %dpx (latent cache: %s, text cache: %s) in %.1fs", len(data),
+                    config.resolution, "on" if cache else "off", "on" if text_cache is not None else "off",
+                    time.perf_counter() - t0)
+
+    # ---- optimiser and schedule
+    params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.weight_decay, eps=config.adam_epsilon)
+    procs = accelerator.num_processes
+    multiple = procs * config.grad_accumulation
+    micro_per_epoch = len(epoch_batches(len(data), config.batch_size, config.seed, 0, multiple))
+    steps_per_epoch = micro_per_epoch // multiple
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    total_epochs = math.ceil(total_steps / steps_per_epoch)
+    # Not passed through accelerator.prepare: we step it exactly once per optimizer step ourselves.
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps)
+    prepared = accelerator.prepare(*models.values(), optimizer)
+    models = dict(zip(models, prepared[:-1]))
+    optimizer = prepared[-1]
+    unwrapped = {k: accelerator.unwrap_model(m) for k, m in models.items()}
+
+    step, loss_curve, samples, skipped = 0, [], [], 0
+    if resume:
+        ckpt = latest_checkpoint(work_dir)
+        if ckpt is None:
+            logger.warning("No complete checkpoint in %s: starting from step 0.", work_dir)
+        else:
+            st = load_checkpoint(ckpt, unwrapped, optimizer, lr_scheduler)
+            saved_cfg = st.get("config", {})
+            changed = [k for k in _RESUME_KEYS if k in saved_cfg and saved_cfg[k] != asdict(config)[k]]
+            if changed:
+                raise StyleMixError(f"Cannot resume from {ckpt.name}: setting(s) {', '.join(changed)} differ from "
+                                    "the checkpoint's run.")
+            step, loss_curve, samples, skipped = st["step"], st["loss_curve"], st["samples"], st.get("skipped", 0)
+            logger.info("Resumed from %s (step %d of %d).", ckpt, step, total_steps)
+
+    def trainer_state() -> dict:
+        return {"config": asdict(config), "loss_curve": loss_curve, "samples": samples, "skipped": skipped,
+                "total_steps": total_steps}
+
+    def checkpoint() -> Path | None:
+        accelerator.wait_for_everyone()
+        if not main:
+            return None
+        return save_checkpoint(work_dir, step, unwrapped, optimizer, lr_scheduler, trainer_state(),
+                               config.keep_checkpoints)
+
+    def report(**extra) -> None:
+        if progress and main:
+            progress({"step": step, "total_steps": total_steps, "epoch": step // steps_per_epoch + 1,
+                      "total_epochs": total_epochs, "loss": loss_curve[-1][1] if loss_curve else None,
+                      "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped, **extra})
+
+    if main:
+        logger.info("Training %s: %d images, %d steps (%d/epoch), batch %d x %d process(es) x %d accumulation, "
+                    "mixed precision %s, device %s", config.name, len(data), total_steps, steps_per_epoch,
+                    config.batch_size, procs, config.grad_accumulation, accelerator.mixed_precision, device)
+    scaling = vae.config.scaling_factor
+    prediction_type = noise_scheduler.config.prediction_type
+    n_timesteps = noise_scheduler.config.num_train_timesteps
+    bad_in_a_row = 0
+    speed, t_last = None, time.perf_counter()
+    cancelled = False
+
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        batches = epoch_batches(len(data), config.batch_size, config.seed, epoch, multiple)
+        pos = (step % steps_per_epoch) * multiple + accelerator.process_index * config.grad_accumulation
+        step_losses, bad = [], False
+        for micro in range(config.grad_accumulation):
+            idx = torch.tensor(batches[pos + micro])
+            g = step_generator(config.seed, step, accelerator.process_index, micro)
+            with accelerator.accumulate(*models.values()):
+                # The same draws, in the same order, with or without the cache.
+                b = len(idx)
+                flip = (torch.rand(b, generator=g) < 0.5) if config.random_flip else torch.zeros(b, dtype=torch.bool)
+                lat_shape = (b, vae.config.latent_channels, config.resolution // 8, config.resolution // 8)
+                eps = torch.randn(lat_shape, generator=g)
+                noise = torch.randn(lat_shape, generator=g)
+                if config.noise_offset:
+                    noise += config.noise_offset * torch.randn(lat_shape[:2] + (1, 1), generator=g)
+                timesteps = torch.randint(0, n_timesteps, (b,), generator=g)
+                if cache is not None:
+                    latents = cache.sample(idx, flip, eps)
+                else:  # what diffusers' example script does every step
+                    with torch.no_grad():
+                        x = torch.stack([pixels[i].flip(-1) if f else pixels[i] for i, f in zip(idx.tolist(), flip)])
+                        dist = vae.encode(x.to(device, torch.float32)).latent_dist
+                        latents = dist.mean + dist.std * eps.to(device)
+                latents = latents * scaling
+                if (step + 1) in config.debug_nan_at_steps:
+                    latents = latents.clone()
+                    latents[0] = float("nan")  # test hook: a corrupt batch
+                noise, timesteps = noise.to(device), timesteps.to(device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                with accelerator.autocast():
+                    if text_cache is not None:
+                        hidden = text_cache[idx.to(device)]
+                    else:
+                        hidden = models["text_encoder"](input_ids[idx].to(device), return_dict=False)[0]
+                    pred = models["unet"](noisy.to(weight_dtype), timesteps, hidden, return_dict=False)[0]
+                target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+                if config.min_snr_gamma:
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    w = torch.clamp(snr, max=config.min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+                    loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+                else:
+                    loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+                # Every process must agree on skipping, or DDP would wait forever for a missing backward.
+                finite = bool(torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all())
+                if finite and not bad:
+                    accelerator.backward(loss)
+                    step_losses.append(loss.detach())
+                else:
+                    bad = True
+        if not bad:
+            norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            if accelerator.scaler is not None:
+                optimizer.step()  # fp16: the grad scaler skips overflowing steps itself and lowers its scale
+            elif torch.isfinite(norm):
+                optimizer.step()
+            else:
+                bad = True
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()  # a skipped step still counts toward the schedule (like a GradScaler skip)
+        step += 1
+        if bad:
+            skipped += 1
+            bad_in_a_row += 1
+            logger.warning("Step %d: non-finite loss or gradients, step skipped (%d in a row).", step, bad_in_a_row)
+            if bad_in_a_row >= config.max_bad_steps:
+                raise StyleMixError(
+                    f"Training stopped at step {step}: {bad_in_a_row} steps in a row had NaN/inf losses or gradients. "
+                    "Try a lower learning rate, mixed_precision='no', or check the dataset images. "
+                    "The last checkpoint is intact and can be resumed.")
+        else:
+            bad_in_a_row = 0
+            mean_loss = accelerator.gather(torch.stack(step_losses).mean().reshape(1)).mean().item()
+            loss_curve.append([step, round(mean_loss, 6)])
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        speed = 1 / dt if speed is None else 0.8 * speed + 0.2 / dt
+        extra = {}
+        if main and (step == total_steps or (config.sample_every and step % config.sample_every == 0)):
+            new = make_samples(config, comps, unwrapped, data.trigger_word, work_dir, step, device, accelerator)
+            samples.extend(new)
+            extra["samples"] = new
+        if step % config.checkpoint_every == 0 or step == total_steps:
+            extra["checkpoint"] = str(checkpoint())
+        report(steps_per_sec=round(speed, 4), eta_s=round((total_steps - step) / speed, 1) if speed else None, **extra)
+        if extra:
+            t_last = time.perf_counter()  # samples and saves are not training speed
+        if should_stop and step < total_steps and should_stop(step):
+            cancelled = True
+            break
+
+    if cancelled:
+        ck = checkpoint()
+        logger.info("Cancelled at step %d; checkpoint %s kept.", step, ck)
+        report(checkpoint=str(ck), cancelled=True)
+        return TrainResult(None, step, total_steps, loss_curve, samples, skipped, True, accelerator.mixed_precision)
+
+    accelerator.wait_for_everyone()
+    lora_dir = None
+    if main:
+        lora_dir = write_library_lora(config, data, unwrapped, loras_dir, work_dir, loss_curve, samples,
+                                      accelerator.mixed_precision, str(device), skipped, step)
+        finalize_lora(lora_dir, config)
+        logger.info("Saved LoRA %s", lora_dir)
+    accelerator.end_training()
+    return TrainResult(lora_dir, step, total_steps, loss_curve, samples, skipped, False, accelerator.mixed_precision)
+
+
+def _device_hint(config: TrainConfig) -> torch.device:
+    from stylemix.models import pick_device
+
+    return pick_device(config.device)
+
+
+def _default_loras_dir() -> Path:
+    from stylemix.paths import Workspace
+
+    return Workspace.default().loras
+
+
+# --------------------------------------------------------------------------- samples and output
+
+
+@torch.no_grad()
+def make_samples(config: TrainConfig, comps: dict, models: dict, trigger: str, work_dir: Path, step: int,
+                 device, accelerator) -> list[str]:
+    """Images for the fixed prompts and seed: the same noise every time, so only the LoRA changes."""
+    from diffusers import StableDiffusionPipeline
+
+    unet, te = models["unet"], models.get("text_encoder", comps["text_encoder"])
+    was_training = unet.training
+    pipe = StableDiffusionPipeline(vae=comps["vae"], text_encoder=te, tokenizer=comps["tokenizer"], unet=unet,
+                                   scheduler=comps["sample_scheduler"], safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out_dir = work_dir / "samples"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for m in models.values():
+        m.eval()
+    try:
+        for i, prompt in enumerate(config.sample_prompts):
+            text = prompt.replace("{trigger}", trigger or "").strip(", ")
+            gen = torch.Generator(device="cpu").manual_seed(config.sample_seed + i)
+            with accelerator.autocast():
+                image = pipe(text, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
+                             height=config.resolution, width=config.resolution, generator=gen).images[0]
+            rel = f"samples/step-{step:06d}-{i}.png"
+            tmp = work_dir / f"samples/.tmp-{os.getpid()}.png"
+            image.save(tmp)
+            os.replace(tmp, work_dir / rel)
+            paths.append(rel)
+    finally:
+        if was_training:
+            for m in models.values():
+                m.train()
+    return paths
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, loras_dir: Path, work_dir: Path,
+                       loss_curve: list, samples: list[str], mixed_precision: str, device: str, skipped: int,
+                       steps: int) -> Path:
+    """loras/<name>/: weights + stylemix.json + samples/, built in a temp folder then renamed in."""
+    loras_dir.mkdir(parents=True, exist_ok=True)
+    final = loras_dir / config.name
+    if final.exists() and not config.overwrite:
+        raise StyleMixError(f"A LoRA named {config.name!r} appeared in {loras_dir} while training; the trained "
+                            "weights are in the last checkpoint: resume with --overwrite or another name.")
+    tmp = loras_dir / f".tmp-{config.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_lora_weights(tmp / WEIGHTS_NAME, models["unet"], models.get("text_encoder"), ADAPTER)
+        (tmp / "samples").mkdir()
+        for rel in samples:
+            if (work_dir / rel).is_file():
+                shutil.copy2(work_dir / rel, tmp / "samples" / Path(rel).name)
+        settings = {k: v for k, v in asdict(config).items()
+                    if k not in ("data_dir", "name", "loras_dir", "overwrite", "debug_nan_at_steps")}
+        meta = {
+            "name": config.name,
+            "trigger_word": data.trigger_word,
+            "base_model": config.model,
+            "rank": config.rank,
+            "alpha": config.alpha,
+            "target_modules": {"unet": list(config.unet_targets),
+                               "text_encoder": list(config.text_targets) if config.train_text_encoder else []},
+            "training": {**settings, "steps": steps, "skipped_steps": skipped, "mixed_precision_used": mixed_precision,
+                         "device": device, "tiny_model": config.model == TINY},
+            "dataset": data.summary,
+            "loss_curve": loss_curve,
+            "samples": [f"samples/{Path(r).name}" for r in samples],
+            "sha256": sha256_file(tmp / WEIGHTS_NAME),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_text(tmp / "stylemix.json", json.dumps(meta, indent=1))
+        if final.exists():  # overwrite: move the old one aside first, so a failure never loses both
+            old = loras_dir / f".old-{config.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def finalize_lora(lora_dir: Path, config: TrainConfig) -> None:
+    """Post-training hook for a finished library LoRA.
+
+    Style centroids (stylemix.scoring.compute_centroid / save_centroid) are computed here once
+    that module is integrated; for now it does nothing on purpose.
+    """
+    return None
+
+
+# --------------------------------------------------------------------------- command line
+
+_HELP = {
+    "data_dir": "dataset folder (made by `stylemix preprocess`)",
+    "name": "LoRA name in the library",
+    "max_steps": "optimizer steps (overrides --epochs)",
+    "train_text_encoder": "train text-encoder LoRA too (--no-train-text-encoder: UNet only, embeddings cached)",
+    "cache_latents": "encode each image once (--no-cache-latents: VAE every step, as diffusers' script)",
+    "mixed_precision": "auto, no, fp16 or bf16",
+    "debug_nan_at_steps": "TEST/DEBUG ONLY: inject NaN into these steps' batches",
+}
+_SKIP_ARGS = {"data_dir", "name", "loras_dir", "model", "device"}  # positional or global options
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip: set[str] = _SKIP_ARGS) -> None:
+    """One --option per TrainConfig field (defaults left None, so only what the user typed overrides)."""
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{_HELP.get(f.name, '')} (default: {default})".strip()
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif isinstance(default, list):
+            kind = int if f.name == "debug_nan_at_steps" else str
+            parser.add_argument(flag, dest=f.name, nargs="+", type=kind, default=None, help=help_)
+        else:
+            kind = {"max_steps": int, "min_snr_gamma": float}.get(f.name, type(default))
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_)
+
+
+def config_from_args(args: argparse.Namespace, **base) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return TrainConfig(**{**base, **given})
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    torch.set_num_threads(max(1, int(os.environ.get("STYLEMIX_THREADS", torch.get_num_threads()))))
+    p = argparse.ArgumentParser(prog="python -m trainers.lora", description="Train a style LoRA for SD1.5.")
+    p.add_argument("data_dir", nargs="?", help=_HELP["data_dir"])
+    p.add_argument("--name", help=_HELP["name"])
+    p.add_argument("--model", default=None, help="hub id, diffusers folder, or 'tiny'")
+    p.add_argument("--device", default=None)
+    p.add_argument("--loras-dir", dest="loras_dir", default=None)
+    p.add_argument("--work-dir", default=None, help="checkpoints and samples (default: ./runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--job-dir", default=None, help="run the background job in this folder (used by stylemix.jobs)")
+    add_config_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        if args.job_dir:
+            from stylemix.jobs import run_job
+
+            return run_job(Path(args.job_dir))
+        if not args.data_dir or not args.name:
+            p.error("DATA_DIR and --name are required (or --job-dir)")
+        config = config_from_args(args, model=args.model or os.environ.get("STYLEMIX_MODEL") or DEFAULT_MODEL)
+        work = Path(args.work_dir or Path("runs") / check_name(args.name, "LoRA name"))
+        result = train(config, work, resume=args.resume)
+        print(result.lora_dir)
+        return 0
+    except StyleMixError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
