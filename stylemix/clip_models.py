@@ -36,6 +36,7 @@ TINY_CLIP_NAME = "tiny-random-clip (demo values)"
 TINY_CLIP_SEED = 0
 SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip's safetensors name on the hub
 HUB_PROBE_TIMEOUT_S = 3.0  # the hub client retries for ~25 s when offline; one quick probe instead
+TEXT_CACHE_SIZE = 256  # prompt embeddings kept per scorer (2 KB each for ViT-B-32)
 FAILURE_RETRY_S = 60.0  # a failed load is remembered this long, so each generation doesn't retry it
 
 
@@ -55,6 +56,7 @@ class Scorer:
     is_demo: bool = False  # random weights: the numbers only demonstrate the pipeline
     batch_size: int = 32  # images per forward pass; ViT-B-32 at 32 x 224^2 is ~1.5 GB activations at most
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _text_cache: dict = field(default_factory=dict, repr=False)  # prompt -> embedding, insertion-ordered
 
     @property
     def embed_dim(self) -> int:
@@ -76,13 +78,23 @@ class Scorer:
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """[N, D] unit-norm text embeddings.  Texts longer than 77 tokens are cut, as CLIP and SD1.5 do."""
+        """[N, D] unit-norm text embeddings.  Texts longer than 77 tokens are cut, as CLIP and SD1.5 do.
+
+        Cached per text: an artist re-rolls seeds on one prompt, and tokenising plus the text
+        tower cost as much as embedding a batch of images (measured in bench/bench_scoring.py).
+        """
         texts = list(texts)
         if not texts:
             return torch.zeros(0, self.embed_dim, device=self.device)
         with self._lock:
-            feats = self.model.encode_text(self.tokenizer(texts).to(self.device))
-        return torch.nn.functional.normalize(feats.float(), dim=-1)
+            todo = sorted({t for t in texts if t not in self._text_cache})
+            if todo:
+                feats = self.model.encode_text(self.tokenizer(todo).to(self.device))
+                for t, f in zip(todo, torch.nn.functional.normalize(feats.float(), dim=-1)):
+                    if len(self._text_cache) >= TEXT_CACHE_SIZE:
+                        self._text_cache.pop(next(iter(self._text_cache)))  # oldest first
+                    self._text_cache[t] = f
+            return torch.stack([self._text_cache[t] for t in texts])
 
     def clip_scores(self, images: Sequence, prompt: str, trigger_words: Sequence[str] = ()) -> list[float]:
         """Raw CLIP cosine of each image with `prompt`, trigger words removed first (they would inflate it)."""

@@ -198,7 +198,11 @@ def test_whole_path_with_tiny_clip_on_pipeline_images(scorer, tiny_pipe):
     assert last.shares["stripes"] > last.shares["blobs"] and sum(last.shares.values()) == pytest.approx(1.0)
     # the same image scored twice, alone or in a batch, gives the same numbers
     assert scorer.clip_scores([gen[0]], "a cat")[0] == pytest.approx(results[0].clip_score, abs=1e-5)
-    assert tiny_scorer().embed_images(gen).allclose(scorer.embed_images(gen), atol=1e-5)  # deterministic weights
+    fresh = tiny_scorer()
+    assert fresh.embed_images(gen).allclose(scorer.embed_images(gen), atol=1e-5)  # deterministic weights
+    texts = scorer.embed_texts(["a cat", "a dog", "a cat"])  # cached prompts give the same embeddings
+    assert texts[0].allclose(texts[2]) and not texts[0].allclose(texts[1])
+    assert texts.allclose(fresh.embed_texts(["a cat", "a dog", "a cat"]), atol=1e-5)
 
 
 def test_centroid_saved_with_lora_and_reloaded(scorer, workspace):
@@ -230,7 +234,8 @@ def test_centroid_saved_with_lora_and_reloaded(scorer, workspace):
         load_centroid(lora, scorer.name)
 
 
-def test_unavailable_clip_fails_fast_with_reason(tmp_path):
+def test_unavailable_clip_fails_fast_with_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never a 600 MB download, whatever the caller's environment
     clear_scorer_cache()
     t0 = time.monotonic()
     with pytest.raises(ScorerUnavailable, match="not in the local cache") as e:
