@@ -56,7 +56,7 @@ class _Layer:
     module: torch.nn.Module  # a peft LoraLayer
     blocks: tuple[str, ...]
     adapters: frozenset = frozenset()
-    active: tuple = ()  # active adapters last set on this layer, to skip redundant set_adapter calls
+    active: tuple | None = None  # adapters last activated here (None: unknown), to skip redundant calls
 
 
 @dataclass
@@ -78,14 +78,24 @@ class Mixer:
         self.library = library
         if library.shapes is None:
             library.shapes = model_linear_shapes(self.pipe)
-        self.lock = threading.RLock()
+        self.lock = loaded.lock  # one lock per pipeline: mixers sharing a cached pipeline take turns
         self._adapters: dict[str, tuple[str, str]] = {}  # LoRA name -> (adapter id, sha256)
-        self._next_id = 0
         self._layers: list[_Layer] = []
         self._embeds: OrderedDict = OrderedDict()  # prompt-embedding cache
         self._schedulers: dict[str, object] = {}
-        self._base_scheduler_config = dict(self.pipe.scheduler.config)
-        self._current: dict[str, float] | None = None
+        # Samplers are built from the model's own scheduler config, remembered on the pipeline the
+        # first time: later mixers see pipe.scheduler already replaced by some sampler.
+        if not hasattr(self.pipe, "_stylemix_scheduler_config"):
+            self.pipe._stylemix_scheduler_config = dict(self.pipe.scheduler.config)
+        self._base_scheduler_config = self.pipe._stylemix_scheduler_config
+
+    # The weights last applied live on the pipeline, not the mixer: any mixer sharing the pipeline
+    # that changes them invalidates what the others believe is set.
+    def _get_current(self):
+        return getattr(self.pipe, "_stylemix_weights_key", None)
+
+    def _set_current(self, key) -> None:
+        self.pipe._stylemix_weights_key = key
 
     # ---------------------------------------------------------------- loading
 
@@ -104,12 +114,14 @@ class Mixer:
                 if name in self._adapters and self._adapters[name][1] == sha:
                     continue
                 if name in self._adapters:  # retrained or replaced under the same name
-                    self.pipe.delete_adapters([self._adapters.pop(name)[0]])
-                adapter_id = f"lora{self._next_id}"
-                self._next_id += 1
-                t = time.perf_counter()
-                self.pipe.load_lora_weights(str(entry.weights), adapter_name=adapter_id)
-                logger.info("loaded LoRA %s as %s in %.2fs", name, adapter_id, time.perf_counter() - t)
+                    self._drop(name)
+                # Content-addressed adapter ids: another mixer on the same (cached) pipeline that
+                # already loaded this exact file shares the resident adapter instead of reloading it.
+                adapter_id = f"sm_{sha[:16]}"
+                if adapter_id not in self._resident_ids():
+                    t = time.perf_counter()
+                    self.pipe.load_lora_weights(str(entry.weights), adapter_name=adapter_id)
+                    logger.info("loaded LoRA %s as %s in %.2fs", name, adapter_id, time.perf_counter() - t)
                 self._adapters[name] = (adapter_id, sha)
                 changed = True
             if changed:
@@ -118,8 +130,19 @@ class Mixer:
     def unload(self, name: str) -> None:
         with self.lock:
             if name in self._adapters:
-                self.pipe.delete_adapters([self._adapters.pop(name)[0]])
+                self._drop(name)
                 self._collect_layers()
+
+    def _drop(self, name: str) -> None:
+        adapter_id, _ = self._adapters.pop(name)
+        if adapter_id in self._resident_ids() and adapter_id not in {a for a, _ in self._adapters.values()}:
+            self.pipe.delete_adapters([adapter_id])
+
+    def _resident_ids(self) -> set[str]:
+        return {a for ids in self.pipe.get_list_adapters().values() for a in ids}
+
+    def _layers_owner(self):
+        return getattr(self.pipe, "_stylemix_layers_owner", None)
 
     def _collect_layers(self) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -131,7 +154,7 @@ class Mixer:
                     adapters = frozenset(getattr(module, "lora_A", {}).keys())
                     layers.append(_Layer(component, name, module, block_of(component, name), adapters))
         self._layers = layers
-        self._current = None
+        self._set_current(None)
         self._embeds.clear()
 
     # ---------------------------------------------------------------- weights
@@ -153,7 +176,10 @@ class Mixer:
             by_id = {self._adapters[n][0]: (w, block_weights.get(n, {}))
                      for n, w in weights.items() if w != 0 and n in self._adapters}
             key = tuple(sorted((a, w, tuple(sorted(b.items()))) for a, (w, b) in by_id.items()))
-            if key == self._current:
+            if self._layers_owner() is not self:  # another mixer on this pipeline set the layers
+                for layer in self._layers:
+                    layer.active = None
+            elif key == self._get_current():
                 return
             for layer in self._layers:
                 active = tuple(a for a in by_id if a in layer.adapters)
@@ -170,7 +196,8 @@ class Mixer:
                     w, blocks = by_id[a]
                     mult = next((blocks[b] for b in layer.blocks if b in blocks), 1.0)
                     layer.module.set_scale(a, w * mult)
-            self._current = key
+            self._set_current(key)
+            self.pipe._stylemix_layers_owner = self
 
     # ---------------------------------------------------------------- generation
 

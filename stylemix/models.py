@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -203,6 +203,8 @@ class LoadedModel:
     model_id: str  # what was asked for: hub id, folder or "tiny"
     device: torch.device
     dtype: torch.dtype
+    # Serialises all work on this pipeline (generation, LoRA loading, weight changes) across users.
+    lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
 
     @property
     def is_tiny(self) -> bool:

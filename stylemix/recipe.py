@@ -187,7 +187,8 @@ def png_info(recipe: Recipe, prompt_used: str | None = None, extra: dict | None 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(recipe, prompt_used))
     payload = {"version": 1, "recipe": recipe.to_dict(), **(extra or {})}
-    info.add_itxt("stylemix", json.dumps(payload, sort_keys=True), zip=True)
+    # key order matters: the LoRAs' order is the order of their trigger words in the prompt
+    info.add_itxt("stylemix", json.dumps(payload), zip=True)
     return info
 
 

@@ -77,7 +77,7 @@ def test_matches_diffusers_set_adapters(mixer):
     ours = image(mixer, loras=weights)
     ids = [mixer._adapters[n][0] for n in weights]
     mixer.pipe.set_adapters(ids, list(weights.values()))
-    mixer._current = None  # the pipeline was changed behind the mixer's back
+    mixer._set_current(None)  # the pipeline was changed behind the mixer's back
     gen = torch.Generator().manual_seed(BASE.seed)
     pos, neg = mixer.pipe.encode_prompt("anistyle, watstyle, pixstyle, " + BASE.prompt, "cpu", 1, True)
     theirs = mixer.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=BASE.steps,
