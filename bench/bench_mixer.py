@@ -231,7 +231,7 @@ def bench_unet_step(mixer, names: list[str], size: int, pairs: int) -> dict:
     g = torch.Generator("cpu").manual_seed(0)
     lat = size // 8
     x = torch.randn(2, 4, lat, lat, generator=g).to(dev, dt)
-    ehs = torch.randn(2, 77, 768, generator=g).to(dev, dt)
+    ehs = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g).to(dev, dt)
     t = torch.tensor([500], device=dev)
     active = dict(zip(names[:N_ACTIVE], [0.8, 0.6, 0.5, 0.4]))
     ids = {mixer._adapters[n][0] for n in active}
