@@ -334,3 +334,48 @@ def test_cli_scores_unavailable_offline_exit_code(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stderr
     assert "Scores unavailable" in p.stderr and "ViT-B-32/openai" in p.stderr and "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------- scores of a mixer's result
+
+
+def test_score_result_of_a_mix(tmp_path, monkeypatch, scorer):
+    from helpers import make_library_lora
+    from stylemix.library import LoraLibrary
+    from stylemix.mixer import Mixer
+    from stylemix.models import LoadedModel, tiny_pipeline
+    from stylemix.recipe import Recipe
+    from stylemix.scoring_service import score_result
+
+    root = tmp_path / "loras"
+    for i, name in enumerate(["stripes", "blobs", "plain"]):
+        make_library_lora(root, name, seed=300 + i, trigger=f"{name}style")
+    save_centroid(root / "stripes", compute_centroid(scorer, [stripes(i) for i in range(3)], base_images=[blobs(9)]))
+    save_centroid(root / "blobs", compute_centroid(scorer, [blobs(i) for i in range(3)], base_images=[stripes(9)]))
+    loaded = LoadedModel(pipe=tiny_pipeline(), model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    mixer = Mixer(loaded, LoraLibrary(root))
+    recipe = Recipe(prompt="a cat", loras={"stripes": 0.6, "blobs": 0.4, "plain": 0.5}, steps=2, width=64,
+                    height=64, batch_size=2, sampler="Euler")
+    result = mixer.generate(recipe)
+    cache: dict = {}
+    scores = score_result(mixer, result, cache=cache)
+    assert scores["is_demo"] and "demo values" in scores["label"] and len(scores["images"]) == 2
+    assert scores["missing_centroids"] == ["plain"] and scores["problems"] == []
+    s = scores["images"][0]
+    assert s["prompt_scored"] == "a cat"  # the mixer put trigger words in front; they are not scored
+    assert set(s["similarity"]) == {"stripes", "blobs"} and s["shares_basis"] == "calibrated"
+    assert sum(s["shares"].values()) in (0.0, pytest.approx(1.0))
+    assert len(cache) == 2  # centroids read once, then from the cache
+
+    # a LoRA at weight 0 is not in the mix
+    result.weights_used["blobs"] = 0.0
+    assert set(score_result(mixer, result, cache=cache)["images"][0]["similarity"]) == {"stripes"}
+
+    # a real base model offline: scores unavailable with the reason, no exception
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    clear_scorer_cache()
+    real = Mixer(LoadedModel(pipe=loaded.pipe, model_id="some/real-model", device=torch.device("cpu"),
+                             dtype=torch.float32), LoraLibrary(root))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # surely not cached
+    out = score_result(real, result, clip_model="ViT-B-32")
+    assert set(out) == {"unavailable"} and "ViT-B-32/openai" in out["unavailable"]
