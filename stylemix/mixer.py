@@ -28,6 +28,7 @@ import torch
 
 from stylemix.errors import StyleMixError
 from stylemix.library import LoraLibrary, model_linear_shapes
+from stylemix.lora_io import WEIGHTS_NAME
 from stylemix.models import LoadedModel
 from stylemix.recipe import SAMPLERS, Recipe
 
@@ -57,6 +58,22 @@ class _Layer:
     blocks: tuple[str, ...]
     adapters: frozenset = frozenset()
     active: tuple | None = None  # adapters last activated here (None: unknown), to skip redundant calls
+    want: tuple = ()  # ((adapter id, peft scaling), ...) the current weights ask of this layer
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.component, self.name)
+
+
+@dataclass
+class _PipelineState:
+    """What the mixers sharing one pipeline must agree on; kept on the pipeline object itself."""
+
+    scheduler_config: dict
+    weights_key: tuple | None = None  # the weights the layers are set to
+    layers_owner: object = None  # the mixer whose layer list set them
+    original: dict = field(default_factory=dict)  # (component, layer) -> (weight, copy of its own value)
+    merged: dict = field(default_factory=dict)  # (component, layer) -> the `want` merged into that weight
 
 
 @dataclass
@@ -70,49 +87,62 @@ class MixResult:
 
 
 class Mixer:
-    """One pipeline, its resident LoRAs, and a lock that serialises GPU work across users."""
+    """One pipeline, its resident LoRAs, and a lock that serialises GPU work across users.
 
-    def __init__(self, loaded: LoadedModel, library: LoraLibrary):
+    merge=True (default): before each generation, each LoRA layer's weighted sum
+    W + sum_i w_i * (alpha_i/r_i) * B_i A_i is written into the layer's weight, computed from a kept
+    copy of the original W, so it is exact and can be re-weighted or undone at any time (never
+    `fuse_lora`, whose unfuse drifts).  A denoising step then costs what the base model's does,
+    however many LoRAs are mixed; peft's unmerged path adds 4 kernels per adapter per layer
+    (2.2x per step with 4 LoRAs on an H100, bench/RESULTS.md).  merge=False keeps peft's path.
+    """
+
+    def __init__(self, loaded: LoadedModel, library: LoraLibrary, merge: bool = True):
         self.loaded = loaded
         self.pipe = loaded.pipe
         self.library = library
+        self.merge = merge
         if library.shapes is None:
             library.shapes = model_linear_shapes(self.pipe)
         self.lock = loaded.lock  # one lock per pipeline: mixers sharing a cached pipeline take turns
         self._adapters: dict[str, tuple[str, str]] = {}  # LoRA name -> (adapter id, sha256)
+        self._stats: dict[str, tuple[int, int]] = {}  # LoRA name -> (mtime_ns, size) of its file when loaded
         self._layers: list[_Layer] = []
         self._embeds: OrderedDict = OrderedDict()  # prompt-embedding cache
         self._schedulers: dict[str, object] = {}
-        # Samplers are built from the model's own scheduler config, remembered on the pipeline the
-        # first time: later mixers see pipe.scheduler already replaced by some sampler.
-        if not hasattr(self.pipe, "_stylemix_scheduler_config"):
-            self.pipe._stylemix_scheduler_config = dict(self.pipe.scheduler.config)
-        self._base_scheduler_config = self.pipe._stylemix_scheduler_config
-
-    # The weights last applied live on the pipeline, not the mixer: any mixer sharing the pipeline
-    # that changes them invalidates what the others believe is set.
-    def _get_current(self):
-        return getattr(self.pipe, "_stylemix_weights_key", None)
-
-    def _set_current(self, key) -> None:
-        self.pipe._stylemix_weights_key = key
+        if not hasattr(self.pipe, "_stylemix_state"):
+            # Samplers are built from the model's own scheduler config, remembered the first time:
+            # later mixers see pipe.scheduler already replaced by some sampler.
+            self.pipe._stylemix_state = _PipelineState(scheduler_config=dict(self.pipe.scheduler.config))
+        self.state: _PipelineState = self.pipe._stylemix_state
 
     # ---------------------------------------------------------------- loading
 
     def loaded_names(self) -> list[str]:
         return list(self._adapters)
 
+    def _file_stat(self, name: str) -> tuple[int, int] | None:
+        try:
+            st = (self.library.root / name / WEIGHTS_NAME).stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
     def ensure_loaded(self, names) -> None:
         """Load each named LoRA once (again only if its file changed on disk)."""
         with self.lock:
             changed = False
             for name in names:
+                if name in self._adapters and self._stats.get(name) == self._file_stat(name):
+                    continue  # resident and unchanged: no library lookup, no hashing
                 entry = self.library.get(name)
                 if not entry.compatible:
                     raise StyleMixError(f"LoRA {name!r} cannot be used with this base model: {entry.problem}.")
                 sha = entry.sha256
+                self._stats[name] = self._file_stat(name)
                 if name in self._adapters and self._adapters[name][1] == sha:
                     continue
+                self.restore_base_weights()  # peft must wrap the original weights, not a merged mix
                 if name in self._adapters:  # retrained or replaced under the same name
                     self._drop(name)
                 # Content-addressed adapter ids: another mixer on the same (cached) pipeline that
@@ -130,19 +160,18 @@ class Mixer:
     def unload(self, name: str) -> None:
         with self.lock:
             if name in self._adapters:
+                self.restore_base_weights()
                 self._drop(name)
                 self._collect_layers()
 
     def _drop(self, name: str) -> None:
         adapter_id, _ = self._adapters.pop(name)
+        self._stats.pop(name, None)
         if adapter_id in self._resident_ids() and adapter_id not in {a for a, _ in self._adapters.values()}:
             self.pipe.delete_adapters([adapter_id])
 
     def _resident_ids(self) -> set[str]:
         return {a for ids in self.pipe.get_list_adapters().values() for a in ids}
-
-    def _layers_owner(self):
-        return getattr(self.pipe, "_stylemix_layers_owner", None)
 
     def _collect_layers(self) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -153,8 +182,12 @@ class Mixer:
                 if isinstance(module, BaseTunerLayer):
                     adapters = frozenset(getattr(module, "lora_A", {}).keys())
                     layers.append(_Layer(component, name, module, block_of(component, name), adapters))
+                    if self.merge and not _mergeable(module):
+                        logger.warning("LoRA layer %s.%s cannot be merged exactly; using peft's unmerged path.",
+                                       component, name)
+                        self.merge = False
         self._layers = layers
-        self._set_current(None)
+        self.state.weights_key = None
         self._embeds.clear()
 
     # ---------------------------------------------------------------- weights
@@ -169,35 +202,82 @@ class Mixer:
         return weights
 
     def set_weights(self, weights: dict[str, float], block_weights: dict[str, dict[str, float]] | None = None) -> None:
-        """Apply LoRA weights (0 = off) and optional per-block multipliers; loads what is missing."""
+        """Set LoRA weights (0 = off) and optional per-block multipliers; loads what is missing.
+
+        Cheap (milliseconds, no tensor math): it records each layer's adapters and peft scales.
+        With merge=True the weighted sums are written into the layers by `apply()` (called by
+        `generate`); with merge=False peft's active adapters and scales are set here.
+        """
         block_weights = block_weights or {}
         with self.lock:
             self.ensure_loaded([n for n, w in weights.items() if w != 0])
             by_id = {self._adapters[n][0]: (w, block_weights.get(n, {}))
                      for n, w in weights.items() if w != 0 and n in self._adapters}
-            key = tuple(sorted((a, w, tuple(sorted(b.items()))) for a, (w, b) in by_id.items()))
-            if self._layers_owner() is not self:  # another mixer on this pipeline set the layers
+            key = (self.merge, tuple(sorted((a, w, tuple(sorted(b.items()))) for a, (w, b) in by_id.items())))
+            if self.state.layers_owner is not self:  # another mixer on this pipeline set the layers
                 for layer in self._layers:
                     layer.active = None
-            elif key == self._get_current():
+            elif key == self.state.weights_key:
                 return
             for layer in self._layers:
                 active = tuple(a for a in by_id if a in layer.adapters)
-                if not active:
-                    if layer.active or not getattr(layer.module, "disable_adapters", False):
-                        layer.module.enable_adapters(False)
-                        layer.active = ()
-                    continue
-                if active != layer.active or getattr(layer.module, "disable_adapters", False):
-                    layer.module.enable_adapters(True)
-                    layer.module.set_adapter(list(active), inference_mode=True)
-                    layer.active = active
+                want = []
                 for a in active:
                     w, blocks = by_id[a]
                     mult = next((blocks[b] for b in layer.blocks if b in blocks), 1.0)
-                    layer.module.set_scale(a, w * mult)
-            self._set_current(key)
-            self.pipe._stylemix_layers_owner = self
+                    layer.module.set_scale(a, w * mult)  # peft's own alpha/r (or rsLoRA) scaling
+                    want.append((a, layer.module.scaling[a]))
+                layer.want = tuple(want)
+                if self.merge:
+                    active = ()  # the merged weight carries the LoRAs: peft's extra path stays off
+                if not active:
+                    if layer.active != () or not layer.module.disable_adapters:
+                        layer.module.enable_adapters(False)
+                        layer.active = ()
+                elif active != layer.active or layer.module.disable_adapters:
+                    layer.module.enable_adapters(True)
+                    layer.module.set_adapter(list(active), inference_mode=True)
+                    layer.active = active
+            self.state.weights_key = key
+            self.state.layers_owner = self
+
+    @torch.no_grad()
+    def apply(self) -> int:
+        """merge=True: write each layer's weighted LoRA sum into its weight; returns layers rewritten."""
+        if not self.merge:
+            return 0
+        with self.lock:
+            state, changed = self.state, 0
+            for layer in self._layers:
+                if state.merged.get(layer.key, ()) == layer.want:
+                    continue
+                weight = layer.module.get_base_layer().weight
+                if layer.key not in state.original:
+                    state.original[layer.key] = (weight, weight.detach().clone())
+                original = state.original[layer.key][1]
+                if layer.want:
+                    delta = sum(_delta_weight(layer.module, a, s) for a, s in layer.want)
+                    weight.copy_((original.float() + delta).to(weight.dtype))
+                else:
+                    weight.copy_(original)
+                state.merged[layer.key] = layer.want
+                changed += 1
+            return changed
+
+    @torch.no_grad()
+    def restore_base_weights(self) -> None:
+        """Put every merged layer's original weight back (exactly: a kept copy, not a subtraction)
+        and re-enable peft's adapter path, as plain diffusers leaves it."""
+        with self.lock:
+            for key, (weight, original) in self.state.original.items():
+                if self.state.merged.get(key):
+                    weight.copy_(original)
+                    self.state.merged[key] = ()
+            for layer in self._layers:
+                layer.want = ()
+                layer.module.enable_adapters(True)  # hand back a pipeline plain diffusers/peft can drive
+            self.state.weights_key = None
+            self.state.layers_owner = None  # force a full re-sync of peft's per-layer state next time
 
     # ---------------------------------------------------------------- generation
 
@@ -217,7 +297,7 @@ class Mixer:
 
             cls_name, extra = SAMPLERS[sampler]
             cls = getattr(diffusers, cls_name)
-            self._schedulers[sampler] = cls.from_config(self._base_scheduler_config, **extra)
+            self._schedulers[sampler] = cls.from_config(self.state.scheduler_config, **extra)
         return self._schedulers[sampler]
 
     def _encode(self, prompt: str, negative: str, guidance: float, te_key: tuple):
@@ -242,6 +322,9 @@ class Mixer:
             weights = self.effective_weights(recipe)
             self.set_weights(weights, recipe.block_weights)
             timings["set_weights_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            timings["layers_merged"] = self.apply()
+            timings["merge_s"] = time.perf_counter() - t0
             prompt = self.prompt_with_triggers(recipe, weights)
             te_key = tuple(sorted((n, w) for n, w in weights.items()
                                   if w != 0 and any(l.component == "text_encoder" and self._adapters[n][0] in l.adapters
@@ -269,3 +352,20 @@ class Mixer:
         done = recipe.with_(model=self.loaded.model_id, lora_hashes=hashes)
         return MixResult(images=list(out.images), recipe=done, prompt_used=prompt, weights_used=weights,
                          seeds=seeds, timings=timings)
+
+
+def _mergeable(module) -> bool:
+    """Plain LoRA on a Linear or Conv2d (no DoRA): its delta-W is B @ A, merged exactly."""
+    base = module.get_base_layer()
+    dora = any(getattr(module, "use_dora", {}).values())
+    return isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)) and not dora
+
+
+def _delta_weight(module, adapter: str, scaling: float) -> torch.Tensor:
+    """scaling * B @ A in fp32, shaped like the base weight (Linear, or Conv2d with a 1x1 lora_B)."""
+    a = module.lora_A[adapter].weight.float()
+    b = module.lora_B[adapter].weight.float()
+    if a.dim() == 2:
+        return scaling * (b @ a)
+    out_ch, r = b.shape[:2]
+    return scaling * (b.reshape(out_ch, r) @ a.reshape(r, -1)).reshape(out_ch, *a.shape[1:])

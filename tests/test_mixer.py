@@ -76,8 +76,8 @@ def test_matches_diffusers_set_adapters(mixer):
     weights = {"anime": 0.9, "watercolor": -0.4, "pixelart": 1.5}
     ours = image(mixer, loras=weights)
     ids = [mixer._adapters[n][0] for n in weights]
+    mixer.restore_base_weights()  # hand the pipeline back to plain diffusers/peft
     mixer.pipe.set_adapters(ids, list(weights.values()))
-    mixer._set_current(None)  # the pipeline was changed behind the mixer's back
     gen = torch.Generator().manual_seed(BASE.seed)
     pos, neg = mixer.pipe.encode_prompt("anistyle, watstyle, pixstyle, " + BASE.prompt, "cpu", 1, True)
     theirs = mixer.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=BASE.steps,
@@ -166,3 +166,21 @@ def test_retrained_lora_is_reloaded(tmp_path):
     first = image(mixer, loras={"style": 1.0})
     make_library_lora(root, "style", seed=2)  # replaced on disk, new sha256
     assert not np.array_equal(first, image(mixer, loras={"style": 1.0}))
+
+
+def test_merged_and_unmerged_paths_agree_and_unmerge_is_exact(library_root):
+    """merge=True writes W + sum w*s*BA into the layers; peft's unmerged path gives the same image."""
+    weights = {"anime": 0.7, "watercolor": -0.3, "cartoon": 1.2, "pixelart": 0.4}
+    pipe = tiny_pipeline()
+    before = {n: m.weight.detach().clone() for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    merged = Mixer(LoadedModel(pipe, "tiny", torch.device("cpu"), torch.float32), LoraLibrary(library_root))
+    a = image(merged, loras=weights)
+    assert merged.state.merged and all(l.module.disable_adapters for l in merged._layers)
+    merged.restore_base_weights()
+    after = {n: getattr(pipe.unet.get_submodule(n), "base_layer", pipe.unet.get_submodule(n)).weight for n in before}
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the original weights, bit for bit
+    plain = Mixer(LoadedModel(tiny_pipeline(), "tiny", torch.device("cpu"), torch.float32),
+                  LoraLibrary(library_root), merge=False)
+    b = image(plain, loras=weights)
+    assert np.abs(a - b).max() <= 1
+    assert not plain.state.merged
