@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--clip-model", default=None,
                    help="open_clip model: ViT-B-32 (default), ViT-L-14, ... or 'tiny' (random demo CLIP; "
                         "the default when the base model is 'tiny')")
-    p.add_argument("--pretrained", default="openai", help="open_clip weights tag or a .safetensors file (default: openai)")
+    p.add_argument("--pretrained", default="openai", help="open_clip weights tag, or a .safetensors file (then name the architecture with its "
+                        "activation, e.g. --clip-model ViT-B-32-quickgelu for OpenAI weights) (default: openai)")
     p.add_argument("--base-image", action="append", default=None, metavar="IMAGE",
                    help="base-model image of the same prompt and seed, one per IMAGE in order (calibration's 0)")
     p.add_argument("--save-centroid", default=None, metavar="NAME",
