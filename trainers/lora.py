@@ -384,7 +384,9 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
                           return_tensors="pt").input_ids
     pixels = [load_pixels(p, config.resolution) for p in data.files]
     t0 = time.perf_counter()
-    cache = LatentCache.build(vae, pixels, device, flips=config.random_flip) if config.cache_latents else None
+    # Encoded in training-sized batches: a bigger batch would raise the peak memory above the uncached loop's.
+    cache = (LatentCache.build(vae, pixels, device, flips=config.random_flip, batch_size=config.batch_size)
+             if config.cache_latents else None)
     text_cache = None
     if not config.train_text_encoder:
         with torch.no_grad(), accelerator.autocast():
