@@ -1,0 +1,193 @@
+"""The seed protocol on the tiny model: config, files, resume, N-way mixes, errors."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from helpers import make_library_lora
+from stylemix.errors import StyleMixError
+from stylemix.experiments import ProtocolConfig, mean_ci, resolve_styles, run_protocol
+from stylemix.library import LoraLibrary
+from stylemix.mixer import Mixer
+from stylemix.models import LoadedModel, tiny_pipeline
+
+SMALL = """
+name = "small"
+[styles]
+anime = "auto"
+watercolor = "auto"
+pixelart = "px_v2"
+[triggers]
+anime = "anistyle"
+[protocol]
+singles = ["anime", "pixelart"]
+prompts = ["a cat by a window", "a city at night"]
+seeds = [5]
+[[mixes]]
+weights = { watercolor = 0.6, pixelart = 0.4 }
+[[mixes]]
+weights = { anime = 0.4, watercolor = 0.3, pixelart = 0.3 }
+[generation]
+steps = 2
+width = 64
+height = 64
+sampler = "Euler"
+"""
+
+
+class Counting(Mixer):
+    calls = 0
+
+    def generate(self, recipe, progress=None):
+        Counting.calls += 1
+        return super().generate(recipe, progress)
+
+
+@pytest.fixture(scope="module")
+def mixer(tmp_path_factory):
+    from stylemix.clip_models import load_scorer
+    from stylemix.scoring import compute_centroid, save_centroid
+
+    root = tmp_path_factory.mktemp("loras")
+    make_library_lora(root, "my_anime", seed=1, trigger="anistyle")  # found by trigger word
+    make_library_lora(root, "watercolor", seed=2, trigger="wcstyle")  # found by name
+    make_library_lora(root, "px_v2", seed=3, trigger="pixstyle")  # mapped explicitly
+    loaded = LoadedModel(pipe=tiny_pipeline(), model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    m = Counting(loaded, LoraLibrary(root))
+    scorer = load_scorer(tiny=True)
+    from stylemix.recipe import Recipe
+    r = Recipe(prompt="a house", steps=2, width=64, height=64, batch_size=2, sampler="Euler")
+    for name in ("my_anime", "watercolor"):  # px_v2 has no centroid: its columns stay empty, no crash
+        save_centroid(root / name, compute_centroid(scorer, m.generate(r.with_(loras={name: 1.0})).images))
+    return m
+
+
+@pytest.fixture
+def small(tmp_path):
+    p = tmp_path / "small.toml"
+    p.write_text(SMALL)
+    return ProtocolConfig.load(p)
+
+
+def test_default_config_is_the_seed_report(mixer):
+    cfg = ProtocolConfig.load()
+    ids = [c.id for c in cfg.configurations()]
+    assert ids[:5] == ["base", "anime", "watercolor", "cartoon", "pixelart"]
+    assert "watercolor_pixelart_0.6_0.4" in ids and "watercolor_anime_0.5_0.5" in ids and len(ids) == 11
+    assert len(ids) * len(cfg.prompts) * len(cfg.seeds) == 110
+    assert cfg.settings(tiny=False)["width"] == 512 and cfg.settings(tiny=True)["width"] == 128
+    with pytest.raises(StyleMixError, match="'cartoon' has no LoRA"):
+        resolve_styles(cfg, mixer.library, {"pixelart": "px_v2"})
+
+
+def test_protocol_runs_resumes_and_writes_every_file(mixer, small, tmp_path):
+    out = tmp_path / "run"
+    assert resolve_styles(small, mixer.library) == {"anime": "my_anime", "watercolor": "watercolor",
+                                                    "pixelart": "px_v2"}
+    total = 5 * 2  # base, 2 singles, 2 mixes (one 3-way) x 2 prompts x 1 seed
+
+    def stop_after(k):
+        def progress(done, n, msg):
+            assert n == total
+            if done >= k:
+                raise KeyboardInterrupt
+        return progress
+
+    Counting.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        run_protocol(mixer, small, out, progress=stop_after(4))
+    assert Counting.calls == 4
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4 and [r["config"] for r in rows[:2]] == ["base", "base"]  # base images first
+    # an image saved just before the interruption, its row not yet written: scored from disk, not redone
+    assert len(sorted((out / "images").rglob("*.png"))) == 4
+    lines = (out / "results.csv").read_text().splitlines(keepends=True)
+    (out / "results.csv").write_text("".join(lines[:-1]))  # drop the 4th row: its PNG is there, its row is not
+    seen = []
+    Counting.calls = 0
+    res = run_protocol(mixer, small, out, progress=lambda d, n, m: seen.append(d))
+    assert res.generated == 6 and Counting.calls == 6 and res.total == total  # only the 6 missing images
+    assert res.rescored == 1
+    assert seen[0] == 3 and seen[-1] == total
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == total and len({(r["config"], r["prompt_index"]) for r in rows}) == total
+    three = [r for r in rows if r["config"] == "anime_watercolor_pixelart_0.4_0.3_0.3"]
+    assert len(three) == 2 and json.loads(three[0]["loras"]) == {"my_anime": 0.4, "watercolor": 0.3, "px_v2": 0.3}
+    assert all(r["clip_score"] for r in rows)
+    assert all(r["sim_anime"] and r["sim_watercolor"] and not r["sim_pixelart"] for r in rows)  # px_v2: no centroid
+    mix = [r for r in rows if r["config"] == "watercolor_pixelart_0.6_0.4"][0]
+    assert mix["share_watercolor"] and not mix["share_anime"]  # shares only among the mix's styles
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert [s["config"] for s in summary] == ["base", "anime", "pixelart", "watercolor_pixelart_0.6_0.4",
+                                              "anime_watercolor_pixelart_0.4_0.3_0.3"]
+    assert all(s["n"] == "2" for s in summary) and summary[1]["clip_lo"] and summary[1]["clip_hi"]
+    md = (out / "summary.md").read_text()
+    assert "DEMO VALUES" in md and "anime -> my_anime" in md
+    for f in ("plot.png", "contact_p0.png", "contact_p1.png", "run.json"):
+        assert (out / f).is_file(), f
+    # complete: a third run generates nothing
+    Counting.calls = 0
+    assert run_protocol(mixer, small, out).generated == 0 and Counting.calls == 0
+    # a PNG deleted by hand is made again
+    (out / rows[-1]["file"]).unlink()
+    assert run_protocol(mixer, small, out).generated == 1
+    assert len(list(csv.DictReader(open(out / "summary.csv")))) == 5
+    # a different run into the same folder is refused, nothing touched
+    other = ProtocolConfig.from_dict({**_toml(SMALL), "protocol": {"prompts": ["a dog"], "seeds": [5]}})
+    with pytest.raises(StyleMixError, match="different run"):
+        run_protocol(mixer, other, out)
+
+
+def _toml(text):
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+def test_bad_configs_are_refused(tmp_path, mixer):
+    base = _toml(SMALL)
+    cases = [
+        ({**base, "extra": {}}, "unknown section 'extra'"),
+        ({**base, "mixes": [{"weights": {"anime": 0.5}}]}, "at least two styles"),
+        ({**base, "mixes": [{"weights": {"anime": 0.5, "oil": 0.5}}]}, "'oil'"),
+        ({**base, "mixes": [{"weights": {"anime": 3.0, "pixelart": 0.5}}]}, "anime"),
+        ({**base, "protocol": {**base["protocol"], "seeds": [1, 1]}}, "seeds"),
+        ({**base, "protocol": {**base["protocol"], "prompts": []}}, "prompts"),
+        ({**base, "generation": {"stepz": 3}}, "stepz"),
+        ({**base, "styles": {"../x": "auto"}}, "style name"),
+    ]
+    for data, match in cases:
+        with pytest.raises((StyleMixError, ValueError), match=match):
+            ProtocolConfig.from_dict(data)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed")
+    with pytest.raises(StyleMixError, match="not valid TOML"):
+        ProtocolConfig.load(bad)
+    cfg = ProtocolConfig.from_dict(base)
+    with pytest.raises(StyleMixError, match="'pixelart' maps to LoRA 'nope'"):
+        resolve_styles(cfg, mixer.library, {"pixelart": "nope"})
+    with pytest.raises(StyleMixError, match="'oil'"):
+        resolve_styles(cfg, mixer.library, {"oil": "px_v2"})
+    with pytest.raises(StyleMixError, match="all map to LoRA 'watercolor'"):
+        resolve_styles(cfg, mixer.library, {"anime": "watercolor"})
+
+
+def test_mean_ci():
+    m, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.303 * 1.0 / 3**0.5)
+    assert mean_ci([1.0]) == (1.0, None, None) and mean_ci([]) == (None, None, None)
+
+
+@pytest.mark.slow
+def test_full_default_protocol_on_the_tiny_model(tmp_path):
+    """The seed report's 110 images end to end with the tiny model (a couple of minutes on CPU)."""
+    from stylemix.models import load_model
+
+    for i, name in enumerate(["anime", "watercolor", "cartoon", "pixelart"]):
+        make_library_lora(tmp_path / "loras", name, seed=i)
+    m = Mixer(load_model("tiny", "cpu", "fp32"), LoraLibrary(tmp_path / "loras"))
+    res = run_protocol(m, ProtocolConfig.load(), tmp_path / "out")
+    assert res.total == res.generated == 110
+    assert len(list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))) == 11
