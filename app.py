@@ -38,10 +38,19 @@ def _format_scores(scores: dict | None) -> tuple[str, dict | None]:
     if scores.get("unavailable"):
         return f"Scores unavailable: {scores['unavailable']}", None
     s = scores["images"][0]
-    lines = [f"**CLIP score** {s['clip_score']:.4f} (×100 scale: {s['clip_score_100']:.1f}) with `{s['clip_model']}`"]
+    if s.get("clip_score") is None:
+        lines = [f"**CLIP score** n/a (the prompt is only trigger words) with `{s['clip_model']}`"]
+    else:
+        lines = [f"**CLIP score** {s['clip_score']:.4f} (×100 scale: {s['clip_score_100']:.1f}) "
+                 f"with `{s['clip_model']}`"]
     for name, sim in (s.get("similarity") or {}).items():
         cal = (s.get("calibrated") or {}).get(name)
         lines.append(f"- **{name}** similarity {sim:.4f}" + (f", calibrated {cal:.2f}" if cal is not None else ""))
+    if s.get("shares") and s.get("shares_basis") != "calibrated":
+        lines.append("*Shares are uncalibrated (raw similarities): no base-model anchor for every style.*")
+    if scores.get("missing_centroids"):
+        lines.append(f"No style centroid yet for: {', '.join(scores['missing_centroids'])} "
+                     "(train here or give reference images in the Library tab).")
     if s.get("is_demo"):
         lines.append("*Demo values: computed with a tiny random CLIP, not a real measurement.*")
     return "\n".join(lines), (s.get("shares") or None)

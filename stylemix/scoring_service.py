@@ -76,3 +76,20 @@ def _cached_centroid(cache: dict, folder, clip_name: str) -> StyleCentroid | Non
     if key not in cache:
         cache[key] = load_centroid(folder, clip_name)
     return cache[key]
+
+
+def wants_base_images(mixer, result) -> bool:
+    """True when a style in the mix has a centroid, so a base-model image would calibrate it."""
+    for name, weight in result.weights_used.items():
+        if weight:
+            try:
+                if (mixer.library.get(name).folder / CENTROID_FILE).is_file():
+                    return True
+            except StyleMixError:
+                continue
+    return False
+
+
+def base_recipe(recipe):
+    """The same prompt, seed and settings with no LoRA: the calibration's zero point."""
+    return recipe.with_(loras={}, block_weights={}, total_strength=None, lora_hashes={})

@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from stylemix.mixer import Mixer, MixResult
 from stylemix.models import ModelLoadError, load_model
 from stylemix.paths import Workspace, check_name, inside
 from stylemix.recipe import Recipe, save_png
+from stylemix.scoring_service import base_recipe, score_result, wants_base_images
 
 logger = logging.getLogger("stylemix")
 
@@ -45,6 +47,9 @@ class StyleMixService:
     banner: str  # what model runs and what that means, shown on every page
     fallback_reason: str | None = None  # set when the requested model failed and tiny runs instead
     scorer_cache: dict = field(default_factory=dict)
+    # Base-model images by recipe, the low anchor of calibrated similarity: made once per prompt,
+    # seed and settings, then reused while the sliders move.
+    base_images: OrderedDict = field(default_factory=OrderedDict)
 
     @classmethod
     def start(cls, model: str | None, workspace: Workspace, device: str | None = None,
@@ -105,9 +110,14 @@ class StyleMixService:
         recipe_path.write_text(json.dumps(result.recipe.to_dict(), indent=2))
         return ComposeOutput(image_paths=paths, result=result, scores=scores, recipe_path=recipe_path)
 
-    def score(self, result: MixResult) -> dict | None:
-        try:
-            from stylemix.scoring_service import score_result
-        except ImportError:
-            return None
-        return score_result(self.mixer, result, cache=self.scorer_cache)
+    def score(self, result: MixResult) -> dict:
+        base = None
+        if wants_base_images(self.mixer, result):
+            key = json.dumps(base_recipe(result.recipe).with_(model=None).to_dict(), sort_keys=True)
+            if key not in self.base_images:
+                self.base_images[key] = self.mixer.generate(base_recipe(result.recipe)).images
+                while len(self.base_images) > 16:
+                    self.base_images.popitem(last=False)
+            self.base_images.move_to_end(key)
+            base = self.base_images[key]
+        return score_result(self.mixer, result, cache=self.scorer_cache, base_images=base)

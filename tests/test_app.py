@@ -18,9 +18,17 @@ def app_url(tmp_path_factory):
     import app
     from stylemix.service import StyleMixService
 
+    from stylemix.clip_models import tiny_scorer
+    from stylemix.scoring import compute_centroid, save_centroid
+
     ws = Workspace.at(tmp_path_factory.mktemp("ws"))
+    scorer = tiny_scorer()
+    rng = np.random.default_rng(0)
     for i, name in enumerate(["anime", "watercolor", "cartoon", "pixelart"]):
-        make_library_lora(ws.loras, name, seed=20 + i)
+        folder = make_library_lora(ws.loras, name, seed=20 + i)
+        if name in ("watercolor", "pixelart"):  # reference images give these two a style centroid
+            refs = [Image.fromarray((rng.random((32, 32, 3)) * (60 + 60 * i)).astype(np.uint8)) for _ in range(3)]
+            save_centroid(folder, compute_centroid(scorer, refs))
     service = StyleMixService.start("tiny", ws)
     demo = app.build_demo(service)
     demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
@@ -48,6 +56,11 @@ def test_compose_endpoint_weights_change_the_image(app_url):
     recipe = read_recipe(a[4])  # the downloadable PNG carries its recipe
     assert recipe.loras == {"watercolor": 0.6, "pixelart": 0.4} and recipe.seed == 3
     assert "watercolorstyle" in a[6]
+    # scores: demo values from the tiny CLIP, calibrated against the base image, shares summing to 1
+    assert "CLIP score" in a[1] and "Demo values" in a[1] and "calibrated" in a[1]
+    shares = {c["label"]: c["confidence"] for c in a[2]["confidences"]}
+    assert set(shares) == {"watercolor", "pixelart"} and abs(sum(shares.values()) - 1) < 1e-6
+    assert a[1] != b[1]  # other weights, other scores
     # the user's files are filed under their own folder
     assert list((ws.outputs / ("u" + "1" * 24)).glob("*.png"))
 

@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="output PNG path (default: outputs/<time>-<seed>.png)")
     p.add_argument("--no-score", action="store_true", help="skip CLIP scores")
     p.add_argument("--clip-model", default="ViT-B-32", help="CLIP model for the scores (ViT-B-32 or ViT-L-14)")
+    p.add_argument("--no-base-calibration", action="store_true",
+                   help="do not make base-model images of the same prompt and seeds to calibrate style similarity "
+                        "(the styles' stored anchors are used instead)")
     p.add_argument("--json", action="store_true", help="print a machine-readable result")
     p.set_defaults(func=run)
 
@@ -96,9 +99,12 @@ def run(args) -> int:
         result = mixer.generate(recipe, progress=progress)
     scores = None
     if not args.no_score:
-        from stylemix.scoring_service import score_result
+        from stylemix.scoring_service import base_recipe, score_result, wants_base_images
 
-        scores = score_result(mixer, result, clip_model=args.clip_model)
+        base = None
+        if not args.no_base_calibration and wants_base_images(mixer, result):
+            base = mixer.generate(base_recipe(result.recipe)).images
+        scores = score_result(mixer, result, clip_model=args.clip_model, base_images=base)
     out = Path(args.out) if args.out else workspace(args).outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{recipe.seed}.png"
     if out.suffix.lower() != ".png":
         raise StyleMixError(f"--out {out}: StyleMix writes PNG files (the recipe lives in PNG text chunks).")
@@ -125,9 +131,11 @@ def run(args) -> int:
 
 
 def format_scores(s: dict) -> str:
-    parts = [f"CLIP {s['clip_score']:.4f}"]
-    for name, share in (s.get("shares") or {}).items():
-        parts.append(f"{name} {100 * share:.0f}%")
+    parts = [f"CLIP {s['clip_score']:.4f}" if s.get("clip_score") is not None else "CLIP n/a (empty prompt)"]
+    shares = s.get("shares") or {}
+    if shares:
+        basis = "" if s.get("shares_basis") == "calibrated" else " (uncalibrated)"
+        parts.append(" / ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items()) + basis)
     if s.get("is_demo"):
         parts.append("(demo values: tiny random CLIP)")
     return ", ".join(parts)
