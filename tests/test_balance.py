@@ -147,3 +147,23 @@ def test_balance_needs_centroids(workspace):
     m = Mixer(loaded, LoraLibrary(workspace.loras))
     with pytest.raises(StyleMixError, match="plain1.*no style centroid"):
         balance_mix(m, RECIPE, {"plain1": 0.5, "plain2": 0.5})
+
+
+def test_cli_map_and_balance(mixer, tmp_path, capsys):
+    from stylemix.cli import main
+
+    g = ["--model", "tiny", "--device", "cpu", "--loras-dir", str(mixer.library.root)]
+    gen = ["--prompt", "a cat", "--steps", "2", "--size", "64x64"]
+    assert main(g + ["mix", "map", "--lora", "watercolor", "--lora", "pixelart", "--values", "0,1",
+                     "--out", str(tmp_path / "m"), *gen]) == 0
+    assert json.loads((tmp_path / "m" / "map.json").read_text())["axes"] == [[0.0, 1.0], [0.0, 1.0]]
+    assert main(g + ["mix", "map", "--line", "watercolor=1:pixelart=0.5,anime=0.5", "--points", "2",
+                     "--out", str(tmp_path / "l"), *gen]) == 0
+    assert len(json.loads((tmp_path / "l" / "map.json").read_text())["cells"]) == 2
+    assert main(g + ["mix", "balance", "--target", "watercolor=0.6", "--target", "pixelart=0.4",
+                     "--max-generations", "2", "--preview-size", "64", "--preview-steps", "2",
+                     "--map-values", "0,1", "--out", str(tmp_path / "b"), *gen]) == 0
+    assert "search generations" in capsys.readouterr().out
+    assert (tmp_path / "b" / "balance.json").is_file() and (tmp_path / "b" / "map.png").is_file()
+    assert main(g + ["mix", "balance", "--target", "watercolor=0.9", "--target", "pixelart=0.4", *gen]) == 1
+    assert "add up to 1" in capsys.readouterr().err

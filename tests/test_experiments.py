@@ -191,3 +191,22 @@ def test_full_default_protocol_on_the_tiny_model(tmp_path):
     res = run_protocol(m, ProtocolConfig.load(), tmp_path / "out")
     assert res.total == res.generated == 110
     assert len(list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))) == 11
+
+
+def test_cli_evaluate(tmp_path, mixer):
+    import subprocess
+    import sys
+
+    from stylemix.cli import main
+
+    loras = mixer.library.root
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL.replace('seeds = [5]', 'seeds = [2]').replace(
+        '[[mixes]]\nweights = { anime = 0.4, watercolor = 0.3, pixelart = 0.3 }\n', ''))
+    g = ["--model", "tiny", "--device", "cpu", "--loras-dir", str(loras)]
+    assert main(g + ["evaluate", "--config", str(cfg), "--out", str(tmp_path / "o"), "--json"]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "o" / "summary.csv")))) == 4
+    r = subprocess.run([sys.executable, "-m", "stylemix.cli", *g, "evaluate", "--config", str(cfg),
+                        "--out", str(tmp_path / "o2"), "--map", "pixelart=ghost"], capture_output=True, text=True)
+    assert r.returncode == 1 and "'pixelart' maps to LoRA 'ghost'" in r.stderr
+    assert not (tmp_path / "o2").exists()  # refused before anything was written

@@ -144,3 +144,24 @@ def test_bad_inputs_are_refused(library, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written by a refused export
     header = json.loads(result.header["stylemix_mix"])
     assert header["weights"] == {"anime": 0.5}
+
+
+def test_cli_mix_export_and_clash(library, tmp_path, capsys):
+    from stylemix.cli import main
+
+    g = ["--model", "tiny", "--device", "cpu", "--loras-dir", str(library.root)]
+    out = tmp_path / "m.safetensors"
+    assert main(g + ["mix", "export", "--lora", "anime=0.5", "--lora", "pixelart=0.5", "--block", "anime:up.1=0.5",
+                     "--format", "kohya", "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rank"] == 8 and info["exact"] and info["block_weights"] == {"anime": {"up.1": 0.5}}
+    assert lora_io.detect_format(lora_io.read_lora_file(out)[0]) == "kohya"
+    assert main(g + ["mix", "export", "--lora", "anime=0.5", "--lora", "pixelart=0.5", "--rank", "2",
+                     "--add", "small_mix"]) == 0
+    assert "relative error" in capsys.readouterr().out and library.get("small_mix").meta["rank"] == 2
+    assert main(g + ["mix", "export", "--lora", "anime=0.5", "--block", "anime:left=1", "--out", str(out)]) == 1
+    assert "unknown block 'left'" in capsys.readouterr().err
+    assert main(g + ["mix", "export", "--lora", "anime", "--out", str(out)]) == 1
+    assert "NAME=NUMBER" in capsys.readouterr().err
+    assert main(g + ["mix", "clash", "anime", "pixelart", "--out", str(tmp_path / "c.png")]) == 0
+    assert "overall cosine" in capsys.readouterr().out and (tmp_path / "c.png").is_file()

@@ -15,7 +15,7 @@ import sys
 from stylemix.errors import StyleMixError
 
 # module name in stylemix.cli -> registers one or more subcommands
-COMMAND_MODULES = ["generate", "loras", "serve", "preprocess", "train", "jobs", "score", "evaluate"]
+COMMAND_MODULES = ["generate", "loras", "serve", "preprocess", "train", "jobs", "score", "evaluate", "mix"]
 
 
 def build_parser() -> argparse.ArgumentParser:
