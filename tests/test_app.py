@@ -21,15 +21,17 @@ def app_url(tmp_path_factory):
     from stylemix.clip_models import tiny_scorer
     from stylemix.scoring import compute_centroid, save_centroid
 
+    from stylemix.recipe import Recipe
+
     ws = Workspace.at(tmp_path_factory.mktemp("ws"))
-    scorer = tiny_scorer()
-    rng = np.random.default_rng(0)
     for i, name in enumerate(["anime", "watercolor", "cartoon", "pixelart"]):
-        folder = make_library_lora(ws.loras, name, seed=20 + i)
-        if name in ("watercolor", "pixelart"):  # reference images give these two a style centroid
-            refs = [Image.fromarray((rng.random((32, 32, 3)) * (60 + 60 * i)).astype(np.uint8)) for _ in range(3)]
-            save_centroid(folder, compute_centroid(scorer, refs))
+        make_library_lora(ws.loras, name, seed=20 + i)
     service = StyleMixService.start("tiny", ws)
+    scorer = tiny_scorer()
+    for name in ("watercolor", "pixelart"):  # each style's own images give it a centroid
+        refs = [service.mixer.generate(Recipe("a cat", loras={name: 1.0}, seed=s, steps=2, width=64, height=64,
+                                              sampler="Euler")).images[0] for s in range(4)]
+        save_centroid(ws.loras / name, compute_centroid(scorer, refs))
     demo = app.build_demo(service)
     demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
                         allowed_paths=[str(ws.outputs)])
