@@ -676,12 +676,37 @@ def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, lor
 
 
 def finalize_lora(lora_dir: Path, config: TrainConfig) -> None:
-    """Post-training hook for a finished library LoRA.
+    """Give a finished library LoRA its style centroid (docs/scores.md), from the training images.
 
-    Style centroids (stylemix.scoring.compute_centroid / save_centroid) are computed here once
-    that module is integrated; for now it does nothing on purpose.
+    The centroid is computed with the CLIP model the scores use for this base model (the tiny
+    random CLIP for `tiny`, ViT-B-32/openai otherwise).  When that CLIP cannot be loaded the LoRA
+    is still complete: stylemix.json records why there is no centroid, and one can be added later
+    with `stylemix score --save-centroid NAME IMAGES...`.
     """
-    return None
+    from stylemix.clip_models import load_scorer_or_reason
+    from stylemix.scoring import CENTROID_FILE, compute_centroid, images_in_folder, save_centroid
+
+    device = _device_hint(config)
+    if config.model == TINY:
+        scorer, why = load_scorer_or_reason(device=device, tiny=True)
+    else:
+        scorer, why = load_scorer_or_reason(device=device)
+    style: dict
+    if scorer is None:
+        logger.warning("No style centroid for %s: %s", config.name, why)
+        style = {"status": "unavailable", "reason": why}
+    else:
+        try:
+            centroid = compute_centroid(scorer, images_in_folder(config.data_dir))
+            save_centroid(lora_dir, centroid)
+            style = {"status": "ok", "file": CENTROID_FILE, **centroid.info()}
+        except StyleMixError as e:
+            logger.warning("No style centroid for %s: %s", config.name, e)
+            style = {"status": "unavailable", "reason": str(e)}
+    meta_path = lora_dir / "stylemix.json"
+    meta = json.loads(meta_path.read_text())
+    meta["style"] = style
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
 
 
 # --------------------------------------------------------------------------- command line
