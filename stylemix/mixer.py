@@ -59,7 +59,6 @@ class _Layer:
     adapters: frozenset = frozenset()
     active: tuple | None = None  # adapters last activated here (None: unknown), to skip redundant calls
     want: tuple = ()  # ((adapter id, peft scaling), ...) the current weights ask of this layer
-    stacked: tuple | None = None  # (adapter ids, A stacked [sum r, in], B stacked [out, sum r], ranks)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -109,6 +108,7 @@ class Mixer:
         self._adapters: dict[str, tuple[str, str]] = {}  # LoRA name -> (adapter id, sha256)
         self._stats: dict[str, tuple[int, int]] = {}  # LoRA name -> (mtime_ns, size) of its file when loaded
         self._layers: list[_Layer] = []
+        self._stacks: dict = {}  # merge groups' stacked A and B, per set of active adapters
         self._embeds: OrderedDict = OrderedDict()  # prompt-embedding cache
         self._schedulers: dict[str, object] = {}
         if not hasattr(self.pipe, "_stylemix_state"):
@@ -188,6 +188,7 @@ class Mixer:
                                        component, name)
                         self.merge = False
         self._layers = layers
+        self._stacks.clear()
         self.state.weights_key = None
         self._embeds.clear()
 
@@ -244,25 +245,54 @@ class Mixer:
 
     @torch.no_grad()
     def apply(self) -> int:
-        """merge=True: write each layer's weighted LoRA sum into its weight; returns layers rewritten."""
+        """merge=True: write each layer's weighted LoRA sum into its weight; returns layers rewritten.
+
+        Layers of one shape with the same active adapters are merged together in one batched
+        matmul (a few groups for SD1.5): a handful of kernels instead of a few per layer, so a
+        weight change costs milliseconds on a GPU, where each launch is the cost (bench/RESULTS.md).
+        """
         if not self.merge:
             return 0
         with self.lock:
-            state, changed = self.state, 0
+            state, groups, changed = self.state, {}, 0
             for layer in self._layers:
                 if state.merged.get(layer.key, ()) == layer.want:
                     continue
+                changed += 1
                 weight = layer.module.get_base_layer().weight
                 if layer.key not in state.original:
                     state.original[layer.key] = (weight, weight.detach().clone())
-                original = state.original[layer.key][1]
-                if layer.want:
-                    weight.copy_(_merged_weight(layer, original))
-                else:
-                    weight.copy_(original)
-                state.merged[layer.key] = layer.want
-                changed += 1
+                if not layer.want:
+                    weight.copy_(state.original[layer.key][1])
+                    state.merged[layer.key] = ()
+                    continue
+                ids = tuple(a for a, _ in layer.want)
+                ranks = tuple(layer.module.lora_A[a].weight.shape[0] for a in ids)
+                groups.setdefault((tuple(weight.shape), ids, ranks), []).append(layer)
+            for (_, ids, ranks), layers in groups.items():
+                self._merge_group(layers, ids, ranks)
             return changed
+
+    def _merge_group(self, layers: list[_Layer], ids: tuple, ranks: tuple) -> None:
+        """W_l = W_l(original) + B_l diag(s_l) A_l for every layer l of the group, as one baddbmm."""
+        key = tuple(layer.key for layer in layers) + (ids,)
+        originals = [self.state.original[layer.key][1] for layer in layers]
+        dtype, device = originals[0].dtype, originals[0].device
+        if key not in self._stacks:  # A and B of the active adapters, stacked once per active set
+            a = torch.stack([torch.cat([layer.module.lora_A[i].weight.reshape(r, -1) for i, r in zip(ids, ranks)])
+                             for layer in layers]).to(dtype)
+            b = torch.stack([torch.cat([layer.module.lora_B[i].weight.reshape(-1, r) for i, r in zip(ids, ranks)],
+                                       dim=1) for layer in layers]).to(dtype)
+            self._stacks[key] = (a, b)
+        a, b = self._stacks[key]
+        scales = torch.tensor([[s for (_, s), r in zip(layer.want, ranks) for _ in range(r)] for layer in layers],
+                              dtype=dtype).to(device, non_blocking=True)
+        flat = torch.stack([o.reshape(o.shape[0], -1) for o in originals])
+        merged = torch.baddbmm(flat, b * scales[:, None, :], a)
+        targets = [layer.module.get_base_layer().weight for layer in layers]
+        torch._foreach_copy_(targets, [m.reshape(t.shape) for m, t in zip(merged.unbind(0), targets)])
+        for layer in layers:
+            self.state.merged[layer.key] = layer.want
 
     @torch.no_grad()
     def restore_base_weights(self) -> None:
@@ -359,22 +389,3 @@ def _mergeable(module) -> bool:
     base = module.get_base_layer()
     dora = any(getattr(module, "use_dora", {}).values())
     return isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)) and not dora
-
-
-def _merged_weight(layer: _Layer, original: torch.Tensor) -> torch.Tensor:
-    """original + sum_i s_i * B_i @ A_i as ONE matmul: the active adapters' A and B stacked (rank
-    sum_i r_i), the scales applied to B's columns.  Two kernels per layer instead of ~4 per adapter:
-    a weight change with 4 LoRAs merges in milliseconds on a GPU (bench/RESULTS.md)."""
-    module, ids = layer.module, tuple(a for a, _ in layer.want)
-    if layer.stacked is None or layer.stacked[0] != ids:  # stack once per set of active adapters
-        a_parts = [module.lora_A[a].weight for a in ids]
-        b_parts = [module.lora_B[a].weight for a in ids]
-        ranks = [p.shape[0] for p in a_parts]
-        a_cat = torch.cat([p.reshape(p.shape[0], -1) for p in a_parts]).to(original.dtype)
-        b_cat = torch.cat([p.reshape(p.shape[0], -1) for p in b_parts], dim=1).to(original.dtype)
-        layer.stacked = (ids, a_cat, b_cat, ranks)
-    _, a_cat, b_cat, ranks = layer.stacked
-    scales = torch.tensor([s for (_, s), r in zip(layer.want, ranks) for _ in range(r)], dtype=original.dtype)
-    b_scaled = b_cat * scales.to(b_cat.device, non_blocking=True)
-    flat = original.reshape(original.shape[0], -1)
-    return torch.addmm(flat, b_scaled, a_cat).reshape(original.shape)
