@@ -357,7 +357,9 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
                "seed": job.seed, "file": job.rel_path, "clip_score": _fmt(s.clip_score)}
         by_style = {st: mapping[st] for st in styles}
         cal = {st: s.calibrated.get(by_style[st]) for st in styles}
-        shares = mix_shares({st: cal[st] for st in job.config.styles}) if job.config.kind == "mix" else {}
+        # shares only when every style of the mix is measured: one missing style would read as 0%
+        measured = all(cal[st] is not None for st in job.config.styles)
+        shares = mix_shares({st: cal[st] for st in job.config.styles}) if job.config.kind == "mix" and measured else {}
         for st in styles:
             row[f"sim_{st}"] = _fmt(s.similarity.get(by_style[st]))
             row[f"cal_{st}"] = _fmt(cal[st])
@@ -431,7 +433,8 @@ def summarise(rows: list[dict], configs: list[Configuration], styles: list[str])
                "n": len(rs)}
         row["clip_mean"], row["clip_lo"], row["clip_hi"] = mean_ci([_num(r["clip_score"]) for r in rs])
         per_image_sim = [[_num(r.get(f"sim_{s}")) for s in c.styles] for r in rs]
-        style_sim = [sum(v) / len(v) for v in per_image_sim if v and all(x is not None for x in v)]
+        per_image_sim = [[x for x in v if x is not None] for v in per_image_sim]  # the styles with a centroid
+        style_sim = [sum(v) / len(v) for v in per_image_sim if v]
         row["style_sim_mean"], row["style_sim_lo"], row["style_sim_hi"] = mean_ci(style_sim)
         for s in styles:
             for key in ("sim", "share"):
@@ -529,9 +532,9 @@ def draw_scatter(rows: list[dict], summary: list[dict], configs: list[Configurat
         c = kinds.get(r.get("config"))
         if c is None or c.kind == "base":
             continue
-        sims = [_num(r.get(f"sim_{s}")) for s in c.styles]
+        sims = [v for v in (_num(r.get(f"sim_{s}")) for s in c.styles) if v is not None]
         clip = _num(r.get("clip_score"))
-        if clip is not None and sims and all(v is not None for v in sims):
+        if clip is not None and sims:
             pts.append((sum(sims) / len(sims), clip, c.id))
     means = [(s["style_sim_mean"], s["clip_mean"], s["config"]) for s in summary
              if s["style_sim_mean"] is not None and s["clip_mean"] is not None]
@@ -550,10 +553,13 @@ def draw_scatter(rows: list[dict], summary: list[dict], configs: list[Configurat
         return (left + (x - x0) / (x1 - x0) * (size - 20) + 10, m + (1 - (y - y0) / (y1 - y0)) * (size - 20) + 10)
 
     d.rectangle([left, m, left + size, m + size], outline="grey")
+    if not pts:
+        d.text((left + 20, m + size // 2), "no style similarity measured (LoRAs without style centroids)", fill="black")
+    dx, dy = (max(3, 2 - math.floor(math.log10(span))) for span in (x1 - x0, y1 - y0))  # enough digits to differ
     for t in range(5):
         xv, yv = x0 + (x1 - x0) * t / 4, y0 + (y1 - y0) * t / 4
-        d.text((px(xv, y0)[0] - 12, m + size + 4), f"{xv:.3f}", fill="black")
-        d.text((4, px(x0, yv)[1] - 5), f"{yv:.3f}", fill="black")
+        d.text((px(xv, y0)[0] - 12, m + size + 4), f"{xv:.{dx}f}", fill="black")
+        d.text((4, px(x0, yv)[1] - 5), f"{yv:.{dy}f}", fill="black")
     d.text((left + size // 2 - 40, m + size + 20), "style similarity", fill="black")
     if base_clip is not None:
         y = px(x0, base_clip)[1]

@@ -68,11 +68,13 @@ def run(args) -> int:
         res = run_protocol(mixer, config, out, overrides, progress=report)
     finally:
         bar.close()
+    if not res.files:
+        return 0  # another process of `accelerate launch` writes the summaries
     if args.json:
         print(json.dumps({"out": str(res.out_dir), "total": res.total, "generated": res.generated,
                           "rescored": res.rescored, "mapping": res.mapping, "files": res.files,
                           "is_demo": res.is_demo}, indent=2))
-    elif res.files:
+    else:
         print(f"{res.total} images ({res.generated} generated now) in {res.out_dir}")
         print(f"summary: {res.files['summary_md']}")
         if res.is_demo:
