@@ -23,7 +23,7 @@ import torch
 
 from stylemix import lora_io
 from stylemix.errors import StyleMixError
-from stylemix.paths import atomic_write_text, check_name, inside
+from stylemix.paths import atomic_write_text, check_name, inside, read_json_object
 
 META_NAME = "stylemix.json"
 MAX_META_BYTES = 4 * 1024**2
@@ -393,14 +393,7 @@ def _read_meta(folder: Path) -> dict:
     path = folder / META_NAME
     if not path.is_file():
         return {"name": folder.name}
-    if path.stat().st_size > MAX_META_BYTES:
-        raise StyleMixError(f"{path}: metadata file is too large.")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StyleMixError(f"{path}: unreadable metadata ({e}).") from None
-    if not isinstance(meta, dict):
-        raise StyleMixError(f"{path}: metadata must be a JSON object.")
+    meta = read_json_object(path, MAX_META_BYTES)
     if meta.get("trigger_word") is not None:
         try:
             check_trigger(meta["trigger_word"])

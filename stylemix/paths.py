@@ -68,6 +68,22 @@ def inside(base: Path, *parts: str) -> Path:
     return target
 
 
+def read_json_object(path: Path, max_bytes: int = 16 * 1024**2) -> dict:
+    """A JSON object from a file we did not write ourselves: size-limited, with a readable error."""
+    import json
+
+    path = Path(path)
+    if path.stat().st_size > max_bytes:
+        raise StyleMixError(f"{path}: the file is too large ({path.stat().st_size} bytes).")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StyleMixError(f"{path}: not valid JSON ({e}).") from None
+    if not isinstance(data, dict):
+        raise StyleMixError(f"{path}: expected a JSON object.")
+    return data
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)

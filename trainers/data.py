@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from stylemix.errors import StyleMixError
-from stylemix.paths import inside
+from stylemix.paths import inside, read_json_object
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MAX_CAPTION_CHARS = 2000
@@ -52,12 +52,7 @@ def load_dataset_folder(data_dir: str | Path) -> DatasetInfo:
     info: dict = {}
     info_path = root / "dataset.json"
     if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise StyleMixError(f"{info_path}: not valid JSON ({e}).") from None
-        if not isinstance(info, dict):
-            raise StyleMixError(f"{info_path}: expected a JSON object.")
+        info = read_json_object(info_path)
     files, captions = [], []
     for n, line in enumerate(meta_path.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
         if not line.strip():

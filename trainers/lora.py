@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from stylemix.errors import StyleMixError
+from stylemix.library import sha256_file
 from stylemix.lora_io import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights, write_safetensors
 from stylemix.models import DEFAULT_MODEL, TINY, ModelLoadError, quiet_library_logs, tiny_components
 from stylemix.paths import atomic_write_text, check_name
@@ -616,14 +617,6 @@ def make_samples(config: TrainConfig, comps: dict, models: dict, trigger: str, w
             for m in models.values():
                 m.train()
     return paths
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, loras_dir: Path, work_dir: Path,
