@@ -2,11 +2,13 @@
 
 Run `python app.py` (or `stylemix serve`).  No module-level mutable state: the service (one
 shared pipeline, one GPU queue) is created in `main()` and passed to `build_demo`; each browser
-gets its own owner token, kept in the browser, under which its files are filed.
+gets its own owner token, kept in the browser, under which its files are filed.  Every named
+API endpoint takes that token as its last input, exactly as the page sends it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,10 +19,47 @@ import gradio as gr
 from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace, check_name
 from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, read_recipe
-from stylemix.service import StyleMixService, new_owner_token
+from stylemix.service import StyleMixService, new_owner_token, zero_gpu
+
+logger = logging.getLogger("stylemix.app")
 
 SIZES = ["512x512", "512x768", "768x512", "640x640", "256x256", "128x128", "64x64"]
+DATASET_SIZES = [512, 768, 256, 128, 64]
 GPU_QUEUE = "gpu"  # every event that runs the model shares this queue: one at a time
+GPU = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
+MAX_UPLOAD = "200mb"
+LIBRARY_COLUMNS = ["name", "trigger word", "rank", "alpha", "centroid", "fits model", "training", "samples", "created"]
+
+try:  # Hugging Face ZeroGPU: a GPU is lent per decorated call; elsewhere the decorator is not used
+    import spaces  # type: ignore
+except ImportError:
+    spaces = None
+
+
+def gpu(duration: int):
+    """spaces.GPU(duration) on a ZeroGPU Space, a no-op everywhere else."""
+    if spaces is not None and zero_gpu():
+        return spaces.GPU(duration=duration)
+    return lambda fn: fn
+
+
+def readable_errors(fn):
+    """Every failure reaches the page as one readable message, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (StyleMixError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:  # noqa: BLE001  (logged in full for the operator, one line for the user)
+            logger.exception("Unexpected error in %s", fn.__name__)
+            raise gr.Error(f"Something went wrong ({type(e).__name__}: {str(e)[:300]}); the server log has "
+                           "the details.") from None
+
+    return wrapper
 
 
 def _owner(token: str | None, request: gr.Request | None) -> str:
@@ -56,18 +95,96 @@ def _format_scores(scores: dict | None) -> tuple[str, dict | None]:
     return "\n".join(lines), (s.get("shares") or None)
 
 
+def _progress_html(view: dict | None) -> str:
+    if not view:
+        return '<div class="sm-progress">No training job yet.</div>'
+    pct, step, total = view["percent"], view["step"], view["total_steps"] or "?"
+    color = {"failed": "#d33", "cancelled": "#999", "completed": "#2a2"}.get(view["state"], "#36c")
+    return (f'<div class="sm-progress"><div style="background:#eee;border-radius:4px;height:14px;width:100%">'
+            f'<div style="background:{color};height:14px;border-radius:4px;width:{pct}%"></div></div>'
+            f'<span>{view["lora_name"]}: {view["state"]} · {pct}% · step {step}/{total}</span></div>')
+
+
+def _loss_frame(curve: list):
+    import pandas as pd
+
+    return pd.DataFrame({"step": [float(s) for s, _ in curve], "loss": [float(v) for _, v in curve]})
+
+
 def build_demo(service: StyleMixService) -> gr.Blocks:
-    with gr.Blocks(title="StyleMix") as demo:
+    tiny = service.mixer.loaded.is_tiny
+    # delete_cache: Gradio's copies of uploads and results older than a day are removed every hour
+    with gr.Blocks(title="StyleMix", delete_cache=(3600, 86400)) as demo:
         owner = gr.BrowserState(None, storage_key="stylemix_owner")
         lora_names = gr.State([e["name"] for e in service.usable_loras()])
         gr.Markdown("# StyleMix\nTrain style LoRAs for Stable Diffusion 1.5 and mix them, one slider per style.")
         gr.Markdown(service.banner, elem_id="banner")
 
+        # ============================================================ Dataset
+        with gr.Tab("Dataset", id="dataset"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    ds_upload = gr.File(label="Images or a zip archive", file_count="multiple",
+                                        file_types=["image", ".zip", ".txt"], type="filepath", elem_id="ds-upload")
+                    with gr.Row():
+                        ds_example_set = gr.Dropdown(list(service.example_sets()), label="Example set",
+                                                     value=next(iter(service.example_sets()), None),
+                                                     elem_id="ds-example-set")
+                        ds_example = gr.Button("Load example set", elem_id="ds-example")
+                    ds_style = gr.Textbox(label="Style name (the dataset's folder)", elem_id="ds-style")
+                    ds_trigger = gr.Textbox(label="Trigger word (a rare word, e.g. 'knyflt')", elem_id="ds-trigger")
+                    with gr.Accordion("Options", open=False):
+                        ds_size = gr.Dropdown(DATASET_SIZES, value=128 if tiny else 512, label="Image size (px)",
+                                              elem_id="ds-size")
+                        ds_pixel = gr.Radio(["auto", "on", "off"], value="auto", label="Pixel art (sharp resize)")
+                        ds_blur = gr.Number(value=100.0, label="Blur threshold (0 keeps all)")
+                        ds_overwrite = gr.Checkbox(value=False, label="Replace my dataset of the same name")
+                    ds_run = gr.Button("Prepare dataset", variant="primary", elem_id="ds-run")
+                with gr.Column(scale=2):
+                    ds_summary = gr.Markdown(elem_id="ds-summary")
+                    ds_kept = gr.Gallery(label="Kept", columns=6, height=260, elem_id="ds-kept")
+                    ds_rejected = gr.Dataframe(headers=["input", "reason", "detail"], label="Rejected",
+                                               interactive=False, elem_id="ds-rejected")
+                    ds_select = gr.Dropdown([], label="My datasets", elem_id="ds-select")
+                    ds_captions = gr.Dataframe(headers=["file", "caption"], label="Captions (edit, then save)",
+                                               interactive=True, column_count=(2, "fixed"), elem_id="ds-captions")
+                    ds_save = gr.Button("Save captions", elem_id="ds-save")
+
+        # ============================================================ Train
+        with gr.Tab("Train", id="train"):
+            loss_history = gr.State([])
+            with gr.Row():
+                with gr.Column(scale=1):
+                    tr_dataset = gr.Dropdown([], label="Dataset", elem_id="tr-dataset")
+                    tr_name = gr.Textbox(label="LoRA name", elem_id="tr-name")
+                    tr_steps = gr.Number(value=0, precision=0, label="Max steps (0 = 20 epochs, the default)",
+                                         elem_id="tr-steps")
+                    with gr.Accordion("Advanced (defaults = the seed report's settings)", open=False):
+                        tr_lr = gr.Number(value=1e-4, label="Learning rate")
+                        tr_rank = gr.Number(value=0, precision=0, label="Rank (0 = default: 32, 4 on the tiny model)")
+                        tr_epochs = gr.Number(value=20, precision=0, label="Epochs (when max steps is 0)")
+                        tr_batch = gr.Number(value=2, precision=0, label="Batch size")
+                        tr_res = gr.Number(value=0, precision=0, label="Resolution (0 = the dataset's size)")
+                        tr_text = gr.Checkbox(value=True, label="Train the text encoder too")
+                        tr_seed = gr.Number(value=42, precision=0, label="Seed")
+                    with gr.Row():
+                        tr_start = gr.Button("Start training", variant="primary", elem_id="tr-start")
+                        tr_cancel = gr.Button("Cancel", elem_id="tr-cancel")
+                        tr_resume = gr.Button("Resume", elem_id="tr-resume")
+                with gr.Column(scale=2):
+                    tr_progress = gr.HTML(_progress_html(None), elem_id="tr-progress")
+                    tr_status = gr.Markdown(elem_id="tr-status")
+                    job_id = gr.Textbox(label="Job", interactive=False, max_lines=1, elem_id="tr-job")
+                    tr_loss = gr.LinePlot(x="step", y="loss", label="Loss", height=220, elem_id="tr-loss")
+                    tr_samples = gr.Gallery(label="Samples", columns=4, height=220, elem_id="tr-samples")
+            timer = gr.Timer(1.0)
+
+        # ============================================================ Compose
         with gr.Tab("Compose", id="compose"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    prompt = gr.Textbox(label="Prompt", value="a cat sitting by a window", lines=2)
-                    negative = gr.Textbox(label="Negative prompt", value="")
+                    prompt = gr.Textbox(label="Prompt", value="a cat sitting by a window", lines=2, elem_id="cp-prompt")
+                    negative = gr.Textbox(label="Negative prompt", value="", elem_id="cp-negative")
                     weights_box = gr.Textbox(label="Weights (JSON)", value="{}", visible=False)
 
                     @gr.render(inputs=lora_names)
@@ -75,42 +192,96 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                         if not names:
                             gr.Markdown("No LoRAs in the library yet: train one or import one.")
                             return
-                        sliders = [gr.Slider(-2, 2, value=0, step=0.05, label=n, key=f"w-{n}") for n in names]
+                        sliders = [gr.Slider(-2, 2, value=0, step=0.05, label=n, key=f"w-{n}", elem_id=f"w-{n}")
+                                   for n in names]
 
                         def collect(*values):
                             return json.dumps(dict(zip(names, values)))
 
                         for s in sliders:
+                            # the newest release wins: queued older requests are dropped (always_last)
                             s.release(collect, inputs=sliders, outputs=weights_box, queue=False).then(
                                 compose_fn, inputs=compose_inputs, outputs=compose_outputs,
-                                concurrency_id=GPU_QUEUE, concurrency_limit=1, trigger_mode="always_last")
+                                trigger_mode="always_last", **GPU)
 
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=1, precision=0)
-                        lock = gr.Checkbox(label="Lock seed", value=True)
+                        seed = gr.Number(label="Seed", value=1, precision=0, elem_id="cp-seed")
+                        lock = gr.Checkbox(label="Lock seed", value=True, elem_id="cp-lock")
                     with gr.Accordion("Settings", open=False):
-                        steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
-                        size = gr.Dropdown(SIZES, value="512x512", label="Size", allow_custom_value=True)
-                        sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
+                        steps = gr.Slider(1, 100, value=4 if tiny else 25, step=1, label="Steps", elem_id="cp-steps")
+                        size = gr.Dropdown(SIZES, value="64x64" if tiny else "512x512", label="Size",
+                                           allow_custom_value=True, elem_id="cp-size")
+                        sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="cp-sampler")
                         guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="CFG scale")
                         strength = gr.Number(label="Keep total strength at (0 = off)", value=0)
                         triggers = gr.Checkbox(label="Put trigger words in front of the prompt", value=True)
-                    go = gr.Button("Generate", variant="primary")
+                    go = gr.Button("Generate", variant="primary", elem_id="cp-generate")
                 with gr.Column(scale=1):
-                    image = gr.Image(label="Image", type="filepath", format="png", interactive=False)
-                    shares = gr.Label(label="Style shares")
-                    scores_md = gr.Markdown()
-                    used = gr.Markdown()
+                    image = gr.Image(label="Image", type="filepath", format="png", interactive=False, elem_id="cp-image")
+                    shares = gr.Label(label="Style shares", elem_id="cp-shares")
+                    scores_md = gr.Markdown(elem_id="cp-scores")
+                    used = gr.Markdown(elem_id="cp-used")
                     with gr.Row():
-                        png_file = gr.File(label="PNG with recipe")
-                        recipe_file = gr.File(label="Recipe JSON")
+                        png_file = gr.File(label="Download: PNG with its recipe", elem_id="cp-png")
+                        recipe_file = gr.File(label="Recipe JSON", elem_id="cp-recipe")
                     recipe_in = gr.File(label="Load a recipe: drop a StyleMix PNG or recipe JSON",
-                                        file_types=[".png", ".json"], type="filepath")
+                                        file_types=[".png", ".json"], type="filepath", elem_id="cp-recipe-in")
 
+        # ============================================================ Library
+        with gr.Tab("Library", id="library"):
+            gr.Markdown("The LoRA library is **shared by everyone using this app**; datasets, jobs and "
+                        "images are private to your session.")
+            lib_table = gr.Dataframe(headers=LIBRARY_COLUMNS, value=service.library_rows(), interactive=False,
+                                     elem_id="lib-table")
+            with gr.Row():
+                with gr.Column():
+                    lib_select = gr.Dropdown([e["name"] for e in service.all_loras()], label="LoRA",
+                                             elem_id="lib-select")
+                    lib_samples = gr.Gallery(label="Samples", columns=4, height=180, elem_id="lib-samples")
+                    with gr.Row():
+                        lib_format = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Export format")
+                        lib_export_btn = gr.Button("Export", elem_id="lib-export-btn")
+                    lib_export_file = gr.File(label="Exported file", elem_id="lib-export-file")
+                    with gr.Row():
+                        lib_new_name = gr.Textbox(label="New name", elem_id="lib-new-name")
+                        lib_rename_btn = gr.Button("Rename", elem_id="lib-rename-btn")
+                    lib_delete_btn = gr.Button("Delete", variant="stop", elem_id="lib-delete-btn")
+                with gr.Column():
+                    lib_import = gr.File(label="Import a .safetensors LoRA (diffusers or kohya)",
+                                         file_types=[".safetensors"], type="filepath", elem_id="lib-import")
+                    lib_name = gr.Textbox(label="Name in the library", elem_id="lib-name")
+                    lib_trigger = gr.Textbox(label="Trigger word (optional)", elem_id="lib-trigger")
+                    lib_import_btn = gr.Button("Import", variant="primary", elem_id="lib-import-btn")
+                    lib_msg = gr.Markdown(elem_id="lib-msg")
+
+        # ============================================================ Experiments
+        with gr.Tab("Experiments", id="experiments"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    ex_kind = gr.Radio([("Seed protocol (base, singles, 50/50 mixes)", "protocol"),
+                                        ("Weight sweep of two LoRAs", "sweep")], value="protocol",
+                                       label="Experiment", elem_id="ex-kind")
+                    ex_loras = gr.Dropdown([e["name"] for e in service.usable_loras()], multiselect=True,
+                                           label="LoRAs", elem_id="ex-loras")
+                    ex_prompts = gr.Textbox(value="a cat sitting by a window", lines=3, label="Prompts (one per line)",
+                                            elem_id="ex-prompts")
+                    ex_seeds = gr.Textbox(value="0, 1", label="Seeds", elem_id="ex-seeds")
+                    ex_values = gr.Textbox(value="0, 0.5, 1", label="Sweep weights", elem_id="ex-values")
+                    with gr.Row():
+                        ex_steps = gr.Number(value=4 if tiny else 25, precision=0, label="Steps")
+                        ex_size = gr.Dropdown([64, 128, 256, 512], value=64 if tiny else 512, label="Size")
+                    ex_run = gr.Button("Run", variant="primary", elem_id="ex-run")
+                with gr.Column(scale=2):
+                    ex_summary = gr.Markdown(elem_id="ex-summary")
+                    ex_table = gr.Dataframe(label="Results", interactive=False, elem_id="ex-table")
+                    ex_gallery = gr.Gallery(label="Grids and plots", columns=2, height=420, elem_id="ex-gallery")
+
+        # ============================================================ Compose logic
         compose_inputs = [prompt, negative, weights_box, seed, lock, steps, size, sampler, guidance, strength,
                           triggers, owner]
         compose_outputs = [image, scores_md, shares, seed, png_file, recipe_file, used]
 
+        @gpu(duration=60)
         def compose_fn(prompt_, negative_, weights_json, seed_, lock_, steps_, size_, sampler_, guidance_,
                        strength_, triggers_, owner_, request: gr.Request, progress=gr.Progress()):
             try:
@@ -134,7 +305,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             return path, md, share, seed_value, path, str(out.recipe_path), used_md
 
         go.click(compose_fn, inputs=compose_inputs, outputs=compose_outputs, api_name="compose",
-                 concurrency_id=GPU_QUEUE, concurrency_limit=1, trigger_mode="always_last")
+                 trigger_mode="always_last", **GPU)
 
         def load_recipe(path, names):
             try:
@@ -158,29 +329,281 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                          outputs=[prompt, negative, weights_box, seed, lock, steps, size, sampler, guidance, lora_names],
                          api_name="load_recipe")
 
-        def ensure_owner(token):
-            try:
-                return check_name(token, "session id") if token else new_owner_token()
-            except StyleMixError:
-                return new_owner_token()
+        # ============================================================ library refresh (sliders follow it)
+        def library_updates(selected=None):
+            """New values for everything that lists LoRAs (sliders, tables, dropdowns)."""
+            usable = [e["name"] for e in service.usable_loras()]
+            everything = [e["name"] for e in service.all_loras()]
+            sel = selected if selected in everything else (everything[0] if everything else None)
+            return (usable, service.library_rows(), gr.update(choices=everything, value=sel),
+                    gr.update(choices=usable))
 
-        demo.load(ensure_owner, inputs=owner, outputs=owner, api_name=False)
+        library_outputs = [lora_names, lib_table, lib_select, ex_loras]
+
+        # ============================================================ Dataset logic
+        def _dataset_outputs(who, style, message=None):
+            v = service.dataset_view(who, style)
+            summary = f"**{style}** (trigger `{v['trigger_word']}`, {v['size']} px): {v['summary']}"
+            if v.get("captioner_is_fallback"):
+                summary += "  \n*Captions are the neutral fallback: edit them below for better training.*"
+            if message:
+                summary = message + "  \n" + summary
+            names = service.list_datasets(who)
+            return (summary, v["kept"], v["rejected"] or None, v["captions"],
+                    gr.update(choices=names, value=style), gr.update(choices=names, value=style))
+
+        dataset_outputs = [ds_summary, ds_kept, ds_rejected, ds_captions, ds_select, tr_dataset]
+
+        @readable_errors
+        def prepare_fn(files, style, trigger, size_, pixel, blur, overwrite, owner_, request: gr.Request,
+                       progress=gr.Progress()):
+            from stylemix.dataset import EmptyDatasetError
+
+            who = _owner(owner_, request)
+            paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
+            try:
+                result = service.prepare_dataset(who, paths, (style or "").strip(), trigger, int(size_), pixel,
+                                                 float(blur or 0), bool(overwrite),
+                                                 progress=lambda d, t, m: progress((d, max(t, 1)), desc=m))
+            except EmptyDatasetError as e:
+                reasons = "; ".join(f"{i.input.split(':', 1)[-1].split('/')[-1]}: {i.reason} ({i.detail})"
+                                    for i in e.items[:8])
+                raise gr.Error(f"{e} {reasons}") from None
+            notes = list(result.trigger_check.warnings)
+            for note in notes:
+                gr.Warning(note)
+            return _dataset_outputs(who, style.strip(), "  \n".join(f"⚠️ {n}" for n in notes) or None)
+
+        ds_run.click(prepare_fn, inputs=[ds_upload, ds_style, ds_trigger, ds_size, ds_pixel, ds_blur, ds_overwrite,
+                                         owner], outputs=dataset_outputs, api_name="prepare_dataset",
+                     concurrency_id="datasets", concurrency_limit=2)
+
+        @readable_errors
+        def example_fn(name, owner_, request: gr.Request):
+            who = _owner(owner_, request)
+            files = service.stage_example(who, name)
+            return [str(f) for f in files], name, service.example_sets()[name]
+
+        ds_example.click(example_fn, inputs=[ds_example_set, owner], outputs=[ds_upload, ds_style, ds_trigger],
+                         api_name="load_example_set")
+
+        @readable_errors
+        def view_dataset_fn(style, owner_, request: gr.Request):
+            if not style:
+                return [gr.update()] * len(dataset_outputs)
+            return _dataset_outputs(_owner(owner_, request), style)
+
+        ds_select.input(view_dataset_fn, inputs=[ds_select, owner], outputs=dataset_outputs, api_name="dataset_view")
+
+        @readable_errors
+        def save_captions_fn(style, table, owner_, request: gr.Request):
+            who = _owner(owner_, request)
+            if not style:
+                raise StyleMixError("Choose one of your datasets first.")
+            rows = table.values.tolist() if hasattr(table, "values") else (table.get("data") if isinstance(table, dict) else table)
+            saved = service.save_captions(who, style, rows)
+            return _dataset_outputs(who, style, f"Saved {len(saved)} captions.")
+
+        ds_save.click(save_captions_fn, inputs=[ds_select, ds_captions, owner], outputs=dataset_outputs,
+                      api_name="save_captions")
+
+        # ============================================================ Train logic
+        def _train_outputs(view, history, names_now):
+            """progress, status, loss plot, samples, job id, history, lora_names (only when it changed)."""
+            if view is None:
+                return (_progress_html(None), "", gr.skip(), gr.skip(), None, [], gr.skip())
+            history = list(history or [])
+            if view["loss_curve"]:
+                history = [list(p) for p in view["loss_curve"]]
+            elif isinstance(view["loss"], (int, float)) and view["step"] and (
+                    not history or history[-1][0] < view["step"]):
+                history.append([view["step"], view["loss"]])
+            status = f"Job `{view['id']}` — {view['text']}"
+            if view["error"]:
+                status += f"  \n**Error:** {view['error']}"
+            usable = [e["name"] for e in service.usable_loras()]
+            return (_progress_html(view), status, _loss_frame(history), view["samples"], view["id"], history,
+                    usable if usable != list(names_now or []) else gr.skip())
+
+        train_outputs = [tr_progress, tr_status, tr_loss, tr_samples, job_id, loss_history, lora_names]
+
+        @readable_errors
+        def start_fn(dataset, name, max_steps, lr, rank, epochs, batch, res, text, seed_, owner_,
+                     request: gr.Request):
+            who = _owner(owner_, request)
+            if not dataset:
+                raise StyleMixError("Choose a dataset (prepare one in the Dataset tab first).")
+            settings = {"learning_rate": float(lr), "epochs": int(epochs), "batch_size": int(batch),
+                        "train_text_encoder": bool(text), "seed": int(seed_)}
+            if rank:
+                settings.update(rank=int(rank), alpha=float(rank) / 2)
+            if res:
+                settings["resolution"] = int(res)
+            job = service.start_training(who, dataset, (name or "").strip(), int(max_steps or 0) or None, settings)
+            return _train_outputs(service.job_view(who, job.id), [], None)[:-1] + (gr.skip(),)
+
+        tr_start.click(start_fn, inputs=[tr_dataset, tr_name, tr_steps, tr_lr, tr_rank, tr_epochs, tr_batch, tr_res,
+                                         tr_text, tr_seed, owner], outputs=train_outputs, api_name="start_training")
+
+        @readable_errors
+        def status_fn(jid, history, names_now, owner_, request: gr.Request):
+            who = _owner(owner_, request)
+            return _train_outputs(service.job_view(who, jid or None), history, names_now)
+
+        # the poll is cheap (reads status.json), so it never waits in the GPU queue
+        timer.tick(status_fn, inputs=[job_id, loss_history, lora_names, owner], outputs=train_outputs,
+                   show_progress="hidden", concurrency_limit=None, api_name=False)
+
+        @readable_errors
+        def job_status_api(jid, owner_, request: gr.Request):
+            view = service.job_view(_owner(owner_, request), jid or None)
+            return json.dumps(view or {"state": None})
+
+        # API only (the page polls with the timer above): the job's status as JSON
+        api_json = gr.Textbox(visible=False)
+        api_btn = gr.Button(visible=False)
+        api_btn.click(job_status_api, inputs=[job_id, owner], outputs=api_json, api_name="job_status",
+                      concurrency_limit=None)
+
+        @readable_errors
+        def cancel_fn(jid, owner_, request: gr.Request):
+            who = _owner(owner_, request)
+            if not jid:
+                raise StyleMixError("No job to cancel.")
+            service.cancel_job(who, jid)
+            return _train_outputs(service.job_view(who, jid), [], None)[:-1] + (gr.skip(),)
+
+        tr_cancel.click(cancel_fn, inputs=[job_id, owner], outputs=train_outputs, api_name="cancel_job")
+
+        @readable_errors
+        def resume_fn(jid, owner_, request: gr.Request):
+            who = _owner(owner_, request)
+            if not jid:
+                raise StyleMixError("No job to resume.")
+            service.resume_job(who, jid)
+            return _train_outputs(service.job_view(who, jid), [], None)[:-1] + (gr.skip(),)
+
+        tr_resume.click(resume_fn, inputs=[job_id, owner], outputs=train_outputs, api_name="resume_job")
+
+        # ============================================================ Library logic
+        @readable_errors
+        def list_loras_fn():
+            return service.library_rows()
+
+        lib_refresh = gr.Button("Refresh", visible=False)
+        lib_refresh.click(list_loras_fn, outputs=lib_table, api_name="list_loras", queue=False)
+
+        @readable_errors
+        def select_lora_fn(name):
+            return service.lora_samples(name) if name else []
+
+        lib_select.change(select_lora_fn, inputs=lib_select, outputs=lib_samples, api_name="lora_samples")
+
+        @readable_errors
+        def import_fn(path, name, trigger, owner_, request: gr.Request):
+            _owner(owner_, request)
+            entry = service.import_lora(path, (name or "").strip(), (trigger or "").strip() or None)
+            return (f"Imported **{entry['name']}**.",) + library_updates(entry["name"])
+
+        lib_import_btn.click(import_fn, inputs=[lib_import, lib_name, lib_trigger, owner],
+                             outputs=[lib_msg] + library_outputs, api_name="import_lora")
+
+        @readable_errors
+        def export_fn(name, fmt, owner_, request: gr.Request):
+            who = _owner(owner_, request)
+            if not name:
+                raise StyleMixError("Choose a LoRA to export.")
+            return str(service.export_lora(who, name, fmt))
+
+        lib_export_btn.click(export_fn, inputs=[lib_select, lib_format, owner], outputs=lib_export_file,
+                             api_name="export_lora")
+
+        @readable_errors
+        def rename_fn(name, new, owner_, request: gr.Request):
+            _owner(owner_, request)
+            entry = service.rename_lora(name, new)
+            return (f"Renamed **{name}** to **{entry['name']}**.",) + library_updates(entry["name"])
+
+        lib_rename_btn.click(rename_fn, inputs=[lib_select, lib_new_name, owner], outputs=[lib_msg] + library_outputs,
+                             api_name="rename_lora", **GPU)  # waits for running images that may use it
+
+        @readable_errors
+        def delete_fn(name, owner_, request: gr.Request):
+            _owner(owner_, request)
+            if not name:
+                raise StyleMixError("Choose a LoRA to delete.")
+            service.delete_lora(name)
+            return (f"Deleted **{name}**.",) + library_updates()
+
+        lib_delete_btn.click(delete_fn, inputs=[lib_select, owner], outputs=[lib_msg] + library_outputs,
+                             api_name="delete_lora", **GPU)
+
+        # ============================================================ Experiments logic
+        @gpu(duration=300)
+        @readable_errors
+        def experiment_fn(kind, loras, prompts_text, seeds_text, values_text, steps_, size_, owner_,
+                          request: gr.Request, progress=gr.Progress()):
+            who = _owner(owner_, request)
+            try:
+                seeds = [int(s) for s in str(seeds_text).replace(",", " ").split()]
+                values = [float(v) for v in str(values_text).replace(",", " ").split()]
+            except ValueError:
+                raise StyleMixError(f"Seeds must be integers and sweep weights numbers: got {seeds_text!r}, "
+                                    f"{values_text!r}.") from None
+            res = service.run_experiment(who, kind, list(loras or []), str(prompts_text).splitlines(), seeds,
+                                         int(steps_), int(size_), values,
+                                         progress=lambda d, t, m: progress((d, max(t, 1)), desc=m))
+            header, rows = res["table"]
+            import pandas as pd
+
+            return res["markdown"], pd.DataFrame(rows, columns=header), res["images"]
+
+        ex_run.click(experiment_fn, inputs=[ex_kind, ex_loras, ex_prompts, ex_seeds, ex_values, ex_steps, ex_size,
+                                            owner], outputs=[ex_summary, ex_table, ex_gallery],
+                     api_name="run_experiment", **GPU)
+
+        # ============================================================ page load
+        def on_load(token, names_now, request: gr.Request):
+            """Give a new browser its id; show the user's datasets and their latest job again."""
+            try:
+                token = check_name(token, "session id") if token else new_owner_token()
+            except StyleMixError:
+                token = new_owner_token()
+            try:
+                who = _owner(token, request)
+                datasets = service.list_datasets(who)
+                train = _train_outputs(service.job_view(who), [], names_now)
+            except StyleMixError:
+                datasets, train = [], _train_outputs(None, [], names_now)
+            ds = gr.update(choices=datasets, value=datasets[-1] if datasets else None)
+            return (token, ds, ds) + train
+
+        demo.load(on_load, inputs=[owner, lora_names], outputs=[owner, ds_select, tr_dataset] + train_outputs,
+                  api_name=False)
     return demo
 
 
 def main(model: str | None = None, device: str | None = None, dtype: str | None = None,
          loras_dir: str | None = None, host: str | None = None, port: int | None = None,
          share: bool = False, auth: str | None = None) -> None:
+    from stylemix import jobs
+
     logging.basicConfig(level=logging.INFO, format="stylemix: %(message)s")
-    service = StyleMixService.start(model, Workspace.default(loras_dir), device=device, dtype=dtype)
+    service = StyleMixService.start(model or os.environ.get("STYLEMIX_MODEL"), Workspace.default(loras_dir),
+                                    device=device, dtype=dtype)
+    jobs.ensure_queue_running(service.workspace)  # a job queued before a restart starts now
     demo = build_demo(service)
     auth = auth or os.environ.get("STYLEMIX_AUTH")
     auth_pair = tuple(auth.split(":", 1)) if auth and ":" in auth else None
+    if auth and not auth_pair:
+        raise StyleMixError("--auth / STYLEMIX_AUTH must be USER:PASSWORD.")
+    ws = service.workspace
     demo.queue(default_concurrency_limit=1).launch(
         server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        share=share, auth=auth_pair, max_file_size="200mb",
-        allowed_paths=[str(service.workspace.outputs)])
+        share=share, auth=auth_pair, max_file_size=MAX_UPLOAD,
+        # only the app's own folders can be served; per-user files sit under unguessable session ids
+        allowed_paths=[str(ws.outputs), str(ws.data), str(ws.loras)])
 
 
 if __name__ == "__main__":

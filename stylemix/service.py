@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -53,7 +55,7 @@ class StyleMixService:
 
     @classmethod
     def start(cls, model: str | None, workspace: Workspace, device: str | None = None,
-              dtype: str | None = None) -> "StyleMixService":
+              dtype: str | None = None, examples: bool = True) -> "StyleMixService":
         """Load the model; if it cannot be loaded, run on `tiny` and say so in the banner (never silently)."""
         reason = None
         try:
@@ -70,7 +72,14 @@ class StyleMixService:
             banner += (" This is StyleMix's built-in offline model: the real SD1.5 architecture with random "
                        "weights, so pictures look like coloured noise and every score is a demo value. "
                        "Start with `--model stable-diffusion-v1-5/stable-diffusion-v1-5` for real images.")
-        return cls(mixer=Mixer(loaded, library), workspace=workspace, banner=banner, fallback_reason=reason)
+        if zero_gpu():
+            banner += (" Running on a ZeroGPU Space: images are made on a GPU lent per request; training is "
+                       "switched off here (see the README).")
+        service = cls(mixer=Mixer(loaded, library), workspace=workspace, banner=banner, fallback_reason=reason)
+        if examples and service.install_example_loras():
+            service.banner += (" The example LoRAs (`kenney_flat`, `pixel_city`) were trained for the tiny model "
+                               "from the example sets in a few steps: drag their sliders to see mixing work.")
+        return service
 
     # ---------------------------------------------------------------- library
 
@@ -121,3 +130,342 @@ class StyleMixService:
             self.base_images.move_to_end(key)
             base = self.base_images[key]
         return score_result(self.mixer, result, cache=self.scorer_cache, base_images=base)
+
+    # ================================================================ the other tabs
+    # Everything below takes the caller's `owner` (the server-chosen session id) and only ever
+    # touches that owner's folders, or the shared LoRA library.
+
+    # ---------------------------------------------------------------- example LoRAs
+
+    def install_example_loras(self) -> list[str]:
+        """Copy assets/example_loras/* into the library, tiny model only, never over an existing LoRA.
+
+        They were trained on the tiny model (assets/make_example_loras.py) and cannot fit a real
+        SD1.5, so on a real model nothing is copied.
+        """
+        if not self.mixer.loaded.is_tiny or not EXAMPLE_LORAS.is_dir():
+            return []
+        added = []
+        for src in sorted(EXAMPLE_LORAS.iterdir()):
+            if not (src / "pytorch_lora_weights.safetensors").is_file() or (self.workspace.loras / src.name).exists():
+                continue
+            check_name(src.name, "LoRA name")
+            self.workspace.loras.mkdir(parents=True, exist_ok=True)
+            tmp = self.workspace.loras / f".tmp-example-{src.name}-{secrets.token_hex(3)}"
+            shutil.copytree(src, tmp)
+            os.replace(tmp, self.workspace.loras / src.name)  # atomic: never a half-copied LoRA in the library
+            added.append(src.name)
+        if added:
+            logger.info("Example LoRAs for the tiny model added to the library: %s", ", ".join(added))
+        return added
+
+    # ---------------------------------------------------------------- datasets
+
+    @staticmethod
+    def example_sets() -> dict[str, str]:
+        """Example set name -> suggested trigger word (assets/examples/)."""
+        return {n: t for n, t in EXAMPLE_SETS.items() if (EXAMPLES / n).is_dir()}
+
+    def stage_example(self, owner: str, name: str) -> list[Path]:
+        """Copy an example set's images into the owner's upload folder (as if uploaded); returns the files."""
+        if name not in self.example_sets():
+            raise StyleMixError(f"No example set {name!r} (choose one of: {', '.join(self.example_sets())}).")
+        dest = inside(self.user_dir(owner, "uploads"), "examples", name)
+        dest.mkdir(parents=True, exist_ok=True)
+        files = []
+        for f in sorted((EXAMPLES / name).iterdir()):
+            if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and f.is_file() and not f.is_symlink():
+                shutil.copyfile(f, dest / f.name)
+                files.append(dest / f.name)
+        return files
+
+    def captioner(self):
+        """The captioner for datasets: the tiny BLIP with the tiny model, BLIP (or a loud fallback) otherwise."""
+        if "captioner" not in self.scorer_cache:
+            from stylemix.captioning import load_captioner
+
+            self.scorer_cache["captioner"] = load_captioner("tiny" if self.mixer.loaded.is_tiny else None)
+        return self.scorer_cache["captioner"]
+
+    def prepare_dataset(self, owner: str, files: list, style: str, trigger_word: str, size: int = 512,
+                        pixel_art: str = "auto", blur_threshold: float = 100.0, overwrite: bool = False,
+                        progress=None):
+        """Build data/<owner>/<style>/ from uploaded files (images, zips).  Returns a DatasetResult."""
+        from stylemix.dataset import DatasetConfig, prepare_dataset
+
+        check_name(style or "", "style name")
+        files = [Path(f) for f in (files or [])]
+        if not files:
+            raise StyleMixError("Nothing uploaded: add images or a zip archive (or load an example set).")
+        config = DatasetConfig(size=int(size), pixel_art=pixel_art, blur_threshold=float(blur_threshold))
+        return prepare_dataset(files, style, (trigger_word or "").strip(), self.user_dir(owner, "data"), config,
+                               captioner=self.captioner(), progress=progress, overwrite=overwrite)
+
+    def list_datasets(self, owner: str) -> list[str]:
+        root = self.user_dir(owner, "data")
+        return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                      and (d / "metadata.jsonl").is_file())
+
+    def dataset_dir(self, owner: str, style: str) -> Path:
+        path = inside(self.user_dir(owner, "data"), check_name(style or "", "dataset name"))
+        if not (path / "metadata.jsonl").is_file():
+            raise StyleMixError(f"You have no dataset named {style!r}.")
+        return path
+
+    def dataset_view(self, owner: str, style: str) -> dict:
+        """What the Dataset tab shows: kept images with captions, rejected inputs with reasons, summary."""
+        from stylemix.dataset import load_captions
+
+        path = self.dataset_dir(owner, style)
+        captions = load_captions(path)
+        report = _read_json(path / "report.json")
+        info = _read_json(path / "dataset.json")
+        rejected = [[Path(str(i.get("input", ""))).name if ":" not in str(i.get("input", ""))
+                     else str(i["input"]).split(":", 1)[1], i.get("reason", ""), i.get("detail", "")]
+                    for i in report.get("items", []) if i.get("status") == "rejected"]
+        return {"path": path, "style": style, "trigger_word": info.get("trigger_word"),
+                "kept": [(str(path / f), c) for f, c in captions.items()], "captions": [[f, c] for f, c in captions.items()],
+                "rejected": rejected, "summary": report.get("summary", ""), "size": info.get("size"),
+                "captioner": info.get("captioner"), "captioner_is_fallback": info.get("captioner_is_fallback")}
+
+    def save_captions(self, owner: str, style: str, rows: list[list[str]]) -> dict[str, str]:
+        from stylemix.dataset import save_captions
+
+        captions = {}
+        for row in rows or []:
+            if len(row) < 2 or not str(row[0]).strip():
+                continue
+            captions[str(row[0])] = str(row[1])
+        return save_captions(self.dataset_dir(owner, style), captions)
+
+    # ---------------------------------------------------------------- training
+
+    def start_training(self, owner: str, dataset: str, name: str, max_steps: int | None = None,
+                       settings: dict | None = None):
+        """Queue a training job for one of the owner's datasets (runs in its own process, one at a time)."""
+        from stylemix import jobs
+        from trainers.lora import TrainConfig
+
+        if zero_gpu():
+            raise StyleMixError("Training is switched off on ZeroGPU Spaces: a training run needs a GPU for "
+                                "longer than ZeroGPU lends one. Train locally or on a Space with a dedicated "
+                                "GPU, then import the LoRA in the Library tab.")
+        data_dir = self.dataset_dir(owner, dataset)
+        check_name(name or "", "LoRA name")
+        settings = dict(settings or {})
+        size = _read_json(data_dir / "dataset.json").get("size") or 512
+        if self.mixer.loaded.is_tiny:
+            # The tiny model learns nothing visible at 512 px and would take minutes on a CPU: train at the
+            # dataset's size capped at 128, with short samples.  Loudly, like every tiny-model choice.
+            logger.warning("TINY model: training at <= 128 px with 4-step samples (a demo LoRA).")
+            settings.setdefault("resolution", min(int(size), 128))
+            settings.setdefault("sample_steps", 4)
+            settings.setdefault("rank", 4)
+            settings.setdefault("alpha", 4.0)
+        else:
+            settings.setdefault("resolution", min(int(size), 512))
+        known = {f for f in TrainConfig.__dataclass_fields__}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise StyleMixError(f"Unknown training setting(s): {', '.join(unknown)}.")
+        steps = int(max_steps) if max_steps else None
+        if steps is not None and not 1 <= steps <= 100_000:
+            raise StyleMixError(f"Invalid max steps {max_steps!r}: use 1-100000.")
+        if steps is not None:
+            settings.setdefault("sample_every", max(1, steps // 4))
+            settings.setdefault("checkpoint_every", max(1, steps // 2))
+        config = TrainConfig(data_dir=str(data_dir), name=name, loras_dir=str(self.workspace.loras),
+                             model=self.mixer.loaded.model_id, device=str(self.mixer.loaded.device),
+                             max_steps=steps, **settings)
+        return jobs.submit(config, self.workspace, owner=owner)
+
+    def latest_job(self, owner: str):
+        """The owner's running job, else queued, else their newest one (None if they have none)."""
+        from stylemix import jobs
+
+        mine = jobs.list_jobs(self.workspace, owner)
+        for state in (jobs.RUNNING, jobs.QUEUED):
+            for j in mine:
+                if j.state == state:
+                    return j
+        return mine[0] if mine else None
+
+    def job_view(self, owner: str, job_id: str | None = None) -> dict | None:
+        """The Train tab's view of a job: progress, loss, samples (paths), error.  None: the owner has no job."""
+        from stylemix import jobs
+
+        jobs.ensure_queue_running(self.workspace)
+        job = jobs.get_job(self.workspace, job_id, owner) if job_id else self.latest_job(owner)
+        if job is None:
+            return None
+        s = job.status
+        step, total = int(s.get("step") or 0), s.get("total_steps")
+        pct = int(100 * step / total) if total else 0
+        samples = [str(p) for rel in s.get("samples") or [] if (p := _job_file(job.dir, rel)) is not None]
+        curve = []
+        if job.state == jobs.COMPLETED:
+            try:
+                entry = self.library.get(job.lora_name)
+                curve = entry.meta.get("loss_curve") or []
+                samples = samples or [str(entry.folder / r) for r in entry.meta.get("samples", [])
+                                      if (entry.folder / r).is_file()]
+            except StyleMixError:
+                pass
+        eta = s.get("eta_s")
+        text = (f"{job.state}: step {step}/{total or '?'} ({pct}%)"
+                + (f", loss {s['loss']:.4f}" if isinstance(s.get("loss"), (int, float)) else "")
+                + (f", about {eta:.0f}s left" if isinstance(eta, (int, float)) and job.state == jobs.RUNNING else ""))
+        return {"id": job.id, "state": job.state, "lora_name": job.lora_name, "step": step, "total_steps": total,
+                "percent": pct, "loss": s.get("loss"), "lr": s.get("lr"), "eta_s": eta, "error": s.get("error"),
+                "samples": samples, "loss_curve": curve, "text": text,
+                "done": job.state in jobs.TERMINAL}
+
+    def cancel_job(self, owner: str, job_id: str):
+        from stylemix import jobs
+
+        return jobs.cancel(self.workspace, check_name(job_id or "", "job id"), owner, timeout=30)
+
+    def resume_job(self, owner: str, job_id: str):
+        from stylemix import jobs
+
+        if zero_gpu():
+            raise StyleMixError("Training is switched off on ZeroGPU Spaces.")
+        return jobs.resume(self.workspace, check_name(job_id or "", "job id"), owner)
+
+    # ---------------------------------------------------------------- library
+
+    def library_rows(self) -> list[list]:
+        """One row per LoRA for the Library table (shared by every user)."""
+        rows = []
+        for e in self.library.list():
+            m = e.meta
+            train = m.get("training") or {}
+            rows.append([e.name, e.trigger_word or "", m.get("rank"), m.get("alpha"),
+                         "yes" if (e.folder / "style_centroid.safetensors").is_file() else
+                         (m.get("style") or {}).get("status", "no"),
+                         "ok" if e.compatible else f"incompatible: {e.problem}",
+                         ", ".join(f"{k}={train[k]}" for k in ("max_steps", "learning_rate", "resolution", "model")
+                                   if k in train),
+                         len(m.get("samples") or []), (m.get("created") or "")[:19]])
+        return rows
+
+    def lora_samples(self, name: str) -> list[str]:
+        entry = self.library.get(name)
+        return [str(p) for rel in entry.meta.get("samples") or [] if (p := _job_file(entry.folder, rel)) is not None]
+
+    def import_lora(self, path: str, name: str, trigger_word: str | None = None) -> dict:
+        if not path:
+            raise StyleMixError("Choose a .safetensors LoRA file to import.")
+        name = (name or "").strip() or Path(str(path)).stem
+        return self.library.import_file(path, check_name(name, "LoRA name"), trigger_word or None).summary()
+
+    def export_lora(self, owner: str, name: str, fmt: str = "diffusers") -> Path:
+        if fmt not in ("diffusers", "kohya"):
+            raise StyleMixError(f"Unknown export format {fmt!r}: choose diffusers or kohya.")
+        dest = inside(self.user_dir(owner, "outputs"), "exports")
+        dest.mkdir(parents=True, exist_ok=True)
+        return self.library.export(check_name(name or "", "LoRA name"), dest / f"{name}-{fmt}.safetensors", fmt)
+
+    def rename_lora(self, old: str, new: str) -> dict:
+        self._check_not_training(old)
+        return self.library.rename(check_name(old or "", "LoRA name"), check_name((new or "").strip(), "LoRA name")).summary()
+
+    def delete_lora(self, name: str) -> None:
+        self._check_not_training(name)
+        self.library.remove(check_name(name or "", "LoRA name"))
+
+    def _check_not_training(self, name: str) -> None:
+        from stylemix import jobs
+
+        for j in jobs.list_jobs(self.workspace):
+            if j.lora_name == name and j.state in (jobs.QUEUED, jobs.RUNNING):
+                raise StyleMixError(f"LoRA {name!r} is being trained by job {j.id}; wait for it or cancel it first.")
+
+    # ---------------------------------------------------------------- experiments
+
+    def run_experiment(self, owner: str, kind: str, loras: list[str], prompts: list[str], seeds: list[int],
+                       steps: int = 25, size: int = 512, values: list[float] | None = None,
+                       progress=None) -> dict:
+        """Run the seed protocol ("protocol") or a 2-LoRA weight sweep ("sweep") into outputs/<owner>/.
+
+        Returns {"kind", "out_dir", "table" (header, rows), "images" [(path, caption)], "markdown"}.
+        """
+        from stylemix.experiments import ProtocolConfig, run_protocol
+        from stylemix.weight_maps import StyleJudge, weight_map_2d, write_map
+
+        names = [check_name(n, "LoRA name") for n in (loras or [])]
+        for n in names:
+            self.library.get(n)
+        prompts = [p.strip() for p in prompts or [] if p and p.strip()]
+        if not prompts:
+            raise StyleMixError("Give at least one prompt (one per line).")
+        if not seeds:
+            raise StyleMixError("Give at least one seed.")
+        size = int(size)
+        out = inside(self.user_dir(owner, "outputs"), "experiments",
+                     f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
+        gen = {"steps": int(steps), "width": size, "height": size, "sampler": "Euler"}
+        say = (lambda d, t, m: progress(d, t, m)) if progress else None
+        if kind == "protocol":
+            if not names:
+                raise StyleMixError("Choose at least one LoRA for the protocol.")
+            mixes = [{a: 0.5, b: 0.5} for i, a in enumerate(names) for b in names[i + 1:]]
+            config = ProtocolConfig(name="app-protocol", styles={n: n for n in names}, prompts=prompts,
+                                    seeds=[int(s) for s in seeds], mixes=mixes, generation=gen).validate("experiment")
+            result = run_protocol(self.mixer, config, out, progress=say)
+            summary = (out / "summary.csv").read_text().splitlines()
+            header = summary[0].split(",")
+            rows = [r.split(",") for r in summary[1:]]
+            images = [(result.files["plot"], "CLIP score vs style similarity")]
+            images += [(p, k) for k, p in result.files.items() if k.startswith("contact_")]
+            return {"kind": kind, "out_dir": str(out), "table": (header, rows), "images": images,
+                    "markdown": (out / "summary.md").read_text(), "is_demo": result.is_demo}
+        if kind == "sweep":
+            if len(names) != 2:
+                raise StyleMixError(f"A weight sweep needs exactly two LoRAs; {len(names)} chosen.")
+            values = [float(v) for v in (values or [0.0, 0.5, 1.0])]
+            if not 2 <= len(values) <= 6 or any(not -2 <= v <= 2 for v in values):
+                raise StyleMixError(f"Invalid sweep values {values!r}: give 2-6 weights in [-2, 2].")
+            recipe = Recipe(prompt=prompts[0], seed=int(seeds[0]), **gen).validate()
+            judge = StyleJudge.for_mixer(self.mixer, names)
+            wmap = weight_map_2d(self.mixer, recipe, names[0], names[1], values, judge=judge,
+                                 progress=(lambda d, t, m: progress(d, t, m)) if progress else None)
+            files = write_map(wmap, out)
+            header = [names[0], names[1], "CLIP score"] + [f"share {n}" for n in names]
+            rows = []
+            for c in wmap.to_dict()["cells"]:
+                w = c.get("weights", {})
+                sh = c.get("shares") or {}
+                rows.append([w.get(names[0]), w.get(names[1]), c.get("clip_score")] + [sh.get(n) for n in names])
+            return {"kind": kind, "out_dir": str(out), "table": (header, rows),
+                    "images": [(files["grid"], "images"), (files["map"], "style shares")],
+                    "markdown": f"Weight sweep of {names[0]} x {names[1]} at {values}"
+                                + (" — **demo values (tiny CLIP)**" if wmap.is_demo else ""), "is_demo": wmap.is_demo}
+        raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol or sweep.")
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+EXAMPLE_LORAS = Path(__file__).resolve().parents[1] / "assets" / "example_loras"
+EXAMPLE_SETS = {"kenney_flat": "knyflt", "pixel_city": "pxcty"}  # example set -> trigger word
+
+
+def zero_gpu() -> bool:
+    """Running on a Hugging Face ZeroGPU Space (GPU lent per call, for a limited time)."""
+    return bool(os.environ.get("SPACES_ZERO_GPU"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _job_file(base: Path, rel) -> Path | None:
+    """base/rel if it is a file inside base (status files are data, never trusted as paths)."""
+    try:
+        p = inside(base, *Path(str(rel)).parts)
+    except StyleMixError:
+        return None
+    return p if p.is_file() else None

@@ -1,6 +1,7 @@
 """The app through a real client: launched on the tiny model, driven by its named API endpoints."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -76,3 +77,179 @@ def test_compose_errors_are_readable(app_url):
         compose(client, {"nope": 1})
     with pytest.raises(Exception, match="Invalid session id"):
         compose(client, {}, owner="../../etc")
+
+
+# --------------------------------------------------------------------------- the other tabs
+
+OWNER = "u" + "4" * 24
+OTHER = "u" + "5" * 24
+
+
+def _client(url):
+    return gradio_client.Client(url, verbose=False)
+
+
+def _png(path, color, size=40):
+    Image.new("RGB", (size, size), color).save(path)
+    # a few lines so the image is not blurry (the blur filter would reject a flat square)
+    img = Image.open(path)
+    for x in range(0, size, 4):
+        for y in range(size):
+            img.putpixel((x, y), (0, 0, 0))
+    img.save(path)
+    return path
+
+
+def test_example_loras_are_installed_on_the_tiny_model(app_url):
+    url, ws, service = app_url
+    rows = _client(url).predict(api_name="/list_loras")["data"]
+    names = {r[0]: r for r in rows}
+    assert {"kenney_flat", "pixel_city"} <= set(names)
+    assert names["kenney_flat"][1] == "knyflt" and names["kenney_flat"][4] == "yes"  # trigger word, centroid
+    assert "example LoRAs" in service.banner
+    assert service.install_example_loras() == []  # never twice, never over an existing LoRA
+
+
+def test_dataset_tab_example_set_prepare_and_captions(app_url):
+    url, ws, _ = app_url
+    c = _client(url)
+    files, style, trigger = c.predict("pixel_city", OWNER, api_name="/load_example_set")
+    assert style == "pixel_city" and trigger == "pxcty" and len(files) >= 10
+    summary, kept, rejected, captions, *_ = c.predict(
+        [gradio_client.handle_file(f) for f in files[:6]], "city", trigger, 64, "auto", 0, False, OWNER,
+        api_name="/prepare_dataset")
+    assert "Kept 6 of 6" in summary and len(kept) == 6 and not rejected["data"]
+    folder = ws.data / OWNER / "city"
+    assert (folder / "metadata.jsonl").is_file() and len(list(folder.glob("*.png"))) == 6
+    rows = captions["data"]
+    assert all(r[1].startswith("pxcty") for r in rows)
+    rows[0][1] = "a neon street at night"
+    out = c.predict("city", {"headers": ["file", "caption"], "data": rows}, OWNER, api_name="/save_captions")
+    assert "Saved 6 captions" in out[0]
+    saved = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert saved[0]["text"] == "pxcty, a neon street at night"  # the trigger word is kept in front
+    # another session sees none of it: not in its list, and not by name
+    with pytest.raises(Exception, match="no dataset named 'city'"):
+        c.predict("city", OTHER, api_name="/dataset_view")
+    # no name can lead outside the user's folder (the dropdown refuses names it did not offer; the
+    # service refuses any unsafe name on its own)
+    with pytest.raises(Exception, match="not in the list of choices"):
+        c.predict("../" + OWNER + "/city", OTHER, api_name="/dataset_view")
+    with pytest.raises(Exception, match="Invalid dataset name"):
+        _, _, service = app_url
+        service.dataset_view(OTHER, "../" + OWNER + "/city")
+
+
+def test_hostile_upload_is_refused_with_reasons(app_url, tmp_path):
+    import zipfile
+
+    url, ws, _ = app_url
+    c = _client(url)
+    good = _png(tmp_path / "good.png", (200, 40, 40))
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.write(good, "../../escaped.png")
+        z.write(good, "fine.png")
+    summary, kept, rejected, *_ = c.predict([gradio_client.handle_file(str(evil))], "mixed", "zqxstyle", 64,
+                                            "auto", 0, False, OWNER, api_name="/prepare_dataset")
+    assert len(kept) == 1 and "rejected 1 unsafe path" in summary
+    assert rejected["data"][0][1] == "unsafe_path" and ".." in rejected["data"][0][2]
+    only_evil = tmp_path / "only.zip"
+    with zipfile.ZipFile(only_evil, "w") as z:
+        z.write(good, "../escaped.png")
+    with pytest.raises(Exception, match="No usable images.*unsafe_path"):
+        c.predict([gradio_client.handle_file(str(only_evil))], "evil", "zqxstyle", 64, "auto", 0, False, OWNER,
+                  api_name="/prepare_dataset")
+    assert not list(ws.data.parent.rglob("escaped.png"))  # nothing written anywhere
+    assert not (ws.data / OWNER / "evil").exists()
+    with pytest.raises(Exception, match="Invalid style name"):
+        c.predict([gradio_client.handle_file(str(good))], "../../x", "zqxstyle", 64, "auto", 0, False, OWNER,
+                  api_name="/prepare_dataset")
+
+
+def test_train_tab_job_progress_isolation_and_library_refresh(app_url, tmp_path):
+    url, ws, service = app_url
+    c = _client(url)
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]):
+        _png(tmp_path / f"img{i}.png", color, 64)
+    c.predict([gradio_client.handle_file(str(tmp_path / f"img{i}.png")) for i in range(4)], "squares",
+              "zqxsq", 64, "off", 0, False, OWNER, api_name="/prepare_dataset")
+    with pytest.raises(Exception, match="no dataset named 'squares'"):  # not another session's dataset
+        c.predict("squares", "newlora", 2, 1e-3, 0, 20, 2, 0, False, 0, OTHER, api_name="/start_training")
+    progress, status, _, _, job = c.predict("squares", "sqlora", 2, 1e-3, 0, 20, 2, 0, False, 0, OWNER,
+                                            api_name="/start_training")
+    assert job and job in status and "step" in progress
+    # another session can neither see nor cancel the job
+    with pytest.raises(Exception, match="No training job"):
+        c.predict(job, OTHER, api_name="/job_status")
+    with pytest.raises(Exception, match="No training job"):
+        c.predict(job, OTHER, api_name="/cancel_job")
+    with pytest.raises(Exception, match="Invalid job id"):
+        c.predict("../" + job, OWNER, api_name="/job_status")
+    seen = []
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        view = json.loads(c.predict(job, OWNER, api_name="/job_status"))
+        seen.append((view["state"], view["step"]))
+        if view["done"]:
+            break
+        time.sleep(1)
+    assert view["state"] == "completed", view
+    assert view["percent"] == 100 and view["loss_curve"] and view["samples"]
+    # the user's latest job is what a reload shows (job id empty = latest)
+    assert json.loads(c.predict("", OWNER, api_name="/job_status"))["id"] == job
+    assert json.loads(c.predict("", OTHER, api_name="/job_status")) == {"state": None}
+    assert "sqlora" in [e["name"] for e in service.usable_loras()]
+    assert "sqlora" in [r[0] for r in c.predict(api_name="/list_loras")["data"]]
+
+
+def test_library_import_export_rename_delete(app_url, tmp_path):
+    from helpers import make_lora_file
+
+    url, ws, _ = app_url
+    c = _client(url)
+    src = make_lora_file(tmp_path / "style.safetensors", seed=7)
+    msg, table, select, ex = c.predict(gradio_client.handle_file(str(src)), "imported", "zqximp", OWNER,
+                                       api_name="/import_lora")
+    assert "Imported" in msg and "imported" in [r[0] for r in table["data"]] and select["value"] == "imported"
+    exported = c.predict("imported", "kohya", OWNER, api_name="/export_lora")
+    from safetensors.torch import load_file
+
+    keys = list(load_file(exported))
+    assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    assert (ws.outputs / OWNER / "exports" / "imported-kohya.safetensors").is_file()
+    msg, table, select, _ = c.predict("imported", "renamed", OWNER, api_name="/rename_lora")
+    names = [r[0] for r in table["data"]]
+    assert "renamed" in names and "imported" not in names and select["value"] == "renamed"
+    with pytest.raises(Exception, match="Invalid LoRA name"):
+        c.predict("renamed", "../../outside", OWNER, api_name="/rename_lora")
+    with pytest.raises(Exception, match="not in the list of choices"):  # the dropdown offers library names only
+        c.predict("../watercolor", "kohya", OWNER, api_name="/export_lora")
+    with pytest.raises(Exception, match="Invalid LoRA name"):
+        app_url[2].export_lora(OWNER, "../watercolor")
+    pickle = tmp_path / "evil.ckpt"
+    pickle.write_bytes(b"not a pickle you want")
+    with pytest.raises(Exception, match="safetensors"):  # the upload itself is refused
+        c.predict(gradio_client.handle_file(str(pickle)), "evil", "", OWNER, api_name="/import_lora")
+    bad = tmp_path / "evil.safetensors"
+    bad.write_bytes(b"garbage-not-safetensors")
+    with pytest.raises(Exception, match="not a valid safetensors file"):
+        c.predict(gradio_client.handle_file(str(bad)), "evil", "", OWNER, api_name="/import_lora")
+    assert not (ws.loras / "evil").exists()
+    msg, table, *_ = c.predict("renamed", OWNER, api_name="/delete_lora")
+    assert "renamed" not in [r[0] for r in table["data"]] and not (ws.loras / "renamed").exists()
+
+
+def test_experiments_protocol_and_sweep(app_url):
+    url, _, _ = app_url
+    c = _client(url)
+    md, table, gallery = c.predict("protocol", ["watercolor", "pixelart"], "a cat", "0", "", 2, 64, OWNER,
+                                   api_name="/run_experiment")
+    configs = [r[0] for r in table["data"]]
+    assert configs == ["base", "watercolor", "pixelart", "watercolor_pixelart_0.5_0.5"]
+    assert "DEMO VALUES" in md and len(gallery) == 2  # scatter plot + contact sheet
+    md, table, gallery = c.predict("sweep", ["watercolor", "pixelart"], "a cat", "0", "0, 1", 2, 64, OWNER,
+                                   api_name="/run_experiment")
+    assert len(table["data"]) == 4 and len(gallery) == 2 and "demo values" in md
+    with pytest.raises(Exception, match="exactly two LoRAs"):
+        c.predict("sweep", ["watercolor"], "a cat", "0", "0, 1", 2, 64, OWNER, api_name="/run_experiment")
