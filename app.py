@@ -86,12 +86,12 @@ def _format_scores(scores: dict | None) -> tuple[str, dict | None]:
         cal = (s.get("calibrated") or {}).get(name)
         lines.append(f"- **{name}** similarity {sim:.4f}" + (f", calibrated {cal:.2f}" if cal is not None else ""))
     if s.get("shares") and s.get("shares_basis") != "calibrated":
-        lines.append("*Shares are uncalibrated (raw similarities): no base-model anchor for every style.*")
+        lines.append("\n*Shares are uncalibrated (raw similarities): no base-model anchor for every style.*")
     if scores.get("missing_centroids"):
-        lines.append(f"No style centroid yet for: {', '.join(scores['missing_centroids'])} "
+        lines.append(f"\nNo style centroid yet for: {', '.join(scores['missing_centroids'])} "
                      "(train here or give reference images in the Library tab).")
     if s.get("is_demo"):
-        lines.append("*Demo values: computed with a tiny random CLIP, not a real measurement.*")
+        lines.append("\n*Demo values: computed with a tiny random CLIP, not a real measurement.*")
     return "\n".join(lines), (s.get("shares") or None)
 
 
@@ -117,6 +117,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
     with gr.Blocks(title="StyleMix", delete_cache=(3600, 86400)) as demo:
         owner = gr.BrowserState(None, storage_key="stylemix_owner")
         lora_names = gr.State([e["name"] for e in service.usable_loras()])
+        recipe_version = gr.State(0)  # bumped when a recipe is loaded: the sliders are redrawn from it
         gr.Markdown("# StyleMix\nTrain style LoRAs for Stable Diffusion 1.5 and mix them, one slider per style.")
         gr.Markdown(service.banner, elem_id="banner")
 
@@ -147,7 +148,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                                                interactive=False, elem_id="ds-rejected")
                     ds_select = gr.Dropdown([], label="My datasets", elem_id="ds-select")
                     ds_captions = gr.Dataframe(headers=["file", "caption"], label="Captions (edit, then save)",
-                                               interactive=True, column_count=(2, "fixed"), elem_id="ds-captions")
+                                               interactive=True, elem_id="ds-captions")
                     ds_save = gr.Button("Save captions", elem_id="ds-save")
 
         # ============================================================ Train
@@ -187,13 +188,21 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                     negative = gr.Textbox(label="Negative prompt", value="", elem_id="cp-negative")
                     weights_box = gr.Textbox(label="Weights (JSON)", value="{}", visible=False)
 
-                    @gr.render(inputs=lora_names)
-                    def render_sliders(names):
+                    # Re-drawn when the library changes or a recipe is loaded, from the weights last
+                    # sent (so a library change keeps the mix, and a loaded recipe moves the sliders).
+                    @gr.render(inputs=[lora_names, weights_box],
+                               triggers=[demo.load, lora_names.change, recipe_version.change])
+                    def render_sliders(names, weights_json):
                         if not names:
                             gr.Markdown("No LoRAs in the library yet: train one or import one.")
                             return
-                        sliders = [gr.Slider(-2, 2, value=0, step=0.05, label=n, key=f"w-{n}", elem_id=f"w-{n}")
-                                   for n in names]
+                        try:
+                            current = json.loads(weights_json or "{}")
+                        except ValueError:
+                            current = {}
+                        current = current if isinstance(current, dict) else {}
+                        sliders = [gr.Slider(-2, 2, value=current.get(n, 0), step=0.05, label=n, key=f"w-{n}",
+                                             elem_id=f"w-{n}", preserved_by_key=None) for n in names]
 
                         def collect(*values):
                             return json.dumps(dict(zip(names, values)))
@@ -307,7 +316,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
         go.click(compose_fn, inputs=compose_inputs, outputs=compose_outputs, api_name="compose",
                  trigger_mode="always_last", **GPU)
 
-        def load_recipe(path, names):
+        def load_recipe(path, names, version):
             try:
                 if not path:
                     return [gr.update()] * 10
@@ -323,11 +332,11 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                 gr.Warning(f"Not in your library: {', '.join(missing)} (their weights are ignored).")
             weights = {n: w for n, w in r.loras.items() if n in names}
             return (r.prompt, r.negative_prompt, json.dumps(weights), r.seed, True, r.steps,
-                    f"{r.width}x{r.height}", r.sampler, r.guidance, names)
+                    f"{r.width}x{r.height}", r.sampler, r.guidance, (version or 0) + 1)
 
-        recipe_in.upload(load_recipe, inputs=[recipe_in, lora_names],
-                         outputs=[prompt, negative, weights_box, seed, lock, steps, size, sampler, guidance, lora_names],
-                         api_name="load_recipe")
+        recipe_in.upload(load_recipe, inputs=[recipe_in, lora_names, recipe_version],
+                         outputs=[prompt, negative, weights_box, seed, lock, steps, size, sampler, guidance,
+                                  recipe_version], api_name="load_recipe")
 
         # ============================================================ library refresh (sliders follow it)
         def library_updates(selected=None):
@@ -409,9 +418,11 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
 
         # ============================================================ Train logic
         def _train_outputs(view, history, names_now):
-            """progress, status, loss plot, samples, job id, history, lora_names (only when it changed)."""
+            """progress, status, loss plot, samples, job id, history, then the library outputs (sliders,
+            table, dropdowns) only when the usable LoRAs changed (a job finished)."""
+            keep_library = (gr.skip(),) * len(library_outputs)
             if view is None:
-                return (_progress_html(None), "", gr.skip(), gr.skip(), None, [], gr.skip())
+                return (_progress_html(None), "", gr.skip(), gr.skip(), None, []) + keep_library
             history = list(history or [])
             if view["loss_curve"]:
                 history = [list(p) for p in view["loss_curve"]]
@@ -422,10 +433,10 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             if view["error"]:
                 status += f"  \n**Error:** {view['error']}"
             usable = [e["name"] for e in service.usable_loras()]
-            return (_progress_html(view), status, _loss_frame(history), view["samples"], view["id"], history,
-                    usable if usable != list(names_now or []) else gr.skip())
+            library = library_updates() if names_now is not None and usable != list(names_now) else keep_library
+            return (_progress_html(view), status, _loss_frame(history), view["samples"], view["id"], history) + library
 
-        train_outputs = [tr_progress, tr_status, tr_loss, tr_samples, job_id, loss_history, lora_names]
+        train_outputs = [tr_progress, tr_status, tr_loss, tr_samples, job_id, loss_history] + library_outputs
 
         @readable_errors
         def start_fn(dataset, name, max_steps, lr, rank, epochs, batch, res, text, seed_, owner_,
@@ -440,19 +451,26 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             if res:
                 settings["resolution"] = int(res)
             job = service.start_training(who, dataset, (name or "").strip(), int(max_steps or 0) or None, settings)
-            return _train_outputs(service.job_view(who, job.id), [], None)[:-1] + (gr.skip(),)
+            return _train_outputs(service.job_view(who, job.id), [], None)
 
         tr_start.click(start_fn, inputs=[tr_dataset, tr_name, tr_steps, tr_lr, tr_rank, tr_epochs, tr_batch, tr_res,
                                          tr_text, tr_seed, owner], outputs=train_outputs, api_name="start_training")
 
+        last_shown = gr.State(None)
+
         @readable_errors
-        def status_fn(jid, history, names_now, owner_, request: gr.Request):
+        def status_fn(jid, history, names_now, shown, owner_, request: gr.Request):
             who = _owner(owner_, request)
-            return _train_outputs(service.job_view(who, jid or None), history, names_now)
+            view = service.job_view(who, jid or None)
+            key = json.dumps(view, sort_keys=True, default=str)
+            if key == shown:  # nothing new: send nothing (no flicker, no traffic)
+                return (gr.skip(),) * (len(train_outputs) + 1)
+            return _train_outputs(view, history, names_now) + (key,)
 
         # the poll is cheap (reads status.json), so it never waits in the GPU queue
-        timer.tick(status_fn, inputs=[job_id, loss_history, lora_names, owner], outputs=train_outputs,
-                   show_progress="hidden", concurrency_limit=None, api_name=False)
+        timer.tick(status_fn, inputs=[job_id, loss_history, lora_names, last_shown, owner],
+                   outputs=train_outputs + [last_shown], show_progress="hidden", concurrency_limit=None,
+                   api_name=False)
 
         @readable_errors
         def job_status_api(jid, owner_, request: gr.Request):
@@ -471,7 +489,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             if not jid:
                 raise StyleMixError("No job to cancel.")
             service.cancel_job(who, jid)
-            return _train_outputs(service.job_view(who, jid), [], None)[:-1] + (gr.skip(),)
+            return _train_outputs(service.job_view(who, jid), [], None)
 
         tr_cancel.click(cancel_fn, inputs=[job_id, owner], outputs=train_outputs, api_name="cancel_job")
 
@@ -481,7 +499,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             if not jid:
                 raise StyleMixError("No job to resume.")
             service.resume_job(who, jid)
-            return _train_outputs(service.job_view(who, jid), [], None)[:-1] + (gr.skip(),)
+            return _train_outputs(service.job_view(who, jid), [], None)
 
         tr_resume.click(resume_fn, inputs=[job_id, owner], outputs=train_outputs, api_name="resume_job")
 

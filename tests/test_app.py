@@ -176,7 +176,7 @@ def test_train_tab_job_progress_isolation_and_library_refresh(app_url, tmp_path)
               "zqxsq", 64, "off", 0, False, OWNER, api_name="/prepare_dataset")
     with pytest.raises(Exception, match="no dataset named 'squares'"):  # not another session's dataset
         c.predict("squares", "newlora", 2, 1e-3, 0, 20, 2, 0, False, 0, OTHER, api_name="/start_training")
-    progress, status, _, _, job = c.predict("squares", "sqlora", 2, 1e-3, 0, 20, 2, 0, False, 0, OWNER,
+    progress, status, _, _, job, *_ = c.predict("squares", "sqlora", 2, 1e-3, 0, 20, 2, 0, False, 0, OWNER,
                                             api_name="/start_training")
     assert job and job in status and "step" in progress
     # another session can neither see nor cancel the job
@@ -253,3 +253,13 @@ def test_experiments_protocol_and_sweep(app_url):
     assert len(table["data"]) == 4 and len(gallery) == 2 and "demo values" in md
     with pytest.raises(Exception, match="exactly two LoRAs"):
         c.predict("sweep", ["watercolor"], "a cat", "0", "0, 1", 2, 64, OWNER, api_name="/run_experiment")
+
+
+def test_recipe_png_restores_settings(app_url):
+    url, _, _ = app_url
+    c = _client(url)
+    png = compose(c, {"watercolor": 0.3, "pixelart": -0.2}, seed=11)[4]
+    out = c.predict(gradio_client.handle_file(png), api_name="/load_recipe")
+    prompt, _, weights, seed, lock, steps, size, sampler, *_ = out
+    assert prompt == "a cat" and json.loads(weights) == {"watercolor": 0.3, "pixelart": -0.2}
+    assert seed == 11 and lock is True and steps == 2 and size == "64x64" and sampler == "Euler"
