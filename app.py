@@ -601,6 +601,22 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
     return demo
 
 
+def launch_options(service: StyleMixService, host: str | None = None, port: int | None = None,
+                   share: bool = False, auth: str | None = None) -> dict:
+    """The keyword arguments of `launch()`: the deployment's security settings in one place."""
+    auth = auth or os.environ.get("STYLEMIX_AUTH")
+    auth_pair = tuple(auth.split(":", 1)) if auth and ":" in auth else None
+    if auth and not (auth_pair and all(auth_pair)):
+        raise StyleMixError("--auth / STYLEMIX_AUTH must be USER:PASSWORD.")
+    ws = service.workspace
+    return dict(
+        server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        share=bool(share), auth=auth_pair, max_file_size=MAX_UPLOAD,
+        # only the app's own folders can be served; per-user files sit under unguessable session ids
+        allowed_paths=[str(ws.outputs), str(ws.data), str(ws.loras)])
+
+
 def main(model: str | None = None, device: str | None = None, dtype: str | None = None,
          loras_dir: str | None = None, host: str | None = None, port: int | None = None,
          share: bool = False, auth: str | None = None) -> None:
@@ -609,19 +625,9 @@ def main(model: str | None = None, device: str | None = None, dtype: str | None 
     logging.basicConfig(level=logging.INFO, format="stylemix: %(message)s")
     service = StyleMixService.start(model or os.environ.get("STYLEMIX_MODEL"), Workspace.default(loras_dir),
                                     device=device, dtype=dtype)
+    options = launch_options(service, host, port, share, auth)  # a bad --auth fails before the long start
     jobs.ensure_queue_running(service.workspace)  # a job queued before a restart starts now
-    demo = build_demo(service)
-    auth = auth or os.environ.get("STYLEMIX_AUTH")
-    auth_pair = tuple(auth.split(":", 1)) if auth and ":" in auth else None
-    if auth and not auth_pair:
-        raise StyleMixError("--auth / STYLEMIX_AUTH must be USER:PASSWORD.")
-    ws = service.workspace
-    demo.queue(default_concurrency_limit=1).launch(
-        server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        share=share, auth=auth_pair, max_file_size=MAX_UPLOAD,
-        # only the app's own folders can be served; per-user files sit under unguessable session ids
-        allowed_paths=[str(ws.outputs), str(ws.data), str(ws.loras)])
+    build_demo(service).queue(default_concurrency_limit=1).launch(**options)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The app through a real client: launched on the tiny model, driven by its named API endpoints."""
 
 import json
+import os
 import time
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from helpers import make_library_lora
+from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace
 from stylemix.recipe import read_recipe
 
@@ -263,3 +265,24 @@ def test_recipe_png_restores_settings(app_url):
     prompt, _, weights, seed, lock, steps, size, sampler, *_ = out
     assert prompt == "a cat" and json.loads(weights) == {"watercolor": 0.3, "pixelart": -0.2}
     assert seed == 11 and lock is True and steps == 2 and size == "64x64" and sampler == "Euler"
+
+
+def test_launch_security_settings_and_zero_gpu(app_url, monkeypatch):
+    import app
+
+    _, ws, service = app_url
+    monkeypatch.delenv("STYLEMIX_AUTH", raising=False)
+    opts = app.launch_options(service)
+    assert opts["share"] is False and opts["auth"] is None and opts["max_file_size"] == "200mb"
+    assert opts["server_name"] == "127.0.0.1" or os.environ.get("GRADIO_SERVER_NAME")
+    assert set(opts["allowed_paths"]) == {str(ws.outputs), str(ws.data), str(ws.loras)}
+    monkeypatch.setenv("STYLEMIX_AUTH", "ann:s3cret")
+    assert app.launch_options(service)["auth"] == ("ann", "s3cret")
+    with pytest.raises(StyleMixError, match="USER:PASSWORD"):
+        app.launch_options(service, auth="nopassword")
+    # ZeroGPU: the decorator is used only there; training is refused with a reason, not attempted
+    fn = lambda: 1  # noqa: E731
+    assert app.gpu(60)(fn) is fn
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")
+    with pytest.raises(StyleMixError, match="ZeroGPU"):
+        service.start_training("u" + "6" * 24, "anything", "x", 2)
