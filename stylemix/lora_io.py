@@ -46,13 +46,14 @@ def check_safetensors_header(path: Path) -> dict:
         head = f.read(8)
         if len(head) < 8:
             raise StyleMixError(f"{path.name}: not a safetensors file (only {size} bytes).")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        (n,) = struct.unpack("<Q", head)
+        raw = f.read(n) if 1 < n <= MAX_HEADER_BYTES and 8 + n <= size else b""
+    if not raw.startswith(b"{"):
+        # torch.save writes a zip ("PK"); a bare pickle starts with PROTO (0x80) and its version
+        if head[:2] == b"PK" or (head[0] == 0x80 and 2 <= head[1] <= 5):
             raise StyleMixError(f"{path.name}: this is a pickle/PyTorch checkpoint, not safetensors. "
                                 "StyleMix only loads safetensors files (pickle can run code).")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 1 or n > MAX_HEADER_BYTES or 8 + n > size:
-            raise StyleMixError(f"{path.name}: not a valid safetensors file (bad header length).")
-        raw = f.read(n)
+        raise StyleMixError(f"{path.name}: not a valid safetensors file (bad header).")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):

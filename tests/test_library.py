@@ -161,3 +161,17 @@ def test_kohya_import_from_other_tools_with_alpha(tmp_path, shapes):
     a, b = render(lib.root, "ref"), render(lib.root, "quarter")
     assert np.abs(a - b).max() <= 1
     assert canonical  # the reference really had weights
+
+
+def test_valid_file_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """The first byte of a safetensors file is the low byte of its header length: it can be 0x80."""
+    src = make_lora_file(tmp_path / "x.safetensors", seed=11)
+    state = load_file(str(src))
+    for pad in range(600):  # pad the metadata until the header length's low byte is 0x80
+        path = tmp_path / "odd.safetensors"
+        save_file(state, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    loaded, meta = read_lora_file(path)
+    assert set(loaded) == set(state) and meta["pad"]
