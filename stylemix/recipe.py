@@ -30,6 +30,9 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
+# Per-block weight ids (diffusers' block-wise adapter scales, stylemix.mixer.block_of): the most
+# specific one present wins for a layer.
+BLOCK_IDS = frozenset({"down", "mid", "up", "text_encoder"} | {f"{k}.{i}" for k in ("down", "up") for i in range(4)})
 WEIGHT_LIMIT = 2.0
 MAX_PROMPT_CHARS = 2000
 MAX_CHUNK_BYTES = 256 * 1024
@@ -71,6 +74,10 @@ class Recipe:
             if not isinstance(blocks, dict) or not all(isinstance(k, str) and _is_number(v) and abs(v) <= 4
                                                        for k, v in blocks.items()):
                 raise ValueError(f"block_weights of {name!r} must map block names to numbers in [-4, 4].")
+            unknown = sorted(set(blocks) - BLOCK_IDS)
+            if unknown:
+                raise ValueError(f"block_weights of {name!r}: unknown block {unknown[0]!r}; "
+                                 f"use {', '.join(sorted(BLOCK_IDS))}.")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed {self.seed!r} must be an integer in [0, 2^63).")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 150:

@@ -34,6 +34,11 @@ def test_generate_writes_png_with_recipe_and_json(tmp_path, loras, capsys):
     assert result["prompt_used"] == "wcstyle, pixstyle, a cat"
     recipe = read_recipe(out)
     assert recipe.loras == {"watercolor": 0.6, "pixelart": 0.4} and recipe.seed == 5 and recipe.model == "tiny"
+    blocked = tmp_path / "blocked.png"
+    assert cli(tmp_path, loras, "generate", "a cat", "--lora", "watercolor=0.6", "--lora", "pixelart=0.4",
+               "--block", "pixelart:up=0", "--steps", "2", "--size", "64x64", "--seed", "5", "--out", str(blocked),
+               "--no-score") == 0
+    assert read_recipe(blocked).block_weights == {"pixelart": {"up": 0.0}}
     assert set(recipe.lora_hashes) == {"watercolor", "pixelart"}
     # --from reproduces the image from its own PNG
     again = tmp_path / "again.png"
@@ -57,6 +62,8 @@ def test_generate_batch(tmp_path, loras, capsys):
     (["generate", "x", "--size", "big"], "WIDTHxHEIGHT"),
     (["generate", "x", "--size", "100x100"], "multiple of 8"),
     (["generate"], "Give a prompt"),
+    (["generate", "x", "--block", "watercolor:sideways=0.5"], "unknown block 'sideways'"),
+    (["generate", "x", "--block", "watercolor=0.5"], "LORA:BLOCK=MULTIPLIER"),
     (["loras", "show", "../etc"], "Invalid LoRA name"),
     (["loras", "import", "nowhere.safetensors", "--name", "x", "--no-check"], "neither a file nor a Hub repo"),
 ])

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from stylemix.errors import StyleMixError
-from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, read_recipe, save_png
+from stylemix.recipe import BLOCK_IDS, DEFAULT_SAMPLER, SAMPLERS, Recipe, read_recipe, save_png
 
 
 def register(sub) -> None:
@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--size", default=None, metavar="WxH", help="image size, multiples of 8 (default 512x512)")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help=f"default {DEFAULT_SAMPLER!r}")
     p.add_argument("--batch", type=int, default=None, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--block", action="append", default=[], metavar="LORA:BLOCK=MULT",
+                   help="per-block weight multiplier, e.g. anime:up.1=0.5 (blocks: down, down.0-3, mid, up, "
+                        "up.0-3, text_encoder; the most specific wins)")
     p.add_argument("--total-strength", type=float, default=None,
                    help="scale the weights so their absolute sum is this (keeps stacked LoRAs from frying)")
     p.add_argument("--no-triggers", action="store_true", help="do not put trigger words in front of the prompt")
@@ -48,6 +51,24 @@ def parse_lora_args(items: list[str]) -> dict[str, float]:
         except ValueError:
             raise StyleMixError(f"--lora {item!r}: the weight must be a number, as in NAME=0.6.") from None
     return loras
+
+
+def parse_block_args(items: list[str]) -> dict[str, dict[str, float]]:
+    """--block NAME:BLOCK=MULT ... -> {name: {block: multiplier}}."""
+    out: dict[str, dict[str, float]] = {}
+    for item in items or []:
+        lora, sep, rest = item.partition(":")
+        block, sep2, mult = rest.partition("=")
+        try:
+            m = float(mult)
+        except ValueError:
+            sep2 = ""
+        if not sep or not sep2 or not lora:
+            raise StyleMixError(f"--block {item!r}: expected LORA:BLOCK=MULTIPLIER, e.g. --block anime:up.1=0.5.")
+        if block not in BLOCK_IDS:
+            raise StyleMixError(f"--block {item!r}: unknown block {block!r}; use one of {', '.join(sorted(BLOCK_IDS))}.")
+        out.setdefault(lora, {})[block] = m
+    return out
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -77,6 +98,8 @@ def build_recipe(args) -> Recipe:
         changes["prompt"] = args.prompt
     if args.lora:
         changes["loras"] = parse_lora_args(args.lora)
+    if args.block:
+        changes["block_weights"] = parse_block_args(args.block)
     for attr, val in (("negative_prompt", args.negative), ("seed", args.seed), ("steps", args.steps),
                       ("guidance", args.guidance), ("sampler", args.sampler), ("batch_size", args.batch),
                       ("total_strength", args.total_strength)):

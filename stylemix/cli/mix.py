@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from stylemix.cli.generate import parse_block_args
 from stylemix.errors import StyleMixError
 
 
@@ -29,22 +30,7 @@ def _weights(items: list[str], what: str = "--lora") -> dict[str, float]:
 
 
 def _blocks(items: list[str]) -> dict[str, dict[str, float]]:
-    """--block NAME:BLOCK=MULT, e.g. anime:up.1=0.5 (blocks: down, down.0-3, mid, up, up.0-3, text_encoder)."""
-    out: dict[str, dict[str, float]] = {}
-    valid = {"down", "mid", "up", "text_encoder"} | {f"{k}.{i}" for k in ("down", "up") for i in range(4)}
-    for item in items or []:
-        lora, sep, rest = item.partition(":")
-        block, sep2, mult = rest.partition("=")
-        try:
-            m = float(mult)
-        except ValueError:
-            sep2 = ""
-        if not sep or not sep2 or not lora:
-            raise StyleMixError(f"--block {item!r}: expected LORA:BLOCK=MULTIPLIER, e.g. --block anime:up.1=0.5.")
-        if block not in valid:
-            raise StyleMixError(f"--block {item!r}: unknown block {block!r}; use one of {', '.join(sorted(valid))}.")
-        out.setdefault(lora, {})[block] = m
-    return out
+    return parse_block_args(items)
 
 
 def _values(text: str) -> list[float]:
