@@ -9,7 +9,7 @@
    cost of one preview generation beside one full-size generation (the reason for previews).
 
     .venv/bin/python -m bench.bench_balance [--trials 200] [--tiny-targets 3] [--out FILE.json]
-Results: bench/RESULTS-balance.md.
+Results: bench/RESULTS.md.
 """
 
 from __future__ import annotations

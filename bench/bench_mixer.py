@@ -13,7 +13,7 @@ random weights) with rank-32 LoRAs (alpha 16) on the UNet attention and the text
     python -m bench.bench_mixer --quick --out r.json  # fewer repeats, raw numbers as JSON
     python -m bench.bench_mixer --device cuda --dtype fp16 --size 512 --steps 20
 
-The weights are random: the timings are real-scale, the images are noise.  Results: bench/RESULTS-mixer.md.
+The weights are random: the timings are real-scale, the images are noise.  Results: bench/RESULTS.md.
 """
 
 from __future__ import annotations
