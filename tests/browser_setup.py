@@ -98,7 +98,7 @@ def ensure_chromium() -> tuple[str | None, str | None]:
         if path:
             return path, None
         if failed.exists() and time.time() - failed.stat().st_mtime < RETRY_AFTER_S:
-            return None, f"{failed.read_text().strip()} (not retried for an hour; log: {INSTALL_LOG})"
+            return None, (f"{failed.read_text().strip()} (not retried for an hour: delete {failed} to retry now)")
         why = _install_with_apt()
         path = find_chromium()
         if path:
