@@ -86,6 +86,8 @@ def page(chromium_path, server, tmp_path_factory):
     except ImportError:  # a test dependency, not a machine limitation: fail, never skip
         pytest.fail("playwright is not installed: pip install -r requirements-test.txt (no browser download needed)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("failed-*.png"):  # only this run's failure screenshots stay
+        old.unlink()
     with sync_playwright() as pw:
         context = launch_browser(pw, chromium_path, tmp_path_factory.mktemp("chromium-profile"))
         context.set_default_timeout(30_000)
