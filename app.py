@@ -86,7 +86,8 @@ def _format_scores(scores: dict | None) -> tuple[str, dict | None]:
         cal = (s.get("calibrated") or {}).get(name)
         lines.append(f"- **{name}** similarity {sim:.4f}" + (f", calibrated {cal:.2f}" if cal is not None else ""))
     if s.get("shares") and s.get("shares_basis") != "calibrated":
-        lines.append("\n*Shares are uncalibrated (raw similarities): no base-model anchor for every style.*")
+        lines.append("\n*Shares use raw similarities: not every style in the mix could be calibrated (it needs a "
+                     "base-model anchor, and the style's own images must sit closer to its centroid than that).*")
     if scores.get("missing_centroids"):
         lines.append(f"\nNo style centroid yet for: {', '.join(scores['missing_centroids'])} "
                      "(train here or give reference images in the Library tab).")

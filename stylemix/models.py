@@ -213,8 +213,7 @@ class LoadedModel:
     @property
     def description(self) -> str:
         if self.is_tiny:
-            return (f"built-in tiny SD1.5 (random weights) on {self.device.type}: images are noise-like "
-                    "patterns and scores are demo values, not real results")
+            return f"built-in tiny SD1.5 (random weights, offline) on {self.device.type}"
         return f"{self.model_id} on {self.device.type} ({str(self.dtype).replace('torch.', '')})"
 
 
