@@ -18,7 +18,7 @@ import gradio as gr
 
 from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace, check_name
-from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, read_recipe
+from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, parse_block_weights, read_recipe
 from stylemix.service import StyleMixService, new_owner_token, zero_gpu
 
 logger = logging.getLogger("stylemix.app")
@@ -225,6 +225,12 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                         guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="CFG scale")
                         strength = gr.Number(label="Keep total strength at (0 = off)", value=0)
                         triggers = gr.Checkbox(label="Put trigger words in front of the prompt", value=True)
+                        blocks = gr.Textbox(label="Per-block weights (advanced)", value="",
+                                            placeholder="anime:up=0.5, pixelart:down.1=0",
+                                            info="LORA:BLOCK=MULTIPLIER; blocks: down, down.0-3, mid, up, up.0-3, "
+                                                 "text_encoder (the most specific wins). The Experiments tab's "
+                                                 "clash map shows where two styles fight.",
+                                            elem_id="cp-blocks")
                     go = gr.Button("Generate", variant="primary", elem_id="cp-generate")
                 with gr.Column(scale=1):
                     image = gr.Image(label="Image", type="filepath", format="png", interactive=False, elem_id="cp-image")
@@ -288,12 +294,12 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
 
         # ============================================================ Compose logic
         compose_inputs = [prompt, negative, weights_box, seed, lock, steps, size, sampler, guidance, strength,
-                          triggers, owner]
+                          triggers, blocks, owner]
         compose_outputs = [image, scores_md, shares, seed, png_file, recipe_file, used]
 
         @gpu(duration=60)
         def compose_fn(prompt_, negative_, weights_json, seed_, lock_, steps_, size_, sampler_, guidance_,
-                       strength_, triggers_, owner_, request: gr.Request, progress=gr.Progress()):
+                       strength_, triggers_, blocks_, owner_, request: gr.Request, progress=gr.Progress()):
             try:
                 who = _owner(owner_, request)
                 weights = json.loads(weights_json or "{}")
@@ -304,7 +310,8 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                 recipe = Recipe(prompt=prompt_, negative_prompt=negative_ or "", loras=weights, seed=seed_value,
                                 steps=int(steps_), width=w, height=h, sampler=sampler_, guidance=float(guidance_),
                                 total_strength=float(strength_) if strength_ else None,
-                                add_trigger_words=bool(triggers_)).validate()
+                                add_trigger_words=bool(triggers_),
+                                block_weights=parse_block_weights(blocks_ or "")).validate()
                 out = service.compose(who, recipe, progress=lambda d, t: progress((d, t), desc="denoising"))
             except (StyleMixError, ValueError) as e:
                 raise gr.Error(str(e)) from None
@@ -320,7 +327,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
         def load_recipe(path, names, version):
             try:
                 if not path:
-                    return [gr.update()] * 10
+                    return [gr.update()] * 11
                 if str(path).lower().endswith(".json"):
                     with open(path, encoding="utf-8") as f:
                         r = Recipe.from_dict(json.loads(f.read(200_000)))
@@ -332,12 +339,14 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             if missing:
                 gr.Warning(f"Not in your library: {', '.join(missing)} (their weights are ignored).")
             weights = {n: w for n, w in r.loras.items() if n in names}
+            block_text = ", ".join(f"{n}:{b}={m:g}" for n, bw in r.block_weights.items() if n in names
+                                   for b, m in bw.items())
             return (r.prompt, r.negative_prompt, json.dumps(weights), r.seed, True, r.steps,
-                    f"{r.width}x{r.height}", r.sampler, r.guidance, (version or 0) + 1)
+                    f"{r.width}x{r.height}", r.sampler, r.guidance, block_text, (version or 0) + 1)
 
         recipe_in.upload(load_recipe, inputs=[recipe_in, lora_names, recipe_version],
                          outputs=[prompt, negative, weights_box, seed, lock, steps, size, sampler, guidance,
-                                  recipe_version], api_name="load_recipe")
+                                  blocks, recipe_version], api_name="load_recipe")
 
         # ============================================================ library refresh (sliders follow it)
         def library_updates(selected=None):

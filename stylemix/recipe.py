@@ -119,6 +119,26 @@ class Recipe:
         return Recipe(**{**asdict(self), **changes})
 
 
+def parse_block_weights(items: str | list[str]) -> dict[str, dict[str, float]]:
+    """'anime:up=0.5, pixelart:down.1=0' (or a list of such items) -> {lora: {block: multiplier}}."""
+    if isinstance(items, str):
+        items = [x for x in re.split(r"[,\s]+", items) if x]
+    out: dict[str, dict[str, float]] = {}
+    for item in items or []:
+        lora, sep, rest = item.partition(":")
+        block, sep2, mult = rest.partition("=")
+        try:
+            m = float(mult)
+        except ValueError:
+            sep2 = ""
+        if not sep or not sep2 or not lora:
+            raise ValueError(f"Block weight {item!r}: expected LORA:BLOCK=MULTIPLIER, e.g. anime:up.1=0.5.")
+        if block not in BLOCK_IDS:
+            raise ValueError(f"Block weight {item!r}: unknown block {block!r}; use one of {', '.join(sorted(BLOCK_IDS))}.")
+        out.setdefault(lora, {})[block] = m
+    return out
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

@@ -390,6 +390,7 @@ class StyleMixService:
 
         Returns {"kind", "out_dir", "table" (header, rows), "images" [(path, caption)], "markdown"}.
         """
+        from stylemix.clash import clash_map, draw_heatmap
         from stylemix.experiments import ProtocolConfig, run_protocol
         from stylemix.weight_maps import StyleJudge, weight_map_2d, write_map
 
@@ -431,6 +432,8 @@ class StyleMixService:
             wmap = weight_map_2d(self.mixer, recipe, names[0], names[1], values, judge=judge,
                                  progress=(lambda d, t, m: progress(d, t, m)) if progress else None)
             files = write_map(wmap, out)
+            clash = clash_map(self.library, names[0], names[1])
+            draw_heatmap(clash, out / "clash.png")
             header = [names[0], names[1], "CLIP score"] + [f"share {n}" for n in names]
             rows = []
             for c in wmap.to_dict()["cells"]:
@@ -438,9 +441,11 @@ class StyleMixService:
                 sh = c.get("shares") or {}
                 rows.append([w.get(names[0]), w.get(names[1]), c.get("clip_score")] + [sh.get(n) for n in names])
             return {"kind": kind, "out_dir": str(out), "table": (header, rows),
-                    "images": [(files["grid"], "images"), (files["map"], "style shares")],
+                    "images": [(files["grid"], "images"), (files["map"], "style shares"),
+                               (str(out / "clash.png"), "clash map: where the two LoRAs' updates oppose (cosine)")],
                     "markdown": f"Weight sweep of {names[0]} x {names[1]} at {values}"
-                                + (" — **demo values (tiny CLIP)**" if wmap.is_demo else ""), "is_demo": wmap.is_demo}
+                                + (" — **demo values (tiny CLIP)**" if wmap.is_demo else "") + "  \n"
+                                + _clash_summary(clash), "is_demo": wmap.is_demo}
         raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol or sweep.")
 
 
@@ -469,3 +474,10 @@ def _job_file(base: Path, rel) -> Path | None:
     except StyleMixError:
         return None
     return p if p.is_file() else None
+
+
+def _clash_summary(clash) -> str:
+    overall = "n/a" if clash.overall is None else f"{clash.overall:+.2f}"
+    worst = ", ".join(f"{b} {c:+.2f}" for b, c in clash.worst_blocks(3))
+    return (f"Clash map: overall cosine {overall} between the two LoRAs' weight updates; most opposed blocks: "
+            f"{worst or 'none'} (negative = the styles fight there; turn one down with per-block weights).")

@@ -42,9 +42,9 @@ def app_url(tmp_path_factory):
     demo.close()
 
 
-def compose(client, weights, seed=3, owner="u" + "1" * 24):
-    return client.predict("a cat", "", json.dumps(weights), seed, True, 2, "64x64", "Euler", 7.5, 0, True, owner,
-                          api_name="/compose")
+def compose(client, weights, seed=3, owner="u" + "1" * 24, blocks=""):
+    return client.predict("a cat", "", json.dumps(weights), seed, True, 2, "64x64", "Euler", 7.5, 0, True, blocks,
+                          owner, api_name="/compose")
 
 
 def test_compose_endpoint_weights_change_the_image(app_url):
@@ -252,7 +252,8 @@ def test_experiments_protocol_and_sweep(app_url):
     assert "DEMO VALUES" in md and len(gallery) == 2  # scatter plot + contact sheet
     md, table, gallery = c.predict("sweep", ["watercolor", "pixelart"], "a cat", "0", "0, 1", 2, 64, OWNER,
                                    api_name="/run_experiment")
-    assert len(table["data"]) == 4 and len(gallery) == 2 and "demo values" in md
+    assert len(table["data"]) == 4 and len(gallery) == 3 and "demo values" in md  # grid, share map, clash map
+    assert "Clash map: overall cosine" in md
     with pytest.raises(Exception, match="exactly two LoRAs"):
         c.predict("sweep", ["watercolor"], "a cat", "0", "0, 1", 2, 64, OWNER, api_name="/run_experiment")
 
@@ -260,11 +261,23 @@ def test_experiments_protocol_and_sweep(app_url):
 def test_recipe_png_restores_settings(app_url):
     url, _, _ = app_url
     c = _client(url)
-    png = compose(c, {"watercolor": 0.3, "pixelart": -0.2}, seed=11)[4]
+    png = compose(c, {"watercolor": 0.3, "pixelart": -0.2}, seed=11, blocks="pixelart:up=0.5")[4]
     out = c.predict(gradio_client.handle_file(png), api_name="/load_recipe")
-    prompt, _, weights, seed, lock, steps, size, sampler, *_ = out
+    prompt, _, weights, seed, lock, steps, size, sampler, _, blocks, *_ = out
     assert prompt == "a cat" and json.loads(weights) == {"watercolor": 0.3, "pixelart": -0.2}
     assert seed == 11 and lock is True and steps == 2 and size == "64x64" and sampler == "Euler"
+    assert blocks == "pixelart:up=0.5"
+
+
+def test_per_block_weights_change_the_image_and_bad_blocks_are_refused(app_url):
+    url, _, _ = app_url
+    c = _client(url)
+    full = compose(c, {"watercolor": 1.0}, blocks="")
+    no_up = compose(c, {"watercolor": 1.0}, blocks="watercolor:up=0")
+    img = lambda r: np.asarray(Image.open(r[0]), dtype=np.int16)  # noqa: E731
+    assert np.abs(img(full) - img(no_up)).max() > 0
+    with pytest.raises(Exception, match="unknown block 'sideways'"):
+        compose(c, {"watercolor": 1.0}, blocks="watercolor:sideways=0")
 
 
 def test_launch_security_settings_and_zero_gpu(app_url, monkeypatch):

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from stylemix.errors import StyleMixError
-from stylemix.recipe import BLOCK_IDS, DEFAULT_SAMPLER, SAMPLERS, Recipe, read_recipe, save_png
+from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, parse_block_weights, read_recipe, save_png
 
 
 def register(sub) -> None:
@@ -53,24 +53,6 @@ def parse_lora_args(items: list[str]) -> dict[str, float]:
     return loras
 
 
-def parse_block_args(items: list[str]) -> dict[str, dict[str, float]]:
-    """--block NAME:BLOCK=MULT ... -> {name: {block: multiplier}}."""
-    out: dict[str, dict[str, float]] = {}
-    for item in items or []:
-        lora, sep, rest = item.partition(":")
-        block, sep2, mult = rest.partition("=")
-        try:
-            m = float(mult)
-        except ValueError:
-            sep2 = ""
-        if not sep or not sep2 or not lora:
-            raise StyleMixError(f"--block {item!r}: expected LORA:BLOCK=MULTIPLIER, e.g. --block anime:up.1=0.5.")
-        if block not in BLOCK_IDS:
-            raise StyleMixError(f"--block {item!r}: unknown block {block!r}; use one of {', '.join(sorted(BLOCK_IDS))}.")
-        out.setdefault(lora, {})[block] = m
-    return out
-
-
 def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(x) for x in text.lower().split("x"))
@@ -99,7 +81,7 @@ def build_recipe(args) -> Recipe:
     if args.lora:
         changes["loras"] = parse_lora_args(args.lora)
     if args.block:
-        changes["block_weights"] = parse_block_args(args.block)
+        changes["block_weights"] = parse_block_weights(args.block)
     for attr, val in (("negative_prompt", args.negative), ("seed", args.seed), ("steps", args.steps),
                       ("guidance", args.guidance), ("sampler", args.sampler), ("batch_size", args.batch),
                       ("total_strength", args.total_strength)):

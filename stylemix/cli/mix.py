@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from stylemix.cli.generate import parse_block_args
 from stylemix.errors import StyleMixError
+from stylemix.recipe import parse_block_weights
 
 
 def _weights(items: list[str], what: str = "--lora") -> dict[str, float]:
@@ -30,7 +30,7 @@ def _weights(items: list[str], what: str = "--lora") -> dict[str, float]:
 
 
 def _blocks(items: list[str]) -> dict[str, dict[str, float]]:
-    return parse_block_args(items)
+    return parse_block_weights(items)
 
 
 def _values(text: str) -> list[float]:
