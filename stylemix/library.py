@@ -23,7 +23,7 @@ import torch
 
 from stylemix import lora_io
 from stylemix.errors import StyleMixError
-from stylemix.paths import atomic_write_text, check_name, inside, read_json_object
+from stylemix.paths import atomic_write_text, check_name, inside, read_json_object, replace_folder
 
 META_NAME = "stylemix.json"
 MAX_META_BYTES = 4 * 1024**2
@@ -273,13 +273,7 @@ class LoraLibrary:
             meta.setdefault("rank", ranks[0] if len(ranks) == 1 else ranks)
             meta.setdefault("target_modules", _target_summary(modules))
             atomic_write_text(tmp / META_NAME, json.dumps(meta, indent=2, sort_keys=True))
-            if folder.exists():
-                old = folder.with_name(f".old-{name}-{time.monotonic_ns()}")
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
+            replace_folder(tmp, folder)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

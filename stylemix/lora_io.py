@@ -148,7 +148,6 @@ def save_lora_weights(path: str | os.PathLike, unet: torch.nn.Module | None, tex
 
     Refuses to write non-finite weights.  Returns the saved state dict.
     """
-    from safetensors.torch import save_file
 
     state: dict[str, torch.Tensor] = {}
     metadata: dict[str, dict] = {}

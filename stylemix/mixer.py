@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field

@@ -11,7 +11,6 @@ inside the `open_clip_torch` wheel, so no download is ever needed for `tiny`.
 from __future__ import annotations
 
 import gzip
-import html
 import json
 import logging
 import os

@@ -84,6 +84,21 @@ def read_json_object(path: Path, max_bytes: int = 16 * 1024**2) -> dict:
     return data
 
 
+def replace_folder(new: Path, final: Path) -> None:
+    """Move a finished temporary folder to `final`, replacing what is there without a moment where
+    neither exists: the old folder is moved aside first and removed only after the swap."""
+    import shutil
+    import time
+
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, final)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)

@@ -37,7 +37,7 @@ from stylemix.errors import StyleMixError
 from stylemix.library import sha256_file
 from stylemix.lora_io import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights, write_safetensors
 from stylemix.models import DEFAULT_MODEL, TINY, ModelLoadError, quiet_library_logs, tiny_components
-from stylemix.paths import atomic_write_text, check_name
+from stylemix.paths import atomic_write_text, check_name, replace_folder
 from trainers.data import DatasetInfo, LatentCache, load_dataset_folder, load_pixels, with_trigger
 
 logger = logging.getLogger("stylemix.train")
@@ -179,7 +179,6 @@ def load_training_components(model: str) -> dict:
         c = tiny_components()
         return {**c, "noise_scheduler": DDPMScheduler.from_config(c["scheduler"].config), "sample_scheduler": c["scheduler"]}
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (any scheduler class loads below)
     from diffusers import SchedulerMixin
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -656,13 +655,7 @@ def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, lor
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_text(tmp / "stylemix.json", json.dumps(meta, indent=1))
-        if final.exists():  # overwrite: move the old one aside first, so a failure never loses both
-            old = loras_dir / f".old-{config.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_folder(tmp, final)  # overwrite: the old one is moved aside first, so a failure never loses both
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
