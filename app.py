@@ -632,7 +632,8 @@ def main(model: str | None = None, device: str | None = None, dtype: str | None 
          share: bool = False, auth: str | None = None) -> None:
     from stylemix import jobs
 
-    logging.basicConfig(level=logging.INFO, format="stylemix: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("stylemix").setLevel(logging.INFO)  # ours at INFO; libraries' request logs stay quiet
     service = StyleMixService.start(model or os.environ.get("STYLEMIX_MODEL"), Workspace.default(loras_dir),
                                     device=device, dtype=dtype)
     options = launch_options(service, host, port, share, auth)  # a bad --auth fails before the long start

@@ -251,7 +251,12 @@ def _load_uncached(model: str, dev: torch.device, dt: torch.dtype, safety_checke
             raise ModelLoadError(
                 f"Cannot load base model {model!r}: no diffusers folder there (model_index.json missing). "
                 "Give a hub id, a diffusers folder, or --model tiny to try offline.")
-        kwargs = {"torch_dtype": dt}
+        import diffusers
+        from packaging.version import Version
+
+        # diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name still works, with a warning)
+        dtype_kw = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+        kwargs = {dtype_kw: dt}
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:

@@ -95,3 +95,18 @@ def test_device_and_dtype_choice():
 
 def test_load_model_is_cached():
     assert load_model("tiny") is load_model("tiny")
+
+
+def test_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path, tiny_pipe):
+    """A folder saved with save_pretrained goes through from_pretrained, the same path a download takes."""
+    import warnings
+
+    folder = tmp_path / "my-sd15"
+    tiny_pipe.save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated arguments on the loading path
+        loaded = load_model(str(folder))
+    assert not loaded.is_tiny and loaded.model_id == str(folder)
+    gen = lambda p: p("a cat", num_inference_steps=2, width=64, height=64,  # noqa: E731
+                      generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert (gen(loaded.pipe) == gen(tiny_pipe)).all()
