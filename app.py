@@ -275,14 +275,18 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     ex_kind = gr.Radio([("Seed protocol (base, singles, 50/50 mixes)", "protocol"),
-                                        ("Weight sweep of two LoRAs", "sweep")], value="protocol",
+                                        ("Weight sweep of two LoRAs", "sweep"),
+                                        ("Balance LoRAs toward target shares", "balance")], value="protocol",
                                        label="Experiment", elem_id="ex-kind")
                     ex_loras = gr.Dropdown([e["name"] for e in service.usable_loras()], multiselect=True,
                                            label="LoRAs", elem_id="ex-loras")
                     ex_prompts = gr.Textbox(value="a cat sitting by a window", lines=3, label="Prompts (one per line)",
                                             elem_id="ex-prompts")
                     ex_seeds = gr.Textbox(value="0, 1", label="Seeds", elem_id="ex-seeds")
-                    ex_values = gr.Textbox(value="0, 0.5, 1", label="Sweep weights", elem_id="ex-values")
+                    ex_values = gr.Textbox(value="0, 0.5, 1", label="Sweep weights / target shares",
+                                           info="sweep: the weights each LoRA takes; balance: one target share per "
+                                                "chosen LoRA, in order, summing to 1 (e.g. 0.6, 0.4)",
+                                           elem_id="ex-values")
                     with gr.Row():
                         ex_steps = gr.Number(value=4 if tiny else 25, precision=0, label="Steps")
                         ex_size = gr.Dropdown([64, 128, 256, 512], value=64 if tiny else 512, label="Size")

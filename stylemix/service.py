@@ -390,6 +390,7 @@ class StyleMixService:
 
         Returns {"kind", "out_dir", "table" (header, rows), "images" [(path, caption)], "markdown"}.
         """
+        from stylemix.balance import BalanceConfig, balance_mix
         from stylemix.clash import clash_map, draw_heatmap
         from stylemix.experiments import ProtocolConfig, run_protocol
         from stylemix.weight_maps import StyleJudge, weight_map_2d, write_map
@@ -446,7 +447,39 @@ class StyleMixService:
                     "markdown": f"Weight sweep of {names[0]} x {names[1]} at {values}"
                                 + (" — **demo values (tiny CLIP)**" if wmap.is_demo else "") + "  \n"
                                 + _clash_summary(clash), "is_demo": wmap.is_demo}
-        raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol or sweep.")
+        if kind == "balance":
+            if not 2 <= len(names) <= 4:
+                raise StyleMixError(f"Balancing needs two to four LoRAs; {len(names)} chosen.")
+            targets = [float(v) for v in (values or [])]
+            if len(targets) != len(names):
+                raise StyleMixError(f"Give one target share per LoRA ({len(names)}), e.g. "
+                                    f"{', '.join(f'{1 / len(names):.2g}' for _ in names)}; got {targets!r}.")
+            recipe = Recipe(prompt=prompts[0], seed=int(seeds[0]), **gen).validate()
+            result = balance_mix(self.mixer, recipe, dict(zip(names, targets)),
+                                 BalanceConfig(preview_size=min(size, 256), preview_steps=min(int(steps), 8)),
+                                 progress=say)
+            header = ["step"] + [f"w {n}" for n in names] + [f"share {n}" for n in names] + ["CLIP score", "error"]
+            rows = [[i] + [round(p.weights.get(n, 0.0), 3) for n in names] + [round(p.shares.get(n, 0.0), 3)
+                                                                               for n in names]
+                    + [None if p.clip_score is None else round(p.clip_score, 4), round(p.error, 3)]
+                    for i, p in enumerate(result.path)]
+            images = []
+            if len(names) == 2:  # the path drawn on the two LoRAs' weight map
+                judge = StyleJudge.for_mixer(self.mixer, names)
+                top = max([1.0] + [p.weights.get(n, 0.0) for p in result.path for n in names])
+                grid = [0.0, round(top / 3, 2), round(2 * top / 3, 2), round(top, 2)]  # 4x4 previews
+                wmap = weight_map_2d(self.mixer, recipe.with_(steps=min(int(steps), 8)), names[0], names[1],
+                                     grid, judge=judge)
+                files = write_map(wmap, out, path_points=[p.weights for p in result.path])
+                images = [(files["map"], "style shares with the search path")]
+            best = ", ".join(f"{n} {result.best.weights.get(n, 0):.2f}" for n in names)
+            naive = ", ".join(f"{n} {result.naive.weights.get(n, 0):.2f}" for n in names)
+            md = (f"Best weights: **{best}** (largest share error {result.best.error:.3f}; naive {naive}: "
+                  f"{result.naive.error:.3f}). {'Reached' if result.reached else 'Did not reach'} the targets "
+                  f"in {result.evaluations} search previews ({result.generations} generations in all).")
+            return {"kind": kind, "out_dir": str(out), "table": (header, rows), "images": images, "markdown": md,
+                    "is_demo": self.mixer.loaded.is_tiny}
+        raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol, sweep or balance.")
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"

@@ -256,6 +256,12 @@ def test_experiments_protocol_and_sweep(app_url):
     assert "Clash map: overall cosine" in md
     with pytest.raises(Exception, match="exactly two LoRAs"):
         c.predict("sweep", ["watercolor"], "a cat", "0", "0, 1", 2, 64, OWNER, api_name="/run_experiment")
+    md, table, gallery = c.predict("balance", ["watercolor", "pixelart"], "a cat", "0", "0.6, 0.4", 2, 64, OWNER,
+                                   api_name="/run_experiment")
+    assert "Best weights" in md and "search previews" in md and len(gallery) == 1  # the path on the share map
+    assert table["headers"][:3] == ["step", "w watercolor", "w pixelart"] and len(table["data"]) >= 1
+    with pytest.raises(Exception, match="one target share per LoRA"):
+        c.predict("balance", ["watercolor", "pixelart"], "a cat", "0", "1", 2, 64, OWNER, api_name="/run_experiment")
 
 
 def test_recipe_png_restores_settings(app_url):
