@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="base model: hub id, local diffusers folder, or 'tiny' (default: $STYLEMIX_MODEL or SD1.5)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: picked automatically)")
     parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: picked from the device)")
+    parser.add_argument("--safety-checker", action="store_true",
+                        help="load the model's safety checker (off by default; real models only)")
     parser.add_argument("--loras-dir", default=None, help="LoRA library folder (default: $STYLEMIX_LORAS or ./loras)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

@@ -17,7 +17,7 @@ def open_mixer(args):
     from stylemix.mixer import Mixer
     from stylemix.models import load_model
 
-    loaded = load_model(args.model, args.device, args.dtype)
+    loaded = load_model(args.model, args.device, args.dtype, safety_checker=getattr(args, "safety_checker", False))
     if loaded.is_tiny:
         print("stylemix: WARNING: running the built-in TINY model (random weights): "
               "images are not real pictures and scores are demo values.", file=sys.stderr)
