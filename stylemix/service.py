@@ -99,8 +99,9 @@ class StyleMixService:
     def user_dir(self, owner: str, kind: str) -> Path:
         """outputs/<owner>/, data/<owner>/ ...: the only places a user's files go."""
         check_name(owner, "session id")
-        base = {"outputs": self.workspace.outputs, "data": self.workspace.data, "uploads": self.workspace.outputs.parent
-                / "uploads"}[kind]
+        # upload staging lives beside the users' dataset folders; a leading '.' can never be an owner id
+        base = {"outputs": self.workspace.outputs, "data": self.workspace.data,
+                "uploads": self.workspace.data / ".uploads"}[kind]
         path = inside(base, owner)
         path.mkdir(parents=True, exist_ok=True)
         return path
