@@ -207,6 +207,15 @@ class LoraLibrary:
         self.shapes = shapes
         self.base_model = base_model
         self._compat_cache: dict[tuple[str, str], str | None] = {}
+        self._sha_cache: dict[tuple, str] = {}
+
+    def file_sha256(self, path: Path) -> str:
+        """sha256 of a weights file, hashed once per (size, mtime) rather than on every request."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._sha_cache:
+            self._sha_cache[key] = sha256_file(path)
+        return self._sha_cache[key]
 
     def folder(self, name: str) -> Path:
         return inside(self.root, check_name(name, "LoRA name"))
@@ -232,6 +241,8 @@ class LoraLibrary:
             known = ", ".join(self.names()) or "none"
             raise StyleMixError(f"No LoRA named {name!r} in {self.root} (known: {known}).")
         meta = _read_meta(folder)
+        if not (isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64):
+            meta["sha256"] = self.file_sha256(folder / lora_io.WEIGHTS_NAME)  # in memory: the folder is not ours
         entry = LoraEntry(name=name, folder=folder, meta=meta)
         if self.shapes is not None:
             key = (name, str(meta.get("sha256") or (folder / lora_io.WEIGHTS_NAME).stat().st_mtime_ns))

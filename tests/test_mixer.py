@@ -184,3 +184,25 @@ def test_merged_and_unmerged_paths_agree_and_unmerge_is_exact(library_root):
     b = image(plain, loras=weights)
     assert np.abs(a - b).max() <= 1
     assert not plain.state.merged
+
+
+def test_weights_replaced_by_hand_under_an_old_stylemix_json_are_reloaded(tmp_path):
+    import shutil
+
+    root = tmp_path / "loras"
+    import json
+
+    from stylemix.library import sha256_file
+
+    folder = make_library_lora(root, "style", seed=1)
+    meta = json.loads((folder / "stylemix.json").read_text())
+    meta["sha256"] = sha256_file(folder / "pytorch_lora_weights.safetensors")  # as library-written folders have
+    (folder / "stylemix.json").write_text(json.dumps(meta))
+    make_library_lora(tmp_path / "other", "style", seed=2)
+    loaded = LoadedModel(tiny_pipeline(), "tiny", torch.device("cpu"), torch.float32)
+    mixer = Mixer(loaded, LoraLibrary(root))
+    first = image(mixer, loras={"style": 1.0})
+    # only the weights file changes; stylemix.json (and any sha256 in it) stays as it was
+    shutil.copyfile(tmp_path / "other" / "style" / "pytorch_lora_weights.safetensors",
+                    root / "style" / "pytorch_lora_weights.safetensors")
+    assert not np.array_equal(first, image(mixer, loras={"style": 1.0}))
