@@ -497,25 +497,23 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
         api_btn.click(job_status_api, inputs=[job_id, owner], outputs=api_json, api_name="job_status",
                       concurrency_limit=None)
 
-        @readable_errors
-        def cancel_fn(jid, owner_, request: gr.Request):
-            who = _owner(owner_, request)
-            if not jid:
-                raise StyleMixError("No job to cancel.")
-            service.cancel_job(who, jid)
-            return _train_outputs(service.job_view(who, jid), [], None)
+        def job_action(verb: str, act):
+            """The Cancel and Resume buttons: the same checks, then `act(owner, job_id)`."""
+            @readable_errors
+            def fn(jid, owner_, request: gr.Request):
+                who = _owner(owner_, request)
+                if not jid:
+                    raise StyleMixError(f"No job to {verb}.")
+                act(who, jid)
+                return _train_outputs(service.job_view(who, jid), [], None)
 
-        tr_cancel.click(cancel_fn, inputs=[job_id, owner], outputs=train_outputs, api_name="cancel_job")
+            fn.__name__ = f"{verb}_fn"
+            return fn
 
-        @readable_errors
-        def resume_fn(jid, owner_, request: gr.Request):
-            who = _owner(owner_, request)
-            if not jid:
-                raise StyleMixError("No job to resume.")
-            service.resume_job(who, jid)
-            return _train_outputs(service.job_view(who, jid), [], None)
-
-        tr_resume.click(resume_fn, inputs=[job_id, owner], outputs=train_outputs, api_name="resume_job")
+        tr_cancel.click(job_action("cancel", service.cancel_job), inputs=[job_id, owner], outputs=train_outputs,
+                        api_name="cancel_job")
+        tr_resume.click(job_action("resume", service.resume_job), inputs=[job_id, owner], outputs=train_outputs,
+                        api_name="resume_job")
 
         # ============================================================ Library logic
         @readable_errors

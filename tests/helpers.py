@@ -42,3 +42,16 @@ def make_library_lora(loras_dir: Path, name: str, seed: int, trigger: str | None
             "rank": kw.get("rank", 4), "alpha": kw.get("alpha", 4.0)}
     (d / "stylemix.json").write_text(json.dumps(meta))
     return d
+
+
+def add_own_centroids(service, names, images_per_style: int) -> None:
+    """Give each named library LoRA a style centroid (tiny CLIP) from images it generates alone."""
+    from stylemix.clip_models import tiny_scorer
+    from stylemix.recipe import Recipe
+    from stylemix.scoring import compute_centroid, save_centroid
+
+    scorer = tiny_scorer()
+    for name in names:
+        refs = [service.mixer.generate(Recipe("a cat", loras={name: 1.0}, seed=s, steps=2, width=64, height=64,
+                                              sampler="Euler")).images[0] for s in range(images_per_style)]
+        save_centroid(service.library.get(name).folder, compute_centroid(scorer, refs))

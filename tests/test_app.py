@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_library_lora
+from helpers import add_own_centroids, make_library_lora
 from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace
 from stylemix.recipe import read_recipe
@@ -21,20 +21,11 @@ def app_url(tmp_path_factory):
     import app
     from stylemix.service import StyleMixService
 
-    from stylemix.clip_models import tiny_scorer
-    from stylemix.scoring import compute_centroid, save_centroid
-
-    from stylemix.recipe import Recipe
-
     ws = Workspace.at(tmp_path_factory.mktemp("ws"))
     for i, name in enumerate(["anime", "watercolor", "cartoon", "pixelart"]):
         make_library_lora(ws.loras, name, seed=20 + i)
     service = StyleMixService.start("tiny", ws)
-    scorer = tiny_scorer()
-    for name in ("watercolor", "pixelart"):  # each style's own images give it a centroid
-        refs = [service.mixer.generate(Recipe("a cat", loras={name: 1.0}, seed=s, steps=2, width=64, height=64,
-                                              sampler="Euler")).images[0] for s in range(4)]
-        save_centroid(ws.loras / name, compute_centroid(scorer, refs))
+    add_own_centroids(service, ("watercolor", "pixelart"), images_per_style=4)
     demo = app.build_demo(service)
     demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
                         allowed_paths=[str(ws.outputs)])

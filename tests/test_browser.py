@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from browser_setup import ARTIFACTS, ensure_chromium, launch_browser
-from helpers import make_library_lora
+from helpers import add_own_centroids, make_library_lora
 from stylemix.paths import Workspace
 
 pytestmark = pytest.mark.browser
@@ -49,9 +49,6 @@ def chromium_path() -> str:
 def server(tmp_path_factory):
     """The app on the tiny model over a fresh workspace with two ready-made style LoRAs."""
     import app
-    from stylemix.clip_models import tiny_scorer
-    from stylemix.recipe import Recipe
-    from stylemix.scoring import compute_centroid, save_centroid
     from stylemix.service import StyleMixService
 
     ws = Workspace.at(tmp_path_factory.mktemp("browser-ws"))
@@ -60,11 +57,7 @@ def server(tmp_path_factory):
     for i, name in enumerate(MIX_STYLES):
         make_library_lora(ws.loras, name, seed=40 + i)
     service = StyleMixService.start("tiny", ws)
-    scorer = tiny_scorer()
-    for name in MIX_STYLES:  # centroids from each style's own images, so the page shows calibrated shares
-        refs = [service.mixer.generate(Recipe("a cat", loras={name: 1.0}, seed=s, steps=2, width=64, height=64,
-                                              sampler="Euler")).images[0] for s in range(2)]
-        save_centroid(ws.loras / name, compute_centroid(scorer, refs))
+    add_own_centroids(service, MIX_STYLES, images_per_style=2)  # so the page shows style shares
     demo = app.build_demo(service)
     demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
                         allowed_paths=[str(ws.outputs)])
