@@ -57,8 +57,7 @@ class LoraEntry:
 
     @property
     def sha256(self) -> str:
-        s = self.meta.get("sha256")
-        return s if isinstance(s, str) and len(s) == 64 else sha256_file(self.weights)
+        return self.meta["sha256"]  # set by LoraLibrary.get from the file itself
 
     @property
     def short_hash(self) -> str:
@@ -241,11 +240,12 @@ class LoraLibrary:
             known = ", ".join(self.names()) or "none"
             raise StyleMixError(f"No LoRA named {name!r} in {self.root} (known: {known}).")
         meta = _read_meta(folder)
-        if not (isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64):
-            meta["sha256"] = self.file_sha256(folder / lora_io.WEIGHTS_NAME)  # in memory: the folder is not ours
+        # the file's own hash, not the one stylemix.json claims: weights replaced by hand beside an old
+        # stylemix.json must show (and reload) as what they are; hashed once per size and mtime
+        meta["sha256"] = self.file_sha256(folder / lora_io.WEIGHTS_NAME)
         entry = LoraEntry(name=name, folder=folder, meta=meta)
         if self.shapes is not None:
-            key = (name, str(meta.get("sha256") or (folder / lora_io.WEIGHTS_NAME).stat().st_mtime_ns))
+            key = (name, meta["sha256"])
             if key not in self._compat_cache:
                 try:
                     state, _ = lora_io.read_lora_file(entry.weights)

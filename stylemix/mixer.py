@@ -138,9 +138,7 @@ class Mixer:
                 entry = self.library.get(name)
                 if not entry.compatible:
                     raise StyleMixError(f"LoRA {name!r} cannot be used with this base model: {entry.problem}.")
-                # the file's own hash (cached per size and mtime), not stylemix.json's: a weights file
-                # replaced by hand beside an old stylemix.json must still be reloaded
-                sha = self.library.file_sha256(entry.weights)
+                sha = entry.sha256
                 self._stats[name] = self._file_stat(name)
                 if name in self._adapters and self._adapters[name][1] == sha:
                     continue
