@@ -66,7 +66,7 @@ def tiny(targets: int) -> dict:
 
     from stylemix.balance import BalanceConfig, balance_mix
     from stylemix.clip_models import load_scorer
-    from stylemix.library import LoraLibrary
+    from stylemix.lora.library import LoraLibrary
     from stylemix.mixer import Mixer
     from stylemix.models import LoadedModel, tiny_pipeline
     from stylemix.recipe import Recipe

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/be
 
 import torch  # noqa: E402
 
-from stylemix.lora_io import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights  # noqa: E402
+from stylemix.lora.files import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights  # noqa: E402
 
 logger = logging.getLogger("stylemix.bench")
 
@@ -59,7 +59,7 @@ def make_full_size_library(comps: dict, root: Path, n: int) -> list[str]:
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
-    from stylemix.library import sha256_file
+    from stylemix.lora.library import sha256_file
 
     unet, te = comps["unet"], comps["text_encoder"]
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights=False, target_modules=UNET_TARGETS),
@@ -369,7 +369,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
 
-    from stylemix.library import LoraLibrary
+    from stylemix.lora.library import LoraLibrary
     from stylemix.mixer import Mixer
     from stylemix.models import LoadedModel, pick_device, pick_dtype, quiet_library_logs, tiny_components
 

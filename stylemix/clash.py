@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from stylemix import lora_io
+from stylemix.lora import files as lora_files
 from stylemix.errors import StyleMixError
 
 BLOCK_ORDER = ["text_encoder", "down.0", "down.1", "down.2", "down.3", "mid", "up.0", "up.1", "up.2", "up.3", "other"]
@@ -75,8 +75,8 @@ def delta_inner(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.
 def clash_states(state_a: dict, meta_a: dict, state_b: dict, meta_b: dict, name_a: str = "a", name_b: str = "b",
                  weight_a: float = 1.0, weight_b: float = 1.0) -> ClashMap:
     """Per-layer and per-block cosine between the updates of two canonical LoRA state dicts."""
-    mods_a, mods_b = lora_io.lora_modules(state_a), lora_io.lora_modules(state_b)
-    al_a, al_b = lora_io.adapter_alphas(meta_a), lora_io.adapter_alphas(meta_b)
+    mods_a, mods_b = lora_files.lora_modules(state_a), lora_files.lora_modules(state_b)
+    al_a, al_b = lora_files.adapter_alphas(meta_a), lora_files.adapter_alphas(meta_b)
     layers = []
     sums: dict[str, list[float]] = {}
     for mod in sorted(set(mods_a) & set(mods_b)):
@@ -85,8 +85,8 @@ def clash_states(state_a: dict, meta_a: dict, state_b: dict, meta_b: dict, name_
         if a1.shape[1] != a2.shape[1] or b1.shape[0] != b2.shape[0]:
             raise StyleMixError(f"Layer {mod!r} has different shapes in {name_a!r} and {name_b!r}: "
                                 "they were made for different base models.")
-        c1 = weight_a * lora_io.module_scale(al_a, mod, a1.shape[0])
-        c2 = weight_b * lora_io.module_scale(al_b, mod, a2.shape[0])
+        c1 = weight_a * lora_files.module_scale(al_a, mod, a1.shape[0])
+        c2 = weight_b * lora_files.module_scale(al_b, mod, a2.shape[0])
         inner = c1 * c2 * delta_inner(a1, b1, a2, b2)
         n1 = abs(c1) * math.sqrt(max(delta_inner(a1, b1, a1, b1), 0.0))
         n2 = abs(c2) * math.sqrt(max(delta_inner(a2, b2, a2, b2), 0.0))
@@ -113,8 +113,8 @@ def clash_map(library, lora_a: str, lora_b: str, weight_a: float = 1.0, weight_b
     """The clash map of two LoRAs of the library (weights only flip signs: cosines ignore magnitude)."""
     if lora_a == lora_b:
         raise StyleMixError(f"A clash map needs two different LoRAs; got {lora_a!r} twice.")
-    sa, ma = lora_io.read_lora_file(library.get(lora_a).weights)
-    sb, mb = lora_io.read_lora_file(library.get(lora_b).weights)
+    sa, ma = lora_files.read_lora_file(library.get(lora_a).weights)
+    sb, mb = lora_files.read_lora_file(library.get(lora_b).weights)
     return clash_states(sa, ma, sb, mb, lora_a, lora_b, weight_a, weight_b)
 
 

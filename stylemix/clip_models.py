@@ -209,7 +209,7 @@ def _load_real(clip_model: str, pretrained: str, dev: torch.device, cache_dir) -
             tags = ", ".join(list_pretrained_tags_by_model(clip_model)) or "none"
             raise StyleMixError(f"CLIP weights {pretrained!r} for {clip_model}: not a known tag ({tags}) "
                                 "nor an existing .safetensors file.")
-        from stylemix.lora_io import check_safetensors_header
+        from stylemix.lora.files import check_safetensors_header
 
         check_safetensors_header(path)  # refuses pickles by their first bytes
         checkpoint, name = str(path), f"{clip_model}/{path.name}"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from stylemix import lora_io
+from stylemix.lora import files as lora_files
 from stylemix.errors import StyleMixError
 from stylemix.paths import check_name
 
@@ -86,7 +86,7 @@ def mix_lora_states(loras: list[tuple[str, dict[str, torch.Tensor], dict[str, st
         w = float(weights.get(name, 0.0))
         if w == 0:
             continue
-        parts.append((name, lora_io.lora_modules(state), w, lora_io.adapter_alphas(metadata)))
+        parts.append((name, lora_files.lora_modules(state), w, lora_files.adapter_alphas(metadata)))
     if not parts:
         raise StyleMixError("Nothing to export: every LoRA of the mix has weight 0.")
     ranks = []
@@ -111,7 +111,7 @@ def mix_lora_states(loras: list[tuple[str, dict[str, torch.Tensor], dict[str, st
             if mod in modules:
                 a, b = modules[mod]
                 r = a.shape[0]
-                c = w * block_multiplier(mod, block_weights.get(name, {})) * lora_io.module_scale(alphas, mod, r)
+                c = w * block_multiplier(mod, block_weights.get(name, {})) * lora_files.module_scale(alphas, mod, r)
                 A[offset : offset + r] = a.float()
                 B[:, offset : offset + r] = b.float() * c
             offset += r_max
@@ -146,7 +146,7 @@ def compress(state: dict[str, torch.Tensor], rank: int) -> tuple[dict[str, torch
     out: dict[str, torch.Tensor] = {}
     kept_total = dropped_total = 0.0
     worst, worst_mod = 0.0, None
-    for mod, (a, b) in lora_io.lora_modules(state).items():
+    for mod, (a, b) in lora_files.lora_modules(state).items():
         a64, b64 = a.double(), b.double()
         qb, rb = torch.linalg.qr(b64)  # B = Qb Rb,  Qb [out, R']
         qa, ra = torch.linalg.qr(a64.T)  # A^T = Qa Ra, Qa [in, R']
@@ -191,7 +191,7 @@ def export_mix(library, weights: dict[str, float], block_weights: dict[str, dict
         entry = library.get(name)
         if not entry.compatible:
             raise StyleMixError(f"LoRA {name!r} cannot be used with this base model: {entry.problem}.")
-        state, metadata = lora_io.read_lora_file(entry.weights)
+        state, metadata = lora_files.read_lora_file(entry.weights)
         loras.append((name, state, metadata))
         sources[name] = entry.sha256
     active = {n: float(w) for n, w in weights.items() if w != 0}
@@ -212,18 +212,18 @@ def export_mix(library, weights: dict[str, float], block_weights: dict[str, dict
 
 def write_mix(result: MixExport, dest: str | Path, fmt: str = "diffusers", name: str = "mix") -> Path:
     """Write an exported mix to `dest` (a .safetensors file) in 'diffusers' or 'kohya' layout."""
-    from stylemix.library import to_kohya
+    from stylemix.lora.library import to_kohya
 
     dest = Path(dest)
     if dest.suffix != ".safetensors":
         raise StyleMixError(f"Export target {dest.name!r} must end in .safetensors.")
     if fmt == "diffusers":
-        lora_io.write_safetensors(dest, result.state, result.header)
+        lora_files.write_safetensors(dest, result.state, result.header)
     elif fmt == "kohya":
         kohya, kmeta = to_kohya(result.state, result.header, float(result.rank))
         kmeta["ss_output_name"] = name
         kmeta["stylemix_mix"] = result.header.get("stylemix_mix", "{}")
-        lora_io.write_safetensors(dest, kohya, kmeta)
+        lora_files.write_safetensors(dest, kohya, kmeta)
     else:
         raise StyleMixError(f"Unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}.")
     return dest

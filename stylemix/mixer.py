@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 
 from stylemix.errors import StyleMixError
-from stylemix.library import LoraLibrary, model_linear_shapes
-from stylemix.lora_io import WEIGHTS_NAME
+from stylemix.lora.library import LoraLibrary, model_linear_shapes
+from stylemix.lora.files import WEIGHTS_NAME
 from stylemix.models import LoadedModel
 from stylemix.recipe import SAMPLERS, Recipe
 

@@ -175,7 +175,7 @@ def centroid_models(lora_dir: str | Path) -> list[str]:
 def _read_centroids(path: Path) -> dict[str, StyleCentroid]:
     from safetensors import safe_open
 
-    from stylemix.lora_io import check_safetensors_header
+    from stylemix.lora.files import check_safetensors_header
 
     check_safetensors_header(path)  # refuses pickles and truncated files before anything is parsed
     bad = f"{path}: not a valid StyleMix style centroid file"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylemix.errors import StyleMixError
-from stylemix.library import LoraLibrary, model_linear_shapes
+from stylemix.lora.library import LoraLibrary, model_linear_shapes
 from stylemix.mixer import Mixer, MixResult
 from stylemix.models import ModelLoadError, load_model
 from stylemix.paths import Workspace, check_name, inside

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from stylemix.lora_io import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights
+from stylemix.lora.files import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights
 from stylemix.models import tiny_components
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from helpers import make_library_lora
-from stylemix import lora_io
+from stylemix.lora import files as lora_files
 from stylemix.clash import clash_map, clash_states, delta_inner, draw_heatmap
 from stylemix.errors import StyleMixError
-from stylemix.library import LoraLibrary
+from stylemix.lora.library import LoraLibrary
 
 
 def test_inner_product_identity_matches_dense():
@@ -56,13 +56,13 @@ def test_clash_map_of_library_loras_and_heatmap(workspace, tmp_path):
     make_library_lora(workspace.loras, "b", seed=2, rank=2)
     lib = LoraLibrary(workspace.loras)
     m = clash_map(lib, "a", "b")
-    n_layers = len(lora_io.lora_modules(lora_io.read_lora_file(lib.get("a").weights)[0]))
+    n_layers = len(lora_files.lora_modules(lora_files.read_lora_file(lib.get("a").weights)[0]))
     assert len(m.layers) == n_layers and m.only_a == m.only_b == 0
     assert set(m.blocks) >= {"text_encoder", "down.0", "mid", "up.3"}
     assert all(c is None or -1 <= c <= 1 for c in m.blocks.values())
     # dense check on one layer, with each LoRA's alpha/rank scale
     layer = m.layers[5]
-    (a1, b1), (a2, b2) = (lora_io.lora_modules(lora_io.read_lora_file(lib.get(n).weights)[0])[layer.module]
+    (a1, b1), (a2, b2) = (lora_files.lora_modules(lora_files.read_lora_file(lib.get(n).weights)[0])[layer.module]
                           for n in ("a", "b"))
     d1, d2 = (b1 @ a1).double(), (b2 @ a2).double()
     assert layer.cosine == pytest.approx(float((d1 * d2).sum() / (d1.norm() * d2.norm())), rel=1e-5)

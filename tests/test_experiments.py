@@ -9,7 +9,7 @@ import torch
 from helpers import make_library_lora
 from stylemix.errors import StyleMixError
 from stylemix.experiments import ProtocolConfig, mean_ci, resolve_styles, run_protocol
-from stylemix.library import LoraLibrary
+from stylemix.lora.library import LoraLibrary
 from stylemix.mixer import Mixer
 from stylemix.models import LoadedModel, tiny_pipeline
 

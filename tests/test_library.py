@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers import make_library_lora, make_lora_file
 from stylemix.errors import StyleMixError
-from stylemix.library import LoraLibrary, model_linear_shapes
-from stylemix.lora_io import WEIGHTS_NAME, read_lora_file
+from stylemix.lora.library import LoraLibrary, model_linear_shapes
+from stylemix.lora.files import WEIGHTS_NAME, read_lora_file
 from stylemix.mixer import Mixer
 from stylemix.models import LoadedModel, tiny_pipeline
 from stylemix.recipe import Recipe

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helpers import make_library_lora
-from stylemix import lora_io
+from stylemix.lora import files as lora_files
 from stylemix.errors import StyleMixError
-from stylemix.library import LoraLibrary
+from stylemix.lora.library import LoraLibrary
 from stylemix.mix_export import add_mix_to_library, compress, export_mix, mix_lora_states, write_mix
 from stylemix.mixer import Mixer
 from stylemix.models import LoadedModel, tiny_pipeline
@@ -67,7 +67,7 @@ def test_exported_file_reproduces_the_live_mix(mixer, library, tmp_path, weights
     assert result.rank == sum(library.get(n).meta["rank"] for n in weights)
     assert result.relative_error == 0.0
     path = write_mix(result, tmp_path / f"mix-{fmt}.safetensors", fmt=fmt)
-    state, _ = lora_io.read_lora_file(path)
+    state, _ = lora_files.read_lora_file(path)
     if fmt == "kohya":
         assert all(k.startswith(("lora_unet_", "lora_te_")) for k in state)
     assert np.abs(fresh_image(path, recipe) - live).max() <= 1
@@ -75,18 +75,18 @@ def test_exported_file_reproduces_the_live_mix(mixer, library, tmp_path, weights
 
 def test_weighted_sum_is_exact_per_layer(library):
     weights = {"anime": 0.7, "cartoon": -1.2}
-    mixed, rank = mix_lora_states([(n, *lora_io.read_lora_file(library.get(n).weights)) for n in weights], weights,
+    mixed, rank = mix_lora_states([(n, *lora_files.read_lora_file(library.get(n).weights)) for n in weights], weights,
                                   {"cartoon": {"up.2": 0.25}})
     assert rank == 4 + 2
-    for mod, (a, b) in lora_io.lora_modules(mixed).items():
+    for mod, (a, b) in lora_files.lora_modules(mixed).items():
         expect = torch.zeros(b.shape[0], a.shape[1])
         for n, w in weights.items():
-            state, md = lora_io.read_lora_file(library.get(n).weights)
-            mods = lora_io.lora_modules(state)
+            state, md = lora_files.read_lora_file(library.get(n).weights)
+            mods = lora_files.lora_modules(state)
             if mod in mods:
                 a_i, b_i = mods[mod]
                 mult = 0.25 if (n == "cartoon" and ".up_blocks.2." in mod) else 1.0
-                expect += w * mult * lora_io.module_scale(lora_io.adapter_alphas(md), mod, a_i.shape[0]) * b_i @ a_i
+                expect += w * mult * lora_files.module_scale(lora_files.adapter_alphas(md), mod, a_i.shape[0]) * b_i @ a_i
         assert torch.allclose(b @ a, expect, atol=1e-6), mod
 
 
@@ -99,7 +99,7 @@ def test_svd_compression_reports_its_error(library):
     assert lossless.relative_error == 0.0
     # the reported error is the true Frobenius error of the compressed file
     num = den = 0.0
-    full_mods, small_mods = lora_io.lora_modules(full.state), lora_io.lora_modules(small.state)
+    full_mods, small_mods = lora_files.lora_modules(full.state), lora_files.lora_modules(small.state)
     for mod, (a, b) in full_mods.items():
         a2, b2 = small_mods[mod]
         d = (b.double() @ a.double())
@@ -108,7 +108,7 @@ def test_svd_compression_reports_its_error(library):
     assert small.relative_error == pytest.approx((num / den) ** 0.5, rel=1e-4)
     # rank 10 of a rank-10 update kept as is: compression at full rank is exact
     state, rel, _, _ = compress(full.state, 10)
-    for mod, (a, b) in lora_io.lora_modules(state).items():
+    for mod, (a, b) in lora_files.lora_modules(state).items():
         fa, fb = full_mods[mod]
         assert torch.allclose(b @ a, fb @ fa, atol=1e-5)
 
@@ -155,7 +155,7 @@ def test_cli_mix_export_and_clash(library, tmp_path, capsys):
                      "--format", "kohya", "--out", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rank"] == 8 and info["exact"] and info["block_weights"] == {"anime": {"up.1": 0.5}}
-    assert lora_io.detect_format(lora_io.read_lora_file(out)[0]) == "kohya"
+    assert lora_files.detect_format(lora_files.read_lora_file(out)[0]) == "kohya"
     assert main(g + ["mix", "export", "--lora", "anime=0.5", "--lora", "pixelart=0.5", "--rank", "2",
                      "--add", "small_mix"]) == 0
     assert "relative error" in capsys.readouterr().out and library.get("small_mix").meta["rank"] == 2

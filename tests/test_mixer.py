@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from helpers import make_library_lora
 from stylemix.errors import StyleMixError
-from stylemix.library import LoraLibrary
+from stylemix.lora.library import LoraLibrary
 from stylemix.mixer import Mixer, block_of
 from stylemix.models import LoadedModel, tiny_pipeline
 from stylemix.recipe import SAMPLERS, Recipe
@@ -192,7 +192,7 @@ def test_weights_replaced_by_hand_under_an_old_stylemix_json_are_reloaded(tmp_pa
     root = tmp_path / "loras"
     import json
 
-    from stylemix.library import sha256_file
+    from stylemix.lora.library import sha256_file
 
     folder = make_library_lora(root, "style", seed=1)
     meta = json.loads((folder / "stylemix.json").read_text())

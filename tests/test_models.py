@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stylemix.lora_io import TEXT_TARGETS, UNET_TARGETS
+from stylemix.lora.files import TEXT_TARGETS, UNET_TARGETS
 from stylemix.models import (CONFIG_DIR, ModelLoadError, clip_tokenizer, full_size_meta_text_encoder,
                              full_size_meta_unet, load_model, pick_device, pick_dtype, tiny_components)
 

@@ -28,8 +28,8 @@ def test_real_sd15_mix_relations(real_model, tmp_path):
     import torch
     from peft import LoraConfig
 
-    from stylemix.library import LoraLibrary
-    from stylemix.lora_io import TEXT_TARGETS, UNET_TARGETS, save_lora_weights
+    from stylemix.lora.library import LoraLibrary
+    from stylemix.lora.files import TEXT_TARGETS, UNET_TARGETS, save_lora_weights
     from stylemix.mixer import Mixer
     from stylemix.models import tiny_components  # noqa: F401  (same code path as tiny)
     from stylemix.recipe import Recipe
@@ -53,7 +53,7 @@ def test_real_sd15_mix_relations(real_model, tmp_path):
 def test_real_clip_scores_are_on_the_reports_scale(real_model):
     from stylemix.clip_models import load_scorer_or_reason
     from stylemix.mixer import Mixer
-    from stylemix.library import LoraLibrary
+    from stylemix.lora.library import LoraLibrary
     from stylemix.recipe import Recipe
 
     scorer, why = load_scorer_or_reason(device=real_model.device)

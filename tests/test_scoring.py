@@ -341,7 +341,7 @@ def test_cli_scores_unavailable_offline_exit_code(tmp_path):
 
 def test_score_result_of_a_mix(tmp_path, monkeypatch, scorer):
     from helpers import make_library_lora
-    from stylemix.library import LoraLibrary
+    from stylemix.lora.library import LoraLibrary
     from stylemix.mixer import Mixer
     from stylemix.models import LoadedModel, tiny_pipeline
     from stylemix.recipe import Recipe

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stylemix.errors import StyleMixError
-from stylemix.lora_io import WEIGHTS_NAME
+from stylemix.lora.files import WEIGHTS_NAME
 from stylemix.models import tiny_pipeline
 from trainers.lora import TrainConfig, latest_checkpoint, train
 
@@ -86,7 +86,7 @@ def test_overfit_lora_in_library_loads_in_plain_diffusers_and_mixer(tmp_path, da
     assert np.abs(render(pipe) - before).max() > 1e-3
 
     # The mixer picks it up from the library and its weight changes the image.
-    from stylemix.library import LoraLibrary
+    from stylemix.lora.library import LoraLibrary
     from stylemix.mixer import Mixer
     from stylemix.models import LoadedModel
     from stylemix.recipe import Recipe

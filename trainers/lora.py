@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from stylemix.errors import StyleMixError
-from stylemix.library import sha256_file
-from stylemix.lora_io import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights, write_safetensors
+from stylemix.lora.library import sha256_file
+from stylemix.lora.files import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights, write_safetensors
 from stylemix.models import DEFAULT_MODEL, TINY, ModelLoadError, quiet_library_logs, tiny_components
 from stylemix.paths import atomic_write_text, check_name, replace_folder
 from trainers.data import DatasetInfo, LatentCache, load_dataset_folder, load_pixels, with_trigger
@@ -286,7 +286,7 @@ def save_checkpoint(work_dir: Path, step: int, models: dict[str, torch.nn.Module
 def load_checkpoint(ckpt: Path, models: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> dict:
     from safetensors.torch import load_file
 
-    from stylemix.lora_io import check_safetensors_header
+    from stylemix.lora.files import check_safetensors_header
 
     for f in ("lora.safetensors", "optimizer.safetensors"):
         check_safetensors_header(ckpt / f)

@@ -13,7 +13,7 @@ def workspace(args) -> Workspace:
 
 def open_mixer(args):
     """Load the base model (cached) and a mixer over the LoRA library; fails with ModelLoadError."""
-    from stylemix.library import LoraLibrary
+    from stylemix.lora.library import LoraLibrary
     from stylemix.mixer import Mixer
     from stylemix.models import load_model
 

@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 def _library(args, check: bool):
     from stylemix.cli.common import workspace
-    from stylemix.library import LoraLibrary, model_linear_shapes
+    from stylemix.lora.library import LoraLibrary, model_linear_shapes
 
     root = workspace(args).loras
     if not check:

@@ -122,7 +122,7 @@ def register(sub) -> None:
 
 def _library(args):
     from stylemix.cli.common import workspace
-    from stylemix.library import LoraLibrary
+    from stylemix.lora.library import LoraLibrary
 
     return LoraLibrary(workspace(args).loras)
 

@@ -1,6 +1,6 @@
 """The LoRA library: one folder per LoRA under `loras/`, import, export, rename, remove.
 
-    loras/<name>/pytorch_lora_weights.safetensors   canonical diffusers/peft keys (lora_io.py)
+    loras/<name>/pytorch_lora_weights.safetensors   canonical diffusers/peft keys (files.py)
     loras/<name>/stylemix.json                      name, trigger word, rank, alpha, training...
     loras/<name>/style_centroid.safetensors         optional: CLIP style centroid (scoring.py)
     loras/<name>/samples/                           optional: training samples
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stylemix import lora_io
+from stylemix.lora import files as lora_files
 from stylemix.errors import StyleMixError
 from stylemix.paths import atomic_write_text, check_name, inside, read_json_object, replace_folder
 
@@ -48,7 +48,7 @@ class LoraEntry:
 
     @property
     def weights(self) -> Path:
-        return self.folder / lora_io.WEIGHTS_NAME
+        return self.folder / lora_files.WEIGHTS_NAME
 
     @property
     def trigger_word(self) -> str | None:
@@ -83,14 +83,14 @@ def model_linear_shapes(pipe) -> dict[str, tuple[int, int]]:
         for name, mod in model.named_modules():
             base = getattr(mod, "base_layer", mod)  # a module already wrapped by peft
             if isinstance(base, torch.nn.Linear) and ".base_layer" not in name and ".lora_" not in name:
-                key = lora_io.canonical_text_encoder_key(f"{prefix}.{name}")
+                key = lora_files.canonical_text_encoder_key(f"{prefix}.{name}")
                 shapes[key] = (base.in_features, base.out_features)
     return shapes
 
 
 def check_compatible(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> str | None:
     """None if every LoRA module exists in the base model with matching shapes, else the reason."""
-    for mod, (a, b) in lora_io.lora_modules(state).items():
+    for mod, (a, b) in lora_files.lora_modules(state).items():
         if mod not in shapes:
             return f"module {mod!r} does not exist in the loaded base model"
         fin, fout = shapes[mod]
@@ -118,10 +118,10 @@ def to_canonical(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tu
     from diffusers.utils import convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft
 
-    fmt = lora_io.detect_format(state)
+    fmt = lora_files.detect_format(state)
     if fmt == "peft" and all(".lora_A." in k or ".lora_B." in k for k in state):
-        out = {lora_io.canonical_text_encoder_key(k): v for k, v in state.items()}
-        alphas = lora_io.adapter_alphas(metadata)
+        out = {lora_files.canonical_text_encoder_key(k): v for k, v in state.items()}
+        alphas = lora_files.adapter_alphas(metadata)
         alpha = alphas.get("unet", alphas.get("text_encoder", (None, None)))[1]
         keep = {"lora_adapter_metadata": metadata["lora_adapter_metadata"]} if "lora_adapter_metadata" in metadata else {}
         return out, keep, alpha
@@ -139,7 +139,7 @@ def to_canonical(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tu
             continue
         part = convert_unet_state_dict_to_peft(part) if prefix == "unet" else convert_state_dict_to_peft(part)
         for k, v in part.items():
-            out[lora_io.canonical_text_encoder_key(f"{prefix}.{k}")] = v.float()
+            out[lora_files.canonical_text_encoder_key(f"{prefix}.{k}")] = v.float()
     if not out:
         raise StyleMixError("This LoRA holds no UNet or text-encoder weights StyleMix can use.")
     return out, {}, alpha
@@ -156,7 +156,7 @@ def _fold_kohya_alphas(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
         if down is None or up is None:
             raise StyleMixError(f"kohya LoRA key {k!r} has no matching lora_down/lora_up weights.")
         alpha = float(v.item())
-        if not lora_io.is_finite_number(alpha):
+        if not lora_files.is_finite_number(alpha):
             raise StyleMixError(f"kohya LoRA key {k!r} has a non-finite alpha.")
         seen.add(alpha)
         out[base + ".lora_up.weight"] = up.float() * (alpha / down.shape[0])
@@ -172,17 +172,17 @@ def to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], alpha: fl
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    alphas = lora_io.adapter_alphas(metadata)
+    alphas = lora_files.adapter_alphas(metadata)
     kohya = convert_state_dict_to_kohya({k: v for k, v in state.items()})
     out = {}
     for k, v in kohya.items():
         k = k.replace("lora_te1_", "lora_te_")
         out[k] = v
     ranks = set()
-    for mod, (a, _b) in lora_io.lora_modules(state).items():
+    for mod, (a, _b) in lora_files.lora_modules(state).items():
         rank = a.shape[0]
         ranks.add(rank)
-        scale = lora_io.module_scale(alphas, mod, rank)  # alpha/r the canonical file is loaded with
+        scale = lora_files.module_scale(alphas, mod, rank)  # alpha/r the canonical file is loaded with
         kk = convert_state_dict_to_kohya({mod + ".lora_A.weight": a})
         down_key = next(iter(kk)).replace("lora_te1_", "lora_te_")
         out[down_key.split(".")[0] + ".alpha"] = torch.tensor(float(scale * rank))
@@ -224,7 +224,7 @@ class LoraLibrary:
             return []
         out = []
         for d in sorted(self.root.iterdir()):
-            if d.is_dir() and not d.is_symlink() and (d / lora_io.WEIGHTS_NAME).is_file():
+            if d.is_dir() and not d.is_symlink() and (d / lora_files.WEIGHTS_NAME).is_file():
                 try:
                     out.append(check_name(d.name))
                 except StyleMixError:
@@ -236,19 +236,19 @@ class LoraLibrary:
 
     def get(self, name: str) -> LoraEntry:
         folder = self.folder(name)
-        if not (folder / lora_io.WEIGHTS_NAME).is_file():
+        if not (folder / lora_files.WEIGHTS_NAME).is_file():
             known = ", ".join(self.names()) or "none"
             raise StyleMixError(f"No LoRA named {name!r} in {self.root} (known: {known}).")
         meta = _read_meta(folder)
         # the file's own hash, not the one stylemix.json claims: weights replaced by hand beside an old
         # stylemix.json must show (and reload) as what they are; hashed once per size and mtime
-        meta["sha256"] = self.file_sha256(folder / lora_io.WEIGHTS_NAME)
+        meta["sha256"] = self.file_sha256(folder / lora_files.WEIGHTS_NAME)
         entry = LoraEntry(name=name, folder=folder, meta=meta)
         if self.shapes is not None:
             key = (name, meta["sha256"])
             if key not in self._compat_cache:
                 try:
-                    state, _ = lora_io.read_lora_file(entry.weights)
+                    state, _ = lora_files.read_lora_file(entry.weights)
                     self._compat_cache[key] = check_compatible(state, self.shapes)
                 except StyleMixError as e:
                     self._compat_cache[key] = str(e)
@@ -272,14 +272,14 @@ class LoraLibrary:
         tmp = self.root / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
         tmp.mkdir()
         try:
-            lora_io.write_safetensors(tmp / lora_io.WEIGHTS_NAME, state, header or None)
+            lora_files.write_safetensors(tmp / lora_files.WEIGHTS_NAME, state, header or None)
             for rel, src in (extra_files or {}).items():
                 dst = inside(tmp, *Path(rel).parts)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)
-            meta = {**meta, "name": name, "sha256": sha256_file(tmp / lora_io.WEIGHTS_NAME)}
+            meta = {**meta, "name": name, "sha256": sha256_file(tmp / lora_files.WEIGHTS_NAME)}
             meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            modules = lora_io.lora_modules(state)
+            modules = lora_files.lora_modules(state)
             ranks = sorted({a.shape[0] for a, _ in modules.values()})
             meta.setdefault("rank", ranks[0] if len(ranks) == 1 else ranks)
             meta.setdefault("target_modules", _target_summary(modules))
@@ -298,8 +298,8 @@ class LoraLibrary:
         src = Path(src)
         if src.suffix.lower() != ".safetensors":
             raise StyleMixError(f"{src.name}: only .safetensors LoRA files can be imported (pickle files can run code).")
-        state, metadata = lora_io.read_lora_file(src)
-        fmt = lora_io.detect_format(state)
+        state, metadata = lora_files.read_lora_file(src)
+        fmt = lora_files.detect_format(state)
         canonical, header, alpha = to_canonical(state, metadata)
         meta = {"trigger_word": trigger_word or _trigger_from_kohya(metadata), "base_model": self.base_model,
                 "alpha": alpha, "source": {"file": src.name, "format": fmt}}
@@ -315,7 +315,7 @@ class LoraLibrary:
                 files = [f for f in list_repo_files(repo_id) if f.endswith(".safetensors")]
                 if not files:
                     raise StyleMixError(f"Hub repo {repo_id!r} has no .safetensors file.")
-                filename = lora_io.WEIGHTS_NAME if lora_io.WEIGHTS_NAME in files else files[0]
+                filename = lora_files.WEIGHTS_NAME if lora_files.WEIGHTS_NAME in files else files[0]
             if not filename.endswith(".safetensors"):
                 raise StyleMixError(f"{filename!r}: only .safetensors files are imported.")
             local = hf_hub_download(repo_id, filename)
@@ -329,21 +329,21 @@ class LoraLibrary:
     def export(self, name: str, dest: str | os.PathLike, fmt: str = "diffusers") -> Path:
         """Write the LoRA's weights to `dest` in 'diffusers' (canonical) or 'kohya' layout."""
         entry = self.get(name)
-        state, metadata = lora_io.read_lora_file(entry.weights)
+        state, metadata = lora_files.read_lora_file(entry.weights)
         dest = Path(dest)
         if dest.is_dir():
             dest = dest / f"{name}.safetensors"
         if dest.suffix != ".safetensors":
             raise StyleMixError(f"Export target {dest.name!r} must end in .safetensors.")
         if fmt == "diffusers":
-            lora_io.write_safetensors(dest, state, metadata or None)
+            lora_files.write_safetensors(dest, state, metadata or None)
         elif fmt == "kohya":
             alpha = entry.meta.get("alpha")
-            kohya, kmeta = to_kohya(state, metadata, float(alpha) if lora_io.is_finite_number(alpha) else None)
+            kohya, kmeta = to_kohya(state, metadata, float(alpha) if lora_files.is_finite_number(alpha) else None)
             if entry.trigger_word:
                 kmeta["ss_tag_frequency"] = json.dumps({entry.trigger_word: {entry.trigger_word: 1}})
             kmeta["ss_output_name"] = name
-            lora_io.write_safetensors(dest, kohya, kmeta)
+            lora_files.write_safetensors(dest, kohya, kmeta)
         else:
             raise ValueError(f"Unknown export format {fmt!r}; choose 'diffusers' or 'kohya'.")
         return dest
