@@ -76,7 +76,7 @@ def clash_states(state_a: dict, meta_a: dict, state_b: dict, meta_b: dict, name_
                  weight_a: float = 1.0, weight_b: float = 1.0) -> ClashMap:
     """Per-layer and per-block cosine between the updates of two canonical LoRA state dicts."""
     mods_a, mods_b = lora_files.lora_modules(state_a), lora_files.lora_modules(state_b)
-    al_a, al_b = lora_files.adapter_alphas(meta_a), lora_files.adapter_alphas(meta_b)
+    sc_a, sc_b = lora_files.module_scales(meta_a, mods_a), lora_files.module_scales(meta_b, mods_b)
     layers = []
     sums: dict[str, list[float]] = {}
     for mod in sorted(set(mods_a) & set(mods_b)):
@@ -85,8 +85,8 @@ def clash_states(state_a: dict, meta_a: dict, state_b: dict, meta_b: dict, name_
         if a1.shape[1] != a2.shape[1] or b1.shape[0] != b2.shape[0]:
             raise StyleMixError(f"Layer {mod!r} has different shapes in {name_a!r} and {name_b!r}: "
                                 "they were made for different base models.")
-        c1 = weight_a * lora_files.module_scale(al_a, mod, a1.shape[0])
-        c2 = weight_b * lora_files.module_scale(al_b, mod, a2.shape[0])
+        c1 = weight_a * sc_a[mod]
+        c2 = weight_b * sc_b[mod]
         inner = c1 * c2 * delta_inner(a1, b1, a2, b2)
         n1 = abs(c1) * math.sqrt(max(delta_inner(a1, b1, a1, b1), 0.0))
         n2 = abs(c2) * math.sqrt(max(delta_inner(a2, b2, a2, b2), 0.0))

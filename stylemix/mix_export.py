@@ -81,12 +81,13 @@ def mix_lora_states(loras: list[tuple[str, dict[str, torch.Tensor], dict[str, st
     Returns (state, rank).  Each module's A is [R, in], B is [out, R], R the same for every module.
     """
     block_weights = block_weights or {}
-    parts: list[tuple[str, dict, float, dict]] = []  # name, modules, weight, alphas
+    parts: list[tuple[str, dict, float, dict]] = []  # name, modules, weight, per-module scales
     for name, state, metadata in loras:
         w = float(weights.get(name, 0.0))
         if w == 0:
             continue
-        parts.append((name, lora_files.lora_modules(state), w, lora_files.adapter_alphas(metadata)))
+        modules = lora_files.lora_modules(state)
+        parts.append((name, modules, w, lora_files.module_scales(metadata, modules)))
     if not parts:
         raise StyleMixError("Nothing to export: every LoRA of the mix has weight 0.")
     ranks = []
@@ -94,24 +95,23 @@ def mix_lora_states(loras: list[tuple[str, dict[str, torch.Tensor], dict[str, st
         rs = {a.shape[0] for a, _ in modules.values()}
         ranks.append(max(rs))  # a LoRA with per-module ranks is padded to its largest
     total = sum(ranks)
-    shapes: dict[str, tuple[int, int]] = {}
+    shapes: dict[str, tuple[tuple, tuple]] = {}  # module -> (A's shape after the rank, B's shape without it)
     for name, modules, _, _ in parts:
         for mod, (a, b) in modules.items():
-            shape = (a.shape[1], b.shape[0])
+            shape = (tuple(a.shape[1:]), (b.shape[0], *b.shape[2:]))
             if shapes.setdefault(mod, shape) != shape:
-                raise StyleMixError(f"LoRA {name!r} has layer {mod!r} with {shape[0]}->{shape[1]} features, another "
-                                    f"LoRA of the mix has {shapes[mod][0]}->{shapes[mod][1]}: made for different "
-                                    "base models, they cannot be mixed.")
+                raise StyleMixError(f"LoRA {name!r} has layer {mod!r} of shape {shape}, another LoRA of the mix "
+                                    f"has {shapes[mod]}: made for different base models, they cannot be mixed.")
     state: dict[str, torch.Tensor] = {}
-    for mod, (fin, fout) in sorted(shapes.items()):
-        A = torch.zeros(total, fin, dtype=torch.float32)
-        B = torch.zeros(fout, total, dtype=torch.float32)
+    for mod, (a_rest, (fout, *b_rest)) in sorted(shapes.items()):
+        A = torch.zeros(total, *a_rest, dtype=torch.float32)  # conv layers keep peft's [r, in, kh, kw]
+        B = torch.zeros(fout, total, *b_rest, dtype=torch.float32)
         offset = 0
-        for (name, modules, w, alphas), r_max in zip(parts, ranks):
+        for (name, modules, w, scales), r_max in zip(parts, ranks):
             if mod in modules:
                 a, b = modules[mod]
                 r = a.shape[0]
-                c = w * block_multiplier(mod, block_weights.get(name, {})) * lora_files.module_scale(alphas, mod, r)
+                c = w * block_multiplier(mod, block_weights.get(name, {})) * scales[mod]
                 A[offset : offset + r] = a.float()
                 B[:, offset : offset + r] = b.float() * c
             offset += r_max
@@ -147,19 +147,20 @@ def compress(state: dict[str, torch.Tensor], rank: int) -> tuple[dict[str, torch
     kept_total = dropped_total = 0.0
     worst, worst_mod = 0.0, None
     for mod, (a, b) in lora_files.lora_modules(state).items():
-        a64, b64 = a.double(), b.double()
+        a_shape, b_shape = a.shape, b.shape  # conv layers: factor as matrices, keep peft's 4-D layout
+        a64, b64 = a.double().reshape(a.shape[0], -1), b.double().reshape(b.shape[0], -1)
         qb, rb = torch.linalg.qr(b64)  # B = Qb Rb,  Qb [out, R']
         qa, ra = torch.linalg.qr(a64.T)  # A^T = Qa Ra, Qa [in, R']
         u, s, vh = torch.linalg.svd(rb @ ra.T)  # B A = Qb (Rb Ra^T) Qa^T
         k = min(rank, s.numel())
         new_b = torch.zeros(b.shape[0], rank, dtype=torch.float64)
-        new_a = torch.zeros(rank, a.shape[1], dtype=torch.float64)
+        new_a = torch.zeros(rank, a64.shape[1], dtype=torch.float64)
         # split the singular values evenly between the factors so neither grows large
         root = s[:k].sqrt()
         new_b[:, :k] = (qb @ u[:, :k]) * root
         new_a[:k] = root[:, None] * (vh[:k] @ qa.T)
-        out[f"{mod}.lora_A.weight"] = new_a.float()
-        out[f"{mod}.lora_B.weight"] = new_b.float()
+        out[f"{mod}.lora_A.weight"] = new_a.float().reshape(rank, *a_shape[1:])
+        out[f"{mod}.lora_B.weight"] = new_b.float().reshape(b_shape[0], rank, *b_shape[2:])
         total, dropped = float((s**2).sum()), float((s[k:] ** 2).sum())
         kept_total += total
         dropped_total += dropped
@@ -212,7 +213,7 @@ def export_mix(library, weights: dict[str, float], block_weights: dict[str, dict
 
 def write_mix(result: MixExport, dest: str | Path, fmt: str = "diffusers", name: str = "mix") -> Path:
     """Write an exported mix to `dest` (a .safetensors file) in 'diffusers' or 'kohya' layout."""
-    from stylemix.lora.library import to_kohya
+    from stylemix.lora.canonical import to_kohya
 
     dest = Path(dest)
     if dest.suffix != ".safetensors":

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from stylemix.errors import StyleMixError
-from stylemix.lora.library import LoraLibrary, model_linear_shapes
+from stylemix.lora.library import LoraLibrary, model_targets
 from stylemix.lora.files import WEIGHTS_NAME
 from stylemix.models import LoadedModel
 from stylemix.recipe import SAMPLERS, Recipe
@@ -101,8 +101,8 @@ class Mixer:
         self.pipe = loaded.pipe
         self.library = library
         self.merge = merge
-        if library.shapes is None:
-            library.shapes = model_linear_shapes(self.pipe)
+        if library.targets is None:
+            library.targets = model_targets(self.pipe)
         self.lock = loaded.lock  # one lock per pipeline: mixers sharing a cached pipeline take turns
         self._adapters: dict[str, tuple[str, str]] = {}  # LoRA name -> (adapter id, sha256)
         self._stats: dict[str, tuple[int, int]] = {}  # LoRA name -> (mtime_ns, size) of its file when loaded

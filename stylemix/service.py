@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylemix.errors import StyleMixError
-from stylemix.lora.library import LoraLibrary, model_linear_shapes
+from stylemix.lora.library import LoraLibrary, model_targets
 from stylemix.mixer import Mixer, MixResult
 from stylemix.models import ModelLoadError, load_model
 from stylemix.paths import Workspace, check_name, inside
@@ -64,7 +64,7 @@ class StyleMixService:
             reason = str(e)
             logger.error("%s -- starting on the built-in tiny model instead.", reason)
             loaded = load_model("tiny", device, dtype)
-        library = LoraLibrary(workspace.loras, shapes=model_linear_shapes(loaded.pipe), base_model=loaded.model_id)
+        library = LoraLibrary(workspace.loras, targets=model_targets(loaded.pipe), base_model=loaded.model_id)
         banner = f"**Model:** {loaded.description}."
         if reason:
             banner = f"⚠️ **The requested model could not be loaded:** {reason}  \n" + banner

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import make_library_lora, make_lora_file
 from stylemix.errors import StyleMixError
-from stylemix.lora.library import LoraLibrary, model_linear_shapes
+from stylemix.lora.library import LoraLibrary, model_targets
 from stylemix.lora.files import WEIGHTS_NAME, read_lora_file
 from stylemix.mixer import Mixer
 from stylemix.models import LoadedModel, tiny_pipeline
@@ -22,7 +22,7 @@ RECIPE = Recipe(prompt="a cat", steps=2, width=64, height=64, seed=3, sampler="E
 
 @pytest.fixture(scope="module")
 def shapes():
-    return model_linear_shapes(tiny_pipeline())
+    return model_targets(tiny_pipeline())
 
 
 def render(root, name, weight=1.0):
@@ -31,7 +31,7 @@ def render(root, name, weight=1.0):
 
 
 def test_kohya_export_keys_alpha_and_metadata(tmp_path, shapes):
-    lib = LoraLibrary(tmp_path / "loras", shapes=shapes)
+    lib = LoraLibrary(tmp_path / "loras", targets=shapes)
     src = make_lora_file(tmp_path / "src.safetensors", seed=5, rank=4, alpha=2.0)  # alpha != rank on purpose
     lib.import_file(src, "wc", trigger_word="wcstyle")
     out = lib.export("wc", tmp_path / "wc_kohya.safetensors", fmt="kohya")
@@ -48,7 +48,7 @@ def test_kohya_export_keys_alpha_and_metadata(tmp_path, shapes):
 
 def test_round_trip_diffusers_kohya_diffusers_gives_the_same_image(tmp_path, shapes):
     root = tmp_path / "loras"
-    lib = LoraLibrary(root, shapes=shapes)
+    lib = LoraLibrary(root, targets=shapes)
     lib.import_file(make_lora_file(tmp_path / "src.safetensors", seed=6, alpha=2.0), "orig")
     lib.export("orig", tmp_path / "k.safetensors", fmt="kohya")
     entry = lib.import_file(tmp_path / "k.safetensors", "back")
@@ -63,7 +63,7 @@ def test_round_trip_diffusers_kohya_diffusers_gives_the_same_image(tmp_path, sha
 
 
 def test_imported_file_loads_in_plain_diffusers(tmp_path, shapes):
-    lib = LoraLibrary(tmp_path / "loras", shapes=shapes)
+    lib = LoraLibrary(tmp_path / "loras", targets=shapes)
     entry = lib.import_file(make_lora_file(tmp_path / "x.safetensors", seed=7), "x")
     pipe = tiny_pipeline()
     pipe.load_lora_weights(str(entry.weights), adapter_name="x")
@@ -71,7 +71,7 @@ def test_imported_file_loads_in_plain_diffusers(tmp_path, shapes):
 
 
 def test_pickle_files_are_refused_even_renamed(tmp_path, shapes):
-    lib = LoraLibrary(tmp_path / "loras", shapes=shapes)
+    lib = LoraLibrary(tmp_path / "loras", targets=shapes)
     evil = tmp_path / "evil.safetensors"
     torch.save({"a": torch.zeros(2)}, evil)  # a zip-based pickle, renamed
     with pytest.raises(StyleMixError, match="pickle"):
@@ -86,7 +86,7 @@ def test_pickle_files_are_refused_even_renamed(tmp_path, shapes):
 
 
 def test_sdxl_unknown_nan_and_truncated_files(tmp_path, shapes):
-    lib = LoraLibrary(tmp_path / "loras", shapes=shapes)
+    lib = LoraLibrary(tmp_path / "loras", targets=shapes)
     sdxl = tmp_path / "sdxl.safetensors"
     save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280)}, str(sdxl))
     with pytest.raises(StyleMixError, match="SDXL"):
@@ -148,7 +148,7 @@ def test_hostile_metadata_trigger_is_not_used(tmp_path):
 def test_kohya_import_from_other_tools_with_alpha(tmp_path, shapes):
     """A hand-written A1111/kohya file (rank 4, alpha 1) imports with its alpha applied."""
     canonical, _ = read_lora_file(make_lora_file(tmp_path / "c.safetensors", seed=10, alpha=4.0))
-    lib = LoraLibrary(tmp_path / "loras", shapes=shapes)
+    lib = LoraLibrary(tmp_path / "loras", targets=shapes)
     lib.import_file(tmp_path / "c.safetensors", "ref")
     lib.export("ref", tmp_path / "k.safetensors", fmt="kohya")
     state = load_file(str(tmp_path / "k.safetensors"))

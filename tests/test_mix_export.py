@@ -8,6 +8,7 @@ import torch
 
 from helpers import make_library_lora
 from stylemix.lora import files as lora_files
+from stylemix.lora.layouts import layout
 from stylemix.errors import StyleMixError
 from stylemix.lora.library import LoraLibrary
 from stylemix.mix_export import add_mix_to_library, compress, export_mix, mix_lora_states, write_mix
@@ -86,7 +87,7 @@ def test_weighted_sum_is_exact_per_layer(library):
             if mod in mods:
                 a_i, b_i = mods[mod]
                 mult = 0.25 if (n == "cartoon" and ".up_blocks.2." in mod) else 1.0
-                expect += w * mult * lora_files.module_scale(lora_files.adapter_alphas(md), mod, a_i.shape[0]) * b_i @ a_i
+                expect += w * mult * lora_files.module_scales(md, [mod])[mod] * b_i @ a_i
         assert torch.allclose(b @ a, expect, atol=1e-6), mod
 
 
@@ -155,7 +156,7 @@ def test_cli_mix_export_and_clash(library, tmp_path, capsys):
                      "--format", "kohya", "--out", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rank"] == 8 and info["exact"] and info["block_weights"] == {"anime": {"up.1": 0.5}}
-    assert lora_files.detect_format(lora_files.read_lora_file(out)[0]) == "kohya"
+    assert layout(lora_files.read_lora_file(out)[0]) == "kohya"
     assert main(g + ["mix", "export", "--lora", "anime=0.5", "--lora", "pixelart=0.5", "--rank", "2",
                      "--add", "small_mix"]) == 0
     assert "relative error" in capsys.readouterr().out and library.get("small_mix").meta["rank"] == 2

@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 def _library(args, check: bool):
     from stylemix.cli.common import workspace
-    from stylemix.lora.library import LoraLibrary, model_linear_shapes
+    from stylemix.lora.library import LoraLibrary, model_targets
 
     root = workspace(args).loras
     if not check:
@@ -45,7 +45,7 @@ def _library(args, check: bool):
     from stylemix.models import load_model
 
     loaded = load_model(args.model, args.device, args.dtype)
-    return LoraLibrary(root, shapes=model_linear_shapes(loaded.pipe), base_model=loaded.model_id)
+    return LoraLibrary(root, targets=model_targets(loaded.pipe), base_model=loaded.model_id)
 
 
 def run(args) -> int:

@@ -14,16 +14,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
 import torch
 
 from stylemix.errors import StyleMixError
+from stylemix.lora.names import canonical_text_encoder_key
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 MAX_LORA_BYTES = 2 * 1024**3  # a rank-128 SD1.5 LoRA is ~150 MB; 2 GB is an upload limit, not a model limit
 MAX_HEADER_BYTES = 100 * 1024**2
+
+DORA_REFUSAL = ("This is a DoRA (weight-decomposed LoRA). Its update rescales every output channel of W + ΔW "
+                "by a learned magnitude, so it is not a weighted sum W + w·ΔW and cannot be mixed by weight "
+                "with other LoRAs exactly; StyleMix refuses it rather than merge it wrongly. Use a plain LoRA, "
+                "LoCon, LoHa or LoKr version of the style.")
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -87,34 +94,6 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     if bad:
         raise StyleMixError(f"{path.name}: {len(bad)} tensors contain NaN or inf (first: {bad[0]}); refusing to load.")
     return state, metadata
-
-
-# --------------------------------------------------------------------------- formats
-
-
-def detect_format(state: dict[str, torch.Tensor]) -> str:
-    """'peft' (diffusers/peft lora_A/lora_B), 'kohya' (lora_unet_/lora_te_), or raise naming the problem."""
-    keys = list(state)
-    if any(k.startswith(("lora_te2_", "text_encoder_2.", "lora_te1_")) or "input_blocks" in k or "add_embedding" in k
-           for k in keys):
-        raise StyleMixError("This LoRA is for SDXL (it has a second text encoder or SDXL block names); "
-                            "StyleMix works with Stable Diffusion 1.5 LoRAs.")
-    if all(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
-        return "kohya"
-    if all(k.startswith(("unet.", "text_encoder.")) for k in keys) and any(
-            ".lora_A." in k or ".lora.down." in k or ".lora_linear_layer." in k for k in keys):
-        return "peft"
-    unknown = next((k for k in keys if not k.startswith(("lora_unet_", "lora_te_", "unet.", "text_encoder."))), keys[0])
-    raise StyleMixError(f"Unrecognised LoRA layout (key {unknown!r}): expected diffusers/peft keys "
-                        "('unet.…lora_A.weight') or kohya/A1111 keys ('lora_unet_…lora_down.weight').")
-
-
-def canonical_text_encoder_key(key: str) -> str:
-    """transformers 5 drops the `text_model.` level from CLIPTextModel; files keep the released names."""
-    prefix = "text_encoder."
-    if key.startswith(prefix) and not key.startswith(prefix + "text_model."):
-        return prefix + "text_model." + key[len(prefix):]
-    return key
 
 
 # --------------------------------------------------------------------------- saving
@@ -197,8 +176,8 @@ def lora_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
     return out
 
 
-def adapter_alphas(metadata: dict[str, str]) -> dict[str, tuple[int, float]]:
-    """{'unet': (r, alpha), 'text_encoder': (r, alpha)} from the header, where recorded."""
+def adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
+    """{'unet': {...}, 'text_encoder': {...}}: peft's LoraConfig fields per component, from the header."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
@@ -206,18 +185,48 @@ def adapter_alphas(metadata: dict[str, str]) -> dict[str, tuple[int, float]]:
         md = json.loads(raw)
     except json.JSONDecodeError:
         raise StyleMixError("LoRA file has an unreadable lora_adapter_metadata header.") from None
-    out = {}
-    for comp in ("unet", "text_encoder"):
-        r, alpha = md.get(f"{comp}.r"), md.get(f"{comp}.lora_alpha")
-        if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r > 0:
-            out[comp] = (int(r), float(alpha))
+    if not isinstance(md, dict):
+        raise StyleMixError("LoRA file has an unreadable lora_adapter_metadata header.")
+    out: dict[str, dict] = {}
+    for k, v in md.items():
+        comp, _, field = k.partition(".")
+        if comp in ("unet", "text_encoder") and field:
+            out.setdefault(comp, {})[field] = v
     return out
 
 
-def module_scale(metadata_alphas: dict[str, tuple[int, float]], module_key: str, rank: int) -> float:
-    comp = "text_encoder" if module_key.startswith("text_encoder.") else "unet"
-    r, alpha = metadata_alphas.get(comp, (rank, float(rank)))
-    return alpha / r if r else 1.0
+def _pattern_value(patterns, key: str, default):
+    # peft's own rule (peft.utils.other.get_pattern_key): a pattern matches the end of the module path
+    if isinstance(patterns, dict):
+        for pattern, value in patterns.items():
+            if isinstance(pattern, str) and re.match(rf"(.*\.)?({pattern})$", key):
+                return value
+    return default
+
+
+def module_scales(metadata: dict[str, str], modules) -> dict[str, float]:
+    """Each canonical module's peft scale (lora_alpha / r, or / sqrt(r) with rsLoRA), as diffusers loads it."""
+    configs = adapter_configs(metadata)
+    out = {}
+    for key in modules:
+        comp, _, path = key.partition(".")
+        cfg = configs.get(comp, {})
+        if comp == "text_encoder" and path.startswith("text_model."):
+            path = path[len("text_model."):]  # peft patterns may be written either way
+        r = _pattern_value(cfg.get("rank_pattern"), path, cfg.get("r"))
+        alpha = _pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha"))
+        if not (is_finite_number(r) and is_finite_number(alpha)) or r <= 0:
+            out[key] = 1.0  # no config: diffusers loads alpha = rank
+        else:
+            out[key] = float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else float(r))
+    return out
+
+
+def adapter_alpha(metadata: dict[str, str]) -> float | None:
+    """The one lora_alpha of a uniformly configured file (a trained LoRA's alpha), else None."""
+    cfgs = adapter_configs(metadata)
+    alphas = {c.get("lora_alpha") for c in cfgs.values() if not c.get("alpha_pattern")}
+    return float(alphas.pop()) if len(alphas) == 1 and is_finite_number(next(iter(alphas))) else None
 
 
 def is_finite_number(x) -> bool:

@@ -22,12 +22,17 @@ from pathlib import Path
 import torch
 
 from stylemix.lora import files as lora_files
+from stylemix.lora import layouts
+from stylemix.lora.canonical import canonical_state, describe, tag_counts, to_kohya
+from stylemix.lora.names import Target, pipeline_targets, sd15_targets
+from stylemix.lora.update import mismatch
 from stylemix.errors import StyleMixError
 from stylemix.paths import atomic_write_text, check_name, inside, read_json_object, replace_folder
 
 META_NAME = "stylemix.json"
 MAX_META_BYTES = 4 * 1024**2
 TRIGGER_MAX = 64
+MAX_SOURCE_NAME = 200
 
 
 def sha256_file(path: Path) -> str:
@@ -64,8 +69,30 @@ class LoraEntry:
         """The first 12 hex digits of the file's sha256, as A1111's 'Lora hashes' show it."""
         return self.sha256[:12]
 
+    @property
+    def kind(self) -> str:
+        return self.meta.get("kind") or "LoRA"  # LoRAs trained here are plain LoRAs
+
+    @property
+    def covers(self) -> list[str]:
+        """'UNet attention' / 'UNet all' and 'text encoder': what the LoRA changes."""
+        if isinstance(self.meta.get("covers"), list):
+            return self.meta["covers"]
+        targets = self.meta.get("target_modules") or {}
+        return (["UNet attention"] if "unet" in targets else []) + (["text encoder"] if "text_encoder" in targets else [])
+
+    @property
+    def made_for(self) -> str | None:
+        """The base model the LoRA was trained on, as its file says (kohya metadata), else as recorded here."""
+        kohya = self.meta.get("kohya") or {}
+        return kohya.get("ss_sd_model_name") or kohya.get("ss_base_model_version") or self.meta.get("base_model")
+
     def summary(self) -> dict:
-        return {"name": self.name, "trigger_word": self.trigger_word, "rank": self.meta.get("rank"),
+        rank = self.meta.get("rank")
+        return {"name": self.name, "trigger_word": self.trigger_word, "rank": rank,
+                "ranks": self.meta.get("ranks") or ([rank] if rank is not None else []),
+                "kind": self.kind, "covers": self.covers, "made_for": self.made_for,
+                "kohya": self.meta.get("kohya") or {},
                 "alpha": self.meta.get("alpha"), "base_model": self.meta.get("base_model"),
                 "compatible": self.compatible, "problem": self.problem, "sha256": self.meta.get("sha256"),
                 "has_centroid": (self.folder / "style_centroid.safetensors").is_file(),
@@ -75,135 +102,35 @@ class LoraEntry:
 # --------------------------------------------------------------------------- compatibility
 
 
-def model_linear_shapes(pipe) -> dict[str, tuple[int, int]]:
-    """{'unet.<module>' / 'text_encoder.text_model.<module>': (in_features, out_features)} of every Linear
-    a LoRA could target, in the canonical (released SD1.5) naming."""
-    shapes = {}
-    for prefix, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
-        for name, mod in model.named_modules():
-            base = getattr(mod, "base_layer", mod)  # a module already wrapped by peft
-            if isinstance(base, torch.nn.Linear) and ".base_layer" not in name and ".lora_" not in name:
-                key = lora_files.canonical_text_encoder_key(f"{prefix}.{name}")
-                shapes[key] = (base.in_features, base.out_features)
-    return shapes
+def model_targets(pipe) -> dict[str, Target]:
+    """Every layer of the loaded model a LoRA could change (Linear and Conv2d), by canonical key."""
+    return pipeline_targets(pipe)
 
 
-def check_compatible(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> str | None:
-    """None if every LoRA module exists in the base model with matching shapes, else the reason."""
+def check_compatible(state: dict[str, torch.Tensor], targets: dict[str, Target]) -> str | None:
+    """None if every layer of a canonical LoRA exists in the base model with matching shapes, else the reason."""
     for mod, (a, b) in lora_files.lora_modules(state).items():
-        if mod not in shapes:
+        t = targets.get(mod)
+        if t is None:
             return f"module {mod!r} does not exist in the loaded base model"
-        fin, fout = shapes[mod]
-        if a.shape[1] != fin or b.shape[0] != fout:
-            hint = ""
-            if a.shape[1] in (1024, 1280) or b.shape[0] in (1024, 1280):
-                hint = " (made for SD2.x or another base model?)"
-            return (f"module {mod!r} expects {fin}->{fout} features, the LoRA has "
-                    f"{a.shape[1]}->{b.shape[0]}{hint}")
+        kernel = tuple(a.shape[2:]) or (1, 1)
+        if (a.shape[1] != t.in_features or b.shape[0] != t.out_features or kernel != t.kernel
+                or (a.dim() == 2) != (t.kind == "linear")):
+            return mismatch(t, a.shape[1], b.shape[0], kernel)
     return None
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def to_canonical(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict, dict, float | None]:
-    """Any supported SD1.5 LoRA (diffusers/peft, older diffusers, kohya/A1111) -> canonical keys.
-
-    Returns (state, header metadata, alpha).  Kohya files carry a per-module alpha; it is folded
-    into lora_B (scale alpha/rank, which is what every loader applies), so the canonical file needs
-    no alpha and loads exactly anywhere.  `alpha` is the original alpha when it was uniform, kept
-    for a faithful kohya export.
-    """
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_peft
-
-    fmt = lora_files.detect_format(state)
-    if fmt == "peft" and all(".lora_A." in k or ".lora_B." in k for k in state):
-        out = {lora_files.canonical_text_encoder_key(k): v for k, v in state.items()}
-        alphas = lora_files.adapter_alphas(metadata)
-        alpha = alphas.get("unet", alphas.get("text_encoder", (None, None)))[1]
-        keep = {"lora_adapter_metadata": metadata["lora_adapter_metadata"]} if "lora_adapter_metadata" in metadata else {}
-        return out, keep, alpha
-    # kohya or older diffusers layouts.  Fold each kohya module's alpha/rank into its lora_up first
-    # (what every loader applies), so the converted LoRA needs no alpha at all.
-    state, alpha = _fold_kohya_alphas(state) if fmt == "kohya" else (state, None)
-    try:
-        converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state), unet_config=None)
-    except Exception as e:
-        raise StyleMixError(f"Could not convert this LoRA to diffusers layout ({e}).") from None
-    out: dict[str, torch.Tensor] = {}
-    for prefix in ("unet", "text_encoder"):
-        part = {k[len(prefix) + 1:]: v for k, v in converted.items() if k.startswith(prefix + ".")}
-        if not part:
-            continue
-        part = convert_unet_state_dict_to_peft(part) if prefix == "unet" else convert_state_dict_to_peft(part)
-        for k, v in part.items():
-            out[lora_files.canonical_text_encoder_key(f"{prefix}.{k}")] = v.float()
-    if not out:
-        raise StyleMixError("This LoRA holds no UNet or text-encoder weights StyleMix can use.")
-    return out, {}, alpha
-
-
-def _fold_kohya_alphas(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float | None]:
-    out = {k: v for k, v in state.items() if not k.endswith(".alpha")}
-    seen = set()
-    for k, v in state.items():
-        if not k.endswith(".alpha"):
-            continue
-        base = k[: -len(".alpha")]
-        down, up = out.get(base + ".lora_down.weight"), out.get(base + ".lora_up.weight")
-        if down is None or up is None:
-            raise StyleMixError(f"kohya LoRA key {k!r} has no matching lora_down/lora_up weights.")
-        alpha = float(v.item())
-        if not lora_files.is_finite_number(alpha):
-            raise StyleMixError(f"kohya LoRA key {k!r} has a non-finite alpha.")
-        seen.add(alpha)
-        out[base + ".lora_up.weight"] = up.float() * (alpha / down.shape[0])
-    return out, (seen.pop() if len(seen) == 1 else None)
-
-
-def to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], alpha: float | None) -> tuple[dict, dict]:
-    """Canonical -> kohya/A1111 keys (`lora_unet_…`, `lora_te_…`, `.lora_down/.lora_up/.alpha`).
-
-    diffusers' `convert_state_dict_to_kohya` names the SD1 text encoder `lora_te1_` (SDXL's name)
-    and writes alpha = rank, dropping the trained alpha; both are corrected here: the trained
-    alpha is written and lora_up is left as trained, so kohya's alpha/rank scale reproduces it.
-    """
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-
-    alphas = lora_files.adapter_alphas(metadata)
-    kohya = convert_state_dict_to_kohya({k: v for k, v in state.items()})
-    out = {}
-    for k, v in kohya.items():
-        k = k.replace("lora_te1_", "lora_te_")
-        out[k] = v
-    ranks = set()
-    for mod, (a, _b) in lora_files.lora_modules(state).items():
-        rank = a.shape[0]
-        ranks.add(rank)
-        scale = lora_files.module_scale(alphas, mod, rank)  # alpha/r the canonical file is loaded with
-        kk = convert_state_dict_to_kohya({mod + ".lora_A.weight": a})
-        down_key = next(iter(kk)).replace("lora_te1_", "lora_te_")
-        out[down_key.split(".")[0] + ".alpha"] = torch.tensor(float(scale * rank))
-    net_alpha = alpha if alpha is not None else (next(iter(alphas.values()))[1] if alphas else None)
-    meta = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"}
-    if len(ranks) == 1:
-        meta["ss_network_dim"] = str(ranks.pop())
-        meta["ss_network_alpha"] = str(net_alpha if net_alpha is not None else meta["ss_network_dim"])
-    return out, meta
 
 
 # --------------------------------------------------------------------------- the library
 
 
 class LoraLibrary:
-    """The LoRA folders under `root`; `shapes` (from `model_linear_shapes`) enables compatibility checks."""
+    """The LoRA folders under `root`; `targets` (the loaded model's layers, `model_targets`) enables
+    compatibility checks and sizes imports."""
 
-    def __init__(self, root: str | os.PathLike, shapes: dict[str, tuple[int, int]] | None = None,
+    def __init__(self, root: str | os.PathLike, targets: dict[str, Target] | None = None,
                  base_model: str | None = None):
         self.root = Path(root)
-        self.shapes = shapes
+        self.targets = targets
         self.base_model = base_model
         self._compat_cache: dict[tuple[str, str], str | None] = {}
         self._sha_cache: dict[tuple, str] = {}
@@ -244,12 +171,12 @@ class LoraLibrary:
         # stylemix.json must show (and reload) as what they are; hashed once per size and mtime
         meta["sha256"] = self.file_sha256(folder / lora_files.WEIGHTS_NAME)
         entry = LoraEntry(name=name, folder=folder, meta=meta)
-        if self.shapes is not None:
+        if self.targets is not None:
             key = (name, meta["sha256"])
             if key not in self._compat_cache:
                 try:
                     state, _ = lora_files.read_lora_file(entry.weights)
-                    self._compat_cache[key] = check_compatible(state, self.shapes)
+                    self._compat_cache[key] = check_compatible(state, self.targets)
                 except StyleMixError as e:
                     self._compat_cache[key] = str(e)
             entry.problem = self._compat_cache[key]
@@ -264,10 +191,10 @@ class LoraLibrary:
         folder = self.folder(name)
         if folder.exists() and not overwrite:
             raise StyleMixError(f"A LoRA named {name!r} already exists; choose another name or remove it first.")
-        if self.shapes is not None:
-            problem = check_compatible(state, self.shapes)
+        if self.targets is not None:
+            problem = check_compatible(state, self.targets)
             if problem:
-                raise StyleMixError(f"LoRA {name!r} does not fit the loaded base model: {problem}.")
+                raise StyleMixError(f"LoRA {name!r}: {problem}.")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
         tmp.mkdir()
@@ -292,18 +219,34 @@ class LoraLibrary:
 
     def import_file(self, src: str | os.PathLike, name: str, trigger_word: str | None = None,
                     overwrite: bool = False) -> LoraEntry:
-        """Import a `.safetensors` LoRA (diffusers/peft or kohya/A1111 layout) under `name`."""
+        """Import a `.safetensors` LoRA in any supported layout (docs/lora-formats.md) under `name`.
+
+        Every layer is converted to the canonical layout exactly; nothing is written unless the
+        whole file converts and fits the model.
+        """
         check_name(name, "LoRA name")
         trigger_word = check_trigger(trigger_word)
         src = Path(src)
         if src.suffix.lower() != ".safetensors":
             raise StyleMixError(f"{src.name}: only .safetensors LoRA files can be imported (pickle files can run code).")
         state, metadata = lora_files.read_lora_file(src)
-        fmt = lora_files.detect_format(state)
-        canonical, header, alpha = to_canonical(state, metadata)
+        try:
+            fmt, updates = layouts.layers(state, metadata, self.import_targets())
+        except StyleMixError as e:
+            raise StyleMixError(f"{src.name}: {e}") from None
+        canonical, header = canonical_state(updates)
+        info = describe(updates, fmt, metadata)
+        alpha = lora_files.adapter_alpha(metadata) if fmt == "diffusers" else _uniform_alpha(state)
         meta = {"trigger_word": trigger_word or _trigger_from_kohya(metadata), "base_model": self.base_model,
-                "alpha": alpha, "source": {"file": src.name, "format": fmt}}
+                "alpha": alpha, "source": {"file": src.name[:MAX_SOURCE_NAME], "format": fmt}, **info}
+        meta["rank"] = info["ranks"][0] if len(info["ranks"]) == 1 else info["ranks"]
         return self.add(name, canonical, header, meta, overwrite=overwrite)
+
+    def import_targets(self) -> dict[str, Target]:
+        """The loaded model's layers; without a model, SD1.5's names with widths taken on trust from the file."""
+        if self.targets is not None:
+            return self.targets
+        return {k: Target(k, t.kind, 0, 0, t.kernel) for k, t in sd15_targets().items()}
 
     def import_hub(self, repo_id: str, name: str, filename: str | None = None, trigger_word: str | None = None,
                    overwrite: bool = False) -> LoraEntry:
@@ -381,17 +324,20 @@ def check_trigger(word: str | None) -> str | None:
 
 
 def _trigger_from_kohya(metadata: dict[str, str]) -> str | None:
-    # kohya records caption tags with their frequency; the most frequent single word is the trigger
-    try:
-        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
-        counts: dict[str, int] = {}
-        for tags in freq.values():
-            for tag, n in tags.items():
-                counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
-        best = max(counts, key=counts.get) if counts else None
-        return check_trigger(best) if best else None
-    except (ValueError, TypeError, AttributeError, StyleMixError):
-        return None
+    """kohya records caption tags with their frequency; the most frequent tag that is one word is the trigger."""
+    for tag, _n in tag_counts(metadata).most_common():
+        try:
+            if check_trigger(tag):
+                return tag
+        except StyleMixError:
+            continue
+    return None
+
+
+def _uniform_alpha(state: dict[str, torch.Tensor]) -> float | None:
+    """A kohya file's alpha when every layer has the same one (kept for a faithful kohya export)."""
+    alphas = {float(v.float().item()) for k, v in state.items() if k.endswith(".alpha") and v.numel() == 1}
+    return alphas.pop() if len(alphas) == 1 and lora_files.is_finite_number(next(iter(alphas))) else None
 
 
 def _read_meta(folder: Path) -> dict:
