@@ -42,7 +42,8 @@ def _factor(key: str, name: str, t: dict[str, torch.Tensor], tucker: torch.Tenso
 def convert(key: str, target: Target, t: dict[str, torch.Tensor]) -> LayerUpdate:
     u1, v1 = _factor(key, "w1", t)
     u2, v2 = _factor(key, "w2", t, t.get("lokr_t2"))
-    up, down = torch.kron(u1, u2), torch.kron(v1, v2)
+    # (torch.kron needs contiguous inputs: w_a.T of a Tucker factor is a view)
+    up, down = torch.kron(u1.contiguous(), u2.contiguous()), torch.kron(v1.contiguous(), v2.contiguous())
     rank_source = t.get("lokr_w1_b", t.get("lokr_w2_b"))
     if rank_source is None:
         scale = 1.0
