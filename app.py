@@ -28,7 +28,7 @@ DATASET_SIZES = [512, 768, 256, 128, 64]
 GPU_QUEUE = "gpu"  # every event that runs the model shares this queue: one at a time
 GPU = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
 MAX_UPLOAD = "200mb"
-LIBRARY_COLUMNS = ["name", "trigger word", "rank", "alpha", "centroid", "fits model", "training", "samples", "created"]
+LIBRARY_COLUMNS = ["name", "trigger word", "kind", "rank", "alpha", "covers", "made for", "centroid", "fits model", "training", "samples", "created"]
 
 try:  # Hugging Face ZeroGPU: a GPU is lent per decorated call; elsewhere the decorator is not used
     import spaces  # type: ignore

@@ -341,7 +341,9 @@ class StyleMixService:
         for e in self.library.list():
             m = e.meta
             train = m.get("training") or {}
-            rows.append([e.name, e.trigger_word or "", m.get("rank"), m.get("alpha"),
+            s = e.summary()
+            rows.append([e.name, e.trigger_word or "", s["kind"], ", ".join(map(str, s["ranks"])), m.get("alpha"),
+                         " + ".join(s["covers"]), s["made_for"] or "",
                          "yes" if (e.folder / "style_centroid.safetensors").is_file() else
                          (m.get("style") or {}).get("status", "no"),
                          "ok" if e.compatible else f"incompatible: {e.problem}",

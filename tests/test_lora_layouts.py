@@ -259,3 +259,22 @@ def test_full_size_sd2_shapes_are_named(tmp_path):
               str(tmp_path / "sd2.safetensors"))
     with pytest.raises(StyleMixError, match="SD2"):
         lib.import_file(tmp_path / "sd2.safetensors", "sd2")
+
+
+def test_cli_imports_a_lycoris_file_lists_it_and_generates_with_it(tmp_path, capsys):
+    from stylemix.cli import main
+
+    f, _, _ = lycoris_file(tmp_path / "loha.safetensors", tiny_pipeline(), "loha", seed=10)
+    root = tmp_path / "loras"
+    args = ["--model", "tiny", "--loras-dir", str(root)]
+    assert main(args + ["loras", "import", str(f), "--name", "ink", "--trigger", "inkstyle"]) == 0
+    capsys.readouterr()
+    assert main(args + ["loras", "list", "--check", "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert (entry["name"], entry["kind"], entry["covers"], entry["compatible"]) == (
+        "ink", "LoHa", ["UNet all", "text encoder"], True)
+    assert entry["kohya"]["ss_network_module"] == "lycoris.kohya"
+    out = tmp_path / "ink.png"
+    assert main(args + ["generate", "a cat", "--lora", "ink=0.8", "--steps", "2", "--size", "64x64",
+                        "--out", str(out), "--no-score"]) == 0
+    assert out.is_file()

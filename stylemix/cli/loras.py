@@ -59,7 +59,9 @@ def run(args) -> int:
             print(f"No LoRAs in {lib.root}.")
         for e in entries if not args.json else []:
             status = "" if not args.check else ("  ok" if e["compatible"] else f"  INCOMPATIBLE: {e['problem']}")
-            print(f"{e['name']:24} trigger={e['trigger_word'] or '-':14} rank={e['rank']} alpha={e['alpha']}{status}")
+            ranks = ",".join(map(str, e["ranks"])) or "-"
+            print(f"{e['name']:24} {e['kind']:6} rank={ranks:8} alpha={e['alpha']} covers={'+'.join(e['covers']) or '-'}"
+                  f" trigger={e['trigger_word'] or '-'}{status}")
     elif cmd == "show":
         entry = _library(args, False).get(args.name)
         print(json.dumps({**entry.meta, "folder": str(entry.folder)}, indent=2))
