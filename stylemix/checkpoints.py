@@ -332,6 +332,10 @@ def load_single_file(model: str, dt: torch.dtype, safety_checker: bool = False):
             parts.update(_safety_checker_parts(dt))
         if not info.has_vae:
             parts["vae"] = _external_vae(info, folder, dt)
+        from diffusers.utils import logging as diffusers_logging
+
+        bar_was_on = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()  # its per-component bar is noise in the CLI's one-line output
         try:
             # No dtype here: diffusers would cast right away, and a weight the file lacks (left on the
             # `meta` device) would fail that cast with an unreadable error; the check below names it.
@@ -343,6 +347,9 @@ def load_single_file(model: str, dt: torch.dtype, safety_checker: bool = False):
             if "meta tensor" in first:
                 first = "some weights are missing from the file"
             raise ModelLoadError(f"Cannot load checkpoint {info.path.name} ({type(e).__name__}: {first[:200]}).") from e
+        finally:
+            if bar_was_on:
+                diffusers_logging.enable_progress_bar()
     # diffusers leaves weights the file lacks on the `meta` device instead of failing: fail here, by name
     for comp in ("unet", "text_encoder", "vae"):
         missing = [n for n, p in getattr(pipe, comp).named_parameters() if p.device.type == "meta"]

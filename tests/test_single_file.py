@@ -266,3 +266,18 @@ def test_ldm_converter_covers_every_weight(tiny):
     assert "model.diffusion_model.output_blocks.2.1.conv.weight" in state  # upsampler after a plain resnet
     assert "model.diffusion_model.output_blocks.5.2.conv.weight" in state  # upsampler after resnet + attention
     assert json.dumps(sorted(state))  # plain string keys
+
+
+def test_trainer_loads_the_same_file(tmp_path, tiny):
+    from trainers.lora import load_training_components
+
+    path = write_ldm_checkpoint(tiny, tmp_path / "model.safetensors", dtype=torch.float16)
+    comps = load_training_components(str(path))
+    for comp in ("unet", "text_encoder", "vae"):
+        assert next(comps[comp].parameters()).dtype == torch.float32  # trained in fp32 whatever the file holds
+    want = rounded_to(tiny, torch.float16).unet.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in comps["unet"].state_dict().items())
+    assert type(comps["noise_scheduler"]).__name__ == "DDPMScheduler"
+    assert comps["noise_scheduler"].config.beta_schedule == "scaled_linear"
+    with pytest.raises(ModelLoadError, match="is a pickle checkpoint"):
+        load_training_components(str(tmp_path / "model.ckpt"))
