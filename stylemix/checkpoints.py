@@ -118,15 +118,15 @@ class CheckpointInfo:
 # --------------------------------------------------------------------------- inspection (header only)
 
 
-def _refuse(path: Path, what: str) -> ModelLoadError:
-    return ModelLoadError(f"Cannot use {path.name} as a base model: {what}")
+def _refuse(path: Path, what: str, role: str = "a base model") -> ModelLoadError:
+    return ModelLoadError(f"Cannot use {path.name} as {role}: {what}")
 
 
-def read_checkpoint_header(path: Path) -> dict:
+def read_checkpoint_header(path: Path, role: str = "a base model") -> dict:
     """The safetensors header of a checkpoint; pickles are refused by suffix and by their first bytes."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _refuse(path, f"'{path.suffix}' is a pickle checkpoint, and loading a pickle runs any code inside it, "
-                            f"so StyleMix never opens one. {CONVERT_HINT}")
+                            f"so StyleMix never opens one. {CONVERT_HINT}", role)
     if not path.is_file():
         raise ModelLoadError(f"Cannot load base model {str(path)!r}: no such checkpoint file.")
     with open(path, "rb") as f:
@@ -134,11 +134,11 @@ def read_checkpoint_header(path: Path) -> dict:
     # A pickle renamed .safetensors: torch.save writes a zip ("PK"), a bare pickle starts with PROTO 0x80.
     if head[:2] == b"PK" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
         raise _refuse(path, f"it is a pickle/PyTorch checkpoint with a .safetensors name, and loading a pickle runs "
-                            f"any code inside it, so StyleMix never opens one. {CONVERT_HINT}")
+                            f"any code inside it, so StyleMix never opens one. {CONVERT_HINT}", role)
     try:
         return check_safetensors_header(path, max_bytes=MAX_CHECKPOINT_BYTES)
     except StyleMixError as e:
-        raise _refuse(path, str(e)) from None
+        raise _refuse(path, str(e), role) from None
 
 
 def _shape(header: dict, key: str) -> list[int] | None:
@@ -154,8 +154,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     if any(k.startswith("conditioner.") for k in keys):
         second = any(k.startswith("conditioner.embedders.1.") for k in keys)
         raise _refuse(path, "it is an SDXL checkpoint (" + (
-            "a second text encoder, conditioner.embedders.1" if second else "SDXL's conditioner text encoders")
-            + ", 2048-wide cross-attention). StyleMix works with Stable Diffusion 1.5 checkpoints.")
+            "a second text encoder, conditioner.embedders.1, and 2048-wide cross-attention" if second
+            else "an SDXL refiner: SDXL's conditioner.embedders text encoder") +
+            "). StyleMix works with Stable Diffusion 1.5 checkpoints.")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         inpaint = " inpainting" if (_shape(header, UNET + "input_blocks.0.0.weight") or [0, 0])[1] == 9 else ""
         raise _refuse(path, f"it is a Stable Diffusion 2.x{inpaint} checkpoint (OpenCLIP text encoder, "
@@ -277,7 +278,7 @@ def _external_vae(info: CheckpointInfo, config_folder: Path, dt: torch.dtype):
         if source:
             p = Path(source).expanduser()
             if p.is_file():
-                header = read_checkpoint_header(p)  # same pickle refusal as for checkpoints
+                header = read_checkpoint_header(p, role=f"the VAE ({VAE_ENV})")  # pickles refused here too
                 if not any(k.startswith(("encoder.", VAE + "encoder.", "decoder.")) for k in header):
                     raise ModelLoadError(f"{VAE_ENV}={source} is not a VAE file (no encoder./decoder. weights).")
                 vae = AutoencoderKL.from_single_file(str(p), config=str(config_folder), subfolder="vae",

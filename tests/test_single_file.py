@@ -118,6 +118,10 @@ def test_file_without_vae_offline_says_what_to_do(tmp_path, tiny, monkeypatch):
     monkeypatch.setenv(checkpoints.VAE_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(ModelLoadError, match="neither a VAE .safetensors file nor a diffusers VAE folder"):
         load_model(str(path), "cpu", "fp32")
+    torch.save({}, str(tmp_path / "vae.pt"))
+    monkeypatch.setenv(checkpoints.VAE_ENV, str(tmp_path / "vae.pt"))
+    with pytest.raises(ModelLoadError, match=r"Cannot use vae.pt as the VAE \(STYLEMIX_VAE\): '.pt' is a pickle"):
+        load_model(str(path), "cpu", "fp32")
 
 
 def test_cli_generates_the_same_png_from_the_file_as_from_tiny(tmp_path, tiny, monkeypatch):
