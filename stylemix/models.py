@@ -1,4 +1,7 @@
-"""Base-model loading: a hub id, a local diffusers folder, or the built-in tiny SD1.5.
+"""Base-model loading: a hub id, a local diffusers folder, a single-file checkpoint, or the built-in tiny SD1.5.
+
+Single-file (`.safetensors`, original LDM layout) checkpoints are identified and loaded by
+`stylemix/checkpoints.py`.
 
 The tiny model is the real Stable Diffusion 1.5 architecture (the configs in
 `stylemix/configs/sd15/`, copied from the released model) with every width shrunk and
@@ -84,6 +87,14 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
     if device.type in ("cuda", "mps"):
         return torch.float16
     return torch.float32
+
+
+def dtype_kwargs(dt: torch.dtype) -> dict:
+    """The dtype keyword of diffusers loaders: 0.42 renamed `torch_dtype` to `dtype` (the old one warns)."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype": dt}
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -199,21 +210,27 @@ def full_size_meta_text_encoder():
 @dataclass(frozen=True)
 class LoadedModel:
     pipe: object  # diffusers.StableDiffusionPipeline
-    model_id: str  # what was asked for: hub id, folder or "tiny"
+    model_id: str  # what was asked for: hub id, folder, checkpoint file or "tiny"
     device: torch.device
     dtype: torch.dtype
+    # For a single-file checkpoint: what the file is (checkpoints.CheckpointInfo.summary); else "".
+    source: str = field(default="", compare=False)
+    # "tiny" when the weights have the tiny widths (the built-in model, or a file saved from it)
+    arch: str = field(default="sd15", compare=False)
     # Serialises all work on this pipeline (generation, LoRA loading, weight changes) across users.
     lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
 
     @property
     def is_tiny(self) -> bool:
-        return self.model_id == TINY
+        """Random demo weights: the built-in model, or a single file with its widths (never a real model)."""
+        return self.model_id == TINY or self.arch == TINY
 
     @property
     def description(self) -> str:
-        if self.is_tiny:
+        if self.model_id == TINY:
             return f"built-in tiny SD1.5 (random weights, offline) on {self.device.type}"
-        return f"{self.model_id} on {self.device.type} ({str(self.dtype).replace('torch.', '')})"
+        what = f"{self.model_id} ({self.source})" if self.source else self.model_id
+        return f"{what} on {self.device.type} ({str(self.dtype).replace('torch.', '')})"
 
 
 _cache: dict[tuple, LoadedModel] = {}
@@ -224,13 +241,17 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
                safety_checker: bool = False) -> LoadedModel:
     """Load (once, then cached by model/device/dtype) a StableDiffusionPipeline.
 
-    model: hub id, local diffusers folder, or "tiny"; defaults to $STYLEMIX_MODEL, then SD1.5.
+    model: hub id, local diffusers folder, single-file SD1.5 checkpoint (.safetensors), or "tiny";
+    defaults to $STYLEMIX_MODEL, then SD1.5.
     Raises ModelLoadError with one readable sentence when it cannot be loaded.
     """
     model = model or os.environ.get("STYLEMIX_MODEL") or DEFAULT_MODEL
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    key = (model, str(dev), dt, safety_checker)
+    from stylemix.checkpoints import cache_token
+
+    # a checkpoint file replaced on disk (or another $STYLEMIX_VAE) is a different model
+    key = (model, str(dev), dt, safety_checker, cache_token(model))
     with _cache_lock:
         if key not in _cache:
             _cache[key] = _load_uncached(model, dev, dt, safety_checker)
@@ -240,23 +261,27 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
 def _load_uncached(model: str, dev: torch.device, dt: torch.dtype, safety_checker: bool) -> LoadedModel:
     from diffusers import StableDiffusionPipeline
 
+    from stylemix import checkpoints
+
     quiet_library_logs()
+    source, arch = "", "sd15"
     if model == TINY:
         logger.warning("Using the built-in TINY model (random weights): images and scores are not real.")
         pipe = StableDiffusionPipeline(**tiny_components(), requires_safety_checker=False)
+    elif checkpoints.is_single_file(model):
+        pipe, info = checkpoints.load_single_file(model, dt, safety_checker)
+        source, arch = info.summary, info.arch
+        if arch == TINY:
+            logger.warning("%s has the TINY model's widths (random demo weights): images and scores are not real.",
+                           info.path.name)
     else:
         path = Path(model).expanduser()
         looks_local = path.exists() or model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]
         if looks_local and not (path / "model_index.json").is_file():
             raise ModelLoadError(
                 f"Cannot load base model {model!r}: no diffusers folder there (model_index.json missing). "
-                "Give a hub id, a diffusers folder, or --model tiny to try offline.")
-        import diffusers
-        from packaging.version import Version
-
-        # diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name still works, with a warning)
-        dtype_kw = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
-        kwargs = {dtype_kw: dt}
+                "Give a hub id, a diffusers folder, an SD1.5 .safetensors checkpoint, or --model tiny to try offline.")
+        kwargs = dtype_kwargs(dt)
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
@@ -270,7 +295,7 @@ def _load_uncached(model: str, dev: torch.device, dt: torch.dtype, safety_checke
     if model == TINY and dt != torch.float32:  # loaded models already come in `dt` via torch_dtype
         pipe.to(dtype=dt)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe=pipe, model_id=model, device=dev, dtype=dt)
+    return LoadedModel(pipe=pipe, model_id=model, device=dev, dtype=dt, source=source, arch=arch)
 
 
 def clear_model_cache() -> None:

@@ -54,7 +54,7 @@ class TrainConfig:
     data_dir: str = ""  # dataset folder (imagefolder layout with metadata.jsonl + dataset.json)
     name: str = ""  # the LoRA's name in the library: loras/<name>/
     loras_dir: str | None = None  # library folder; None = $STYLEMIX_LORAS or ./loras
-    model: str = DEFAULT_MODEL  # hub id, local diffusers folder, or "tiny" (offline demo model)
+    model: str = DEFAULT_MODEL  # hub id, local diffusers folder, SD1.5 .safetensors file, or "tiny" (offline demo)
     device: str | None = None  # None picks cuda > mps > cpu (accelerate's choice)
     overwrite: bool = False  # replace an existing LoRA of the same name at the end
 
@@ -178,6 +178,12 @@ def load_training_components(model: str) -> dict:
         logger.warning("Training on the built-in TINY model (random weights): the LoRA is a demo, not a real style.")
         c = tiny_components()
         return {**c, "noise_scheduler": DDPMScheduler.from_config(c["scheduler"].config), "sample_scheduler": c["scheduler"]}
+    from stylemix import checkpoints
+
+    if checkpoints.is_single_file(model):  # an SD1.5 .safetensors checkpoint: same offline loader as inference
+        pipe, _ = checkpoints.load_single_file(model, torch.float32)
+        return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+                "noise_scheduler": DDPMScheduler.from_config(pipe.scheduler.config), "sample_scheduler": pipe.scheduler}
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers import SchedulerMixin
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -740,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainers.lora", description="Train a style LoRA for SD1.5.")
     p.add_argument("data_dir", nargs="?", help=_HELP["data_dir"])
     p.add_argument("--name", help=_HELP["name"])
-    p.add_argument("--model", default=None, help="hub id, diffusers folder, or 'tiny'")
+    p.add_argument("--model", default=None, help="hub id, diffusers folder, SD1.5 .safetensors file, or 'tiny'")
     p.add_argument("--device", default=None)
     p.add_argument("--loras-dir", dest="loras_dir", default=None)
     p.add_argument("--work-dir", default=None, help="checkpoints and samples (default: ./runs/<name>)")

@@ -21,7 +21,8 @@ COMMAND_MODULES = ["generate", "loras", "serve", "preprocess", "train", "jobs", 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stylemix", description="Train and mix style LoRAs for Stable Diffusion 1.5.")
     parser.add_argument("--model", default=None,
-                        help="base model: hub id, local diffusers folder, or 'tiny' (default: $STYLEMIX_MODEL or SD1.5)")
+                        help="base model: hub id, local diffusers folder, SD1.5 .safetensors checkpoint, or 'tiny' "
+                             "(default: $STYLEMIX_MODEL or SD1.5)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: picked automatically)")
     parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: picked from the device)")
     parser.add_argument("--safety-checker", action="store_true",

@@ -39,16 +39,16 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # --------------------------------------------------------------------------- reading
 
 
-def check_safetensors_header(path: Path) -> dict:
-    """Parse and return the JSON header of a safetensors file, refusing anything else.
+def check_safetensors_header(path: Path, max_bytes: int = MAX_LORA_BYTES) -> dict:
+    """Parse and return the JSON header of a safetensors file, refusing anything else (or over `max_bytes`).
 
     A pickle (torch.save) file starts with b'\\x80' or a zip signature: it fails here with a
     clear message before any loader could execute it.
     """
     path = Path(path)
     size = path.stat().st_size
-    if size > MAX_LORA_BYTES:
-        raise StyleMixError(f"{path.name}: {size / 1e9:.1f} GB is larger than the {MAX_LORA_BYTES / 1e9:.0f} GB limit.")
+    if size > max_bytes:
+        raise StyleMixError(f"{path.name}: {size / 1e9:.1f} GB is larger than the {max_bytes / 1e9:.0f} GB limit.")
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
