@@ -136,21 +136,27 @@ FEWSTEP_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "f
 
 
 def tiny_fewstep_lora(path: Path | None = None, seed: int = 7) -> Path:
-    """A random few-step LoRA for the tiny UNet (attention, MLP and conv layers, like LCM-LoRA), saved once.
-
-    Deterministic; small B matrices keep the preview near the full image, as a trained one would.
-    """
-    from peft import LoraConfig
-
-    from stylemix.lora.files import save_lora_weights
+    """The tiny model's few-step LoRA stand-in (random, deterministic), saved once in the cache."""
     from stylemix.models import CACHE_DIR, tiny_components
 
     path = Path(path) if path else CACHE_DIR / "preview-standins" / f"tiny-fewstep-lora-{seed}.safetensors"
     if path.is_file():
         return path
-    unet = tiny_components()["unet"]
+    return random_fewstep_lora(path, tiny_components()["unet"], seed)
+
+
+def random_fewstep_lora(path: Path, unet: torch.nn.Module, seed: int = 7, rank: int = 4) -> Path:
+    """A random LoRA on LCM-LoRA's own targets (attention, MLPs, ResNet convs) of `unet`, saved to `path`.
+
+    Costs what a trained few-step LoRA costs (the full-size one is for benchmarks); small B matrices
+    keep the preview near the full image, as a trained one would.  `unet` is left without adapters.
+    """
+    from peft import LoraConfig
+
+    from stylemix.lora.files import save_lora_weights
+
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=FEWSTEP_TARGETS),
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=FEWSTEP_TARGETS),
                      adapter_name="fewstep")
     with torch.no_grad():
         for n, p in unet.named_parameters():
@@ -158,14 +164,18 @@ def tiny_fewstep_lora(path: Path | None = None, seed: int = 7) -> Path:
                 p.mul_(0.05)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_lora_weights(path, unet, None, adapter_name="fewstep")  # atomic: parallel tests never see half a file
+    unet.unload_lora()
     return path
 
 
-def tiny_taesd(seed: int = 8):
-    """A random AutoencoderTiny with the tiny VAE's 8x latent scale: TAESD's architecture, shrunk."""
+def tiny_taesd(seed: int = 8, full_size: bool = False):
+    """A random AutoencoderTiny with the VAE's 8x latent scale: TAESD's architecture, shrunk (or at real
+    size, for benchmarks: diffusers' defaults are TAESD's configuration)."""
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed)
+    if full_size:
+        return AutoencoderTiny().eval()
     return AutoencoderTiny(encoder_block_out_channels=(16, 16, 16, 16), decoder_block_out_channels=(16, 16, 16, 16),
                            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).eval()
 
