@@ -134,18 +134,22 @@ def set_number(pg, elem_id: str, value) -> None:
     box.press("Tab")
 
 
+def slider_thumb(pg, label: str) -> tuple[dict, float, float]:
+    """A slider's track box and where its thumb is (x, y), scrolled into view."""
+    rng = pg.get_by_label(f"range slider for {label}", exact=True)
+    rng.scroll_into_view_if_needed()
+    box = rng.bounding_box()
+    lo, hi, val = (float(rng.get_attribute(a) or 0) for a in ("min", "max", "value"))
+    return box, box["x"] + box["width"] * (val - lo) / (hi - lo), box["y"] + box["height"] / 2
+
+
 def drag_slider(pg, label: str, to_fraction: float) -> float:
     """Drag a slider's thumb with the mouse (press, move, release) to a fraction of its track.
 
     Returns the value the slider shows afterwards.  The thumb starts where the value is; Gradio
     fires `.release` on the pointerup of the range input, which is what the app listens to.
     """
-    rng = pg.get_by_label(f"range slider for {label}", exact=True)
-    rng.scroll_into_view_if_needed()
-    box = rng.bounding_box()
-    lo, hi, val = (float(rng.get_attribute(a) or 0) for a in ("min", "max", "value"))
-    y = box["y"] + box["height"] / 2
-    x0 = box["x"] + box["width"] * (val - lo) / (hi - lo)
+    box, x0, y = slider_thumb(pg, label)
     x1 = box["x"] + box["width"] * to_fraction
     pg.mouse.move(x0, y)
     pg.mouse.down()
@@ -356,12 +360,7 @@ def test_live_previews_while_dragging_then_exact_image_on_release(page, server):
     open_tab(page, "Compose")
     compose_small(page)
     name = MIX_STYLES[0]
-    rng = page.get_by_label(f"range slider for {name}", exact=True)
-    rng.scroll_into_view_if_needed()
-    box = rng.bounding_box()
-    lo, hi, val = (float(rng.get_attribute(a) or 0) for a in ("min", "max", "value"))
-    y = box["y"] + box["height"] / 2
-    x = box["x"] + box["width"] * (val - lo) / (hi - lo)
+    box, x, y = slider_thumb(page, name)
     live = page.locator("#cp-live")
     previews: list[np.ndarray] = []
     srcs: list[str] = []
