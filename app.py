@@ -27,6 +27,9 @@ SIZES = ["512x512", "512x768", "768x512", "640x640", "256x256", "128x128", "64x6
 DATASET_SIZES = [512, 768, 256, 128, 64]
 GPU_QUEUE = "gpu"  # every event that runs the model shares this queue: one at a time
 GPU = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
+# Previews: their own queue, a few at once (one per session at most, by always_last): the pipeline's
+# lock and stylemix.preview decide who renders; newer requests interrupt older ones between steps.
+PREVIEW = dict(concurrency_id="preview", concurrency_limit=4)
 MAX_UPLOAD = "200mb"
 LIBRARY_COLUMNS = ["name", "trigger word", "kind", "rank", "alpha", "covers", "made for", "centroid", "fits model", "training", "samples", "created"]
 
@@ -94,6 +97,24 @@ def _format_scores(scores: dict | None) -> tuple[str, dict | None]:
     if s.get("is_demo"):
         lines.append("\n*Demo values: computed with a tiny random CLIP, not a real measurement.*")
     return "\n".join(lines), (s.get("shares") or None)
+
+
+def _compose_recipe(prompt_, negative_, weights_json, seed_value: int, steps_, size_, sampler_, guidance_,
+                    strength_, triggers_, blocks_) -> Recipe:
+    """The Compose tab's inputs as a validated recipe (for the exact render and for previews)."""
+    weights = json.loads(weights_json or "{}")
+    if not isinstance(weights, dict):
+        raise ValueError("weights must be a JSON object of LoRA name -> weight")
+    w, h = (int(x) for x in str(size_).lower().split("x"))
+    return Recipe(prompt=prompt_, negative_prompt=negative_ or "", loras=weights, seed=seed_value,
+                  steps=int(steps_), width=w, height=h, sampler=sampler_, guidance=float(guidance_),
+                  total_strength=float(strength_) if strength_ else None, add_trigger_words=bool(triggers_),
+                  block_weights=parse_block_weights(blocks_ or "")).validate()
+
+
+def _exact_shown():
+    """After an exact render: the image is the recipe's own again, not a preview."""
+    return gr.update(label="Image"), "**Exact render** of the recipe (the same pixels as `stylemix generate`)."
 
 
 def _progress_html(view: dict | None) -> str:
@@ -209,10 +230,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                             return json.dumps(dict(zip(names, values)))
 
                         for s in sliders:
-                            # the newest release wins: queued older requests are dropped (always_last)
-                            s.release(collect, inputs=sliders, outputs=weights_box, queue=False).then(
-                                compose_fn, inputs=compose_inputs, outputs=compose_outputs,
-                                trigger_mode="always_last", **GPU)
+                            wire_live_slider(s, collect, sliders)
 
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=1, precision=0, elem_id="cp-seed")
@@ -233,6 +251,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                                             elem_id="cp-blocks")
                     go = gr.Button("Generate", variant="primary", elem_id="cp-generate")
                 with gr.Column(scale=1):
+                    live = gr.Markdown(elem_id="cp-live")  # says whether the image is a preview or the exact render
                     image = gr.Image(label="Image", type="filepath", format="png", interactive=False, elem_id="cp-image")
                     shares = gr.Label(label="Style shares", elem_id="cp-shares")
                     scores_md = gr.Markdown(elem_id="cp-scores")
@@ -306,16 +325,9 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                        strength_, triggers_, blocks_, owner_, request: gr.Request, progress=gr.Progress()):
             try:
                 who = _owner(owner_, request)
-                weights = json.loads(weights_json or "{}")
-                if not isinstance(weights, dict):
-                    raise ValueError("weights must be a JSON object of LoRA name -> weight")
-                w, h = (int(x) for x in str(size_).lower().split("x"))
                 seed_value = int(seed_) if lock_ and seed_ is not None else random.randrange(2**32)
-                recipe = Recipe(prompt=prompt_, negative_prompt=negative_ or "", loras=weights, seed=seed_value,
-                                steps=int(steps_), width=w, height=h, sampler=sampler_, guidance=float(guidance_),
-                                total_strength=float(strength_) if strength_ else None,
-                                add_trigger_words=bool(triggers_),
-                                block_weights=parse_block_weights(blocks_ or "")).validate()
+                recipe = _compose_recipe(prompt_, negative_, weights_json, seed_value, steps_, size_, sampler_,
+                                         guidance_, strength_, triggers_, blocks_)
                 out = service.compose(who, recipe, progress=lambda d, t: progress((d, t), desc="denoising"))
             except (StyleMixError, ValueError) as e:
                 raise gr.Error(str(e)) from None
@@ -326,7 +338,44 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             return path, md, share, seed_value, path, str(out.recipe_path), used_md
 
         go.click(compose_fn, inputs=compose_inputs, outputs=compose_outputs, api_name="compose",
-                 trigger_mode="always_last", **GPU)
+                 trigger_mode="always_last", **GPU).success(_exact_shown, outputs=[image, live], queue=False)
+
+        # ------------------------------------------------------------ live previews while a slider moves
+        preview_outputs = [image, live]
+
+        @gpu(duration=20)
+        @readable_errors
+        def preview_fn(prompt_, negative_, weights_json, seed_, lock_, steps_, size_, sampler_, guidance_,
+                       strength_, triggers_, blocks_, owner_, request: gr.Request):
+            """A fast preview of the weights being dragged, with the seed box's seed (so only the mix
+            changes); skipped (no update) when a newer request or the exact render made it pointless."""
+            recipe = _compose_recipe(prompt_, negative_, weights_json, int(seed_ or 0), steps_, size_, sampler_,
+                                     guidance_, strength_, triggers_, blocks_)
+            out = service.preview(_owner(owner_, request), recipe)
+            if out is None:
+                return gr.skip(), gr.skip()
+            note = (f"**{out.label}** — the exact image renders when you release the slider "
+                    "(scores come with it).")
+            return gr.update(value=out.image, label=out.label), note
+
+        def wire_live_slider(slider, collect, sliders):
+            """`.input` (every move) -> a preview; `.release` -> the exact render, which replaces it.
+
+            Previews have their own queue: they never wait behind a full render in Gradio's queue,
+            and a full render never waits for them (it stops them, stylemix/preview.py).  always_last:
+            while one preview of this slider runs, only the newest value waits to be sent.
+            """
+            slider.input(collect, inputs=sliders, outputs=weights_box, queue=False,
+                         trigger_mode="always_last").then(
+                preview_fn, inputs=compose_inputs, outputs=preview_outputs, trigger_mode="always_last",
+                show_progress="hidden", **PREVIEW)
+            # the newest release wins: queued older requests are dropped (always_last)
+            slider.release(collect, inputs=sliders, outputs=weights_box, queue=False).then(
+                compose_fn, inputs=compose_inputs, outputs=compose_outputs,
+                trigger_mode="always_last", **GPU).success(_exact_shown, outputs=[image, live], queue=False)
+
+        api_preview = gr.Button(visible=False)  # API only: POST /preview with the compose inputs
+        api_preview.click(preview_fn, inputs=compose_inputs, outputs=preview_outputs, api_name="preview", **PREVIEW)
 
         def load_recipe(path, names, version):
             try:
@@ -631,13 +680,19 @@ def launch_options(service: StyleMixService, host: str | None = None, port: int 
 
 def main(model: str | None = None, device: str | None = None, dtype: str | None = None,
          loras_dir: str | None = None, host: str | None = None, port: int | None = None,
-         share: bool = False, auth: str | None = None) -> None:
+         share: bool = False, auth: str | None = None, compile: bool | None = None,
+         preview: dict | None = None) -> None:
+    """preview: PreviewConfig fields from the command line (None values: the STYLEMIX_PREVIEW_* environment)."""
     from stylemix import jobs
+    from stylemix.models import TINY
+    from stylemix.preview import PreviewConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("stylemix").setLevel(logging.INFO)  # ours at INFO; libraries' request logs stay quiet
-    service = StyleMixService.start(model or os.environ.get("STYLEMIX_MODEL"), Workspace.default(loras_dir),
-                                    device=device, dtype=dtype)
+    model = model or os.environ.get("STYLEMIX_MODEL")
+    previews = PreviewConfig.from_env(model == TINY, **(preview or {})) if preview else None
+    service = StyleMixService.start(model, Workspace.default(loras_dir), device=device, dtype=dtype,
+                                    compile=compile, preview=previews)
     options = launch_options(service, host, port, share, auth)  # a bad --auth fails before the long start
     jobs.ensure_queue_running(service.workspace)  # a job queued before a restart starts now
     build_demo(service).queue(default_concurrency_limit=1).launch(**options)

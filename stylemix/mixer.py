@@ -83,6 +83,22 @@ class MixResult:
     weights_used: dict[str, float]  # after total-strength scaling
     seeds: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False  # `RenderOptions.should_stop` ended it between steps: no images
+
+
+@dataclass
+class RenderOptions:
+    """What a fast preview changes about `Mixer.generate` (stylemix/preview.py); full renders pass none.
+
+    extra_adapters: resident adapter id -> weight, merged into the same in-place weighted sum as the
+    recipe's LoRAs for this render only (a few-step LoRA); the next render without it restores the
+    layers exactly, as for any LoRA set to 0.
+    """
+
+    extra_adapters: dict[str, float] = field(default_factory=dict)
+    scheduler: object | None = None  # replaces the recipe's sampler (the few-step LoRA's own scheduler)
+    decoder: torch.nn.Module | None = None  # decodes the latents instead of the pipeline's VAE (TAESD)
+    should_stop: Callable[[], bool] | None = None  # checked after each step: True interrupts the render
 
 
 class Mixer:
@@ -157,6 +173,20 @@ class Mixer:
             if changed:
                 self._collect_layers()
 
+    def load_extra_adapter(self, source: str, adapter_id: str, weight_name: str | None = None) -> None:
+        """Load a LoRA from outside the library (a hub id or a file/folder) as `adapter_id`, once.
+
+        It stays off until `set_weights(..., extra_adapters={adapter_id: w})` asks for it; the preview's
+        few-step LoRA is loaded this way.
+        """
+        with self.lock:
+            if adapter_id in self._resident_ids():
+                return
+            self.restore_base_weights()  # peft must wrap the original weights, not a merged mix
+            kwargs = {"weight_name": weight_name} if weight_name else {}
+            self.pipe.load_lora_weights(source, adapter_name=adapter_id, **kwargs)
+            self._collect_layers()
+
     def unload(self, name: str) -> None:
         with self.lock:
             if name in self._adapters:
@@ -202,8 +232,12 @@ class Mixer:
                 weights = {n: w * recipe.total_strength / total for n, w in weights.items()}
         return weights
 
-    def set_weights(self, weights: dict[str, float], block_weights: dict[str, dict[str, float]] | None = None) -> None:
+    def set_weights(self, weights: dict[str, float], block_weights: dict[str, dict[str, float]] | None = None,
+                    extra_adapters: dict[str, float] | None = None) -> None:
         """Set LoRA weights (0 = off) and optional per-block multipliers; loads what is missing.
+
+        `extra_adapters` (adapter id -> weight) adds adapters loaded outside the library, such as the
+        preview's few-step LoRA; they are weighted exactly like library LoRAs, with no block multipliers.
 
         Cheap (milliseconds, no tensor math): it records each layer's adapters and peft scales.
         With merge=True the weighted sums are written into the layers by `apply()` (called by
@@ -214,6 +248,7 @@ class Mixer:
             self.ensure_loaded([n for n, w in weights.items() if w != 0])
             by_id = {self._adapters[n][0]: (w, block_weights.get(n, {}))
                      for n, w in weights.items() if w != 0 and n in self._adapters}
+            by_id.update({a: (float(w), {}) for a, w in (extra_adapters or {}).items() if w != 0})
             key = (self.merge, tuple(sorted((a, w, tuple(sorted(b.items()))) for a, (w, b) in by_id.items())))
             if self.state.layers_owner is not self:  # another mixer on this pipeline set the layers
                 for layer in self._layers:
@@ -342,45 +377,77 @@ class Mixer:
             self._embeds.popitem(last=False)
         return pos, neg
 
-    def generate(self, recipe: Recipe, progress: Callable[[int, int], None] | None = None) -> MixResult:
-        """Make the recipe's images.  Thread-safe: requests from many users run one at a time."""
+    def generate(self, recipe: Recipe, progress: Callable[[int, int], None] | None = None,
+                 options: RenderOptions | None = None) -> MixResult:
+        """Make the recipe's images.  Thread-safe: requests from many users run one at a time.
+
+        `options` is for previews only (stylemix/preview.py); without it this is the exact recipe
+        image, the same pixels as `stylemix generate`.
+        """
         recipe.validate()
+        opts = options or RenderOptions()
         timings = {}
         with self.lock:
             t0 = time.perf_counter()
             weights = self.effective_weights(recipe)
-            self.set_weights(weights, recipe.block_weights)
+            self.set_weights(weights, recipe.block_weights, opts.extra_adapters)
             timings["set_weights_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             timings["layers_merged"] = self.apply()
             timings["merge_s"] = time.perf_counter() - t0
             prompt = self.prompt_with_triggers(recipe, weights)
+            te_ids = {a for l in self._layers if l.component == "text_encoder" for a in l.adapters}
             te_key = tuple(sorted((n, w) for n, w in weights.items()
-                                  if w != 0 and any(l.component == "text_encoder" and self._adapters[n][0] in l.adapters
-                                                    for l in self._layers)))
+                                  if w != 0 and self._adapters[n][0] in te_ids))
+            te_key += tuple(sorted((a, w) for a, w in opts.extra_adapters.items() if w != 0 and a in te_ids))
             t1 = time.perf_counter()
             pos, neg = self._encode(prompt, recipe.negative_prompt, recipe.guidance, te_key)
             timings["encode_s"] = time.perf_counter() - t1
-            self.pipe.scheduler = self._scheduler(recipe.sampler)
+            self.pipe.scheduler = opts.scheduler or self._scheduler(recipe.sampler)
             seeds = [recipe.seed + i for i in range(recipe.batch_size)]
             # CPU generators: the same seed gives the same image on cuda, mps and cpu
             gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            stopped = []
 
             def on_step(pipe, step, timestep, kwargs):
                 if progress:
                     progress(step + 1, recipe.steps)
+                if opts.should_stop and opts.should_stop():
+                    pipe._interrupt = True  # diffusers skips the remaining steps (its own interrupt flag)
+                    stopped.append(step + 1)
                 return kwargs
 
+            # A preview decodes its latents itself (TAESD, or nothing at all once interrupted);
+            # a full render keeps the pipeline's own decode, so its pixels never change.
+            own_decode = opts.decoder is not None or opts.should_stop is not None
             t2 = time.perf_counter()
             out = self.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=recipe.steps,
                             guidance_scale=recipe.guidance, width=recipe.width, height=recipe.height,
                             num_images_per_prompt=recipe.batch_size, generator=gens,
-                            callback_on_step_end=on_step if progress else None)
+                            output_type="latent" if own_decode else "pil",
+                            callback_on_step_end=on_step if progress or opts.should_stop else None)
+            images = out.images
+            if stopped and stopped[0] < self.pipe._num_timesteps:  # stopped before the last step
+                images = []
+            elif own_decode:
+                images = decode_latents(self.pipe, images, opts.decoder)
             timings["denoise_decode_s"] = time.perf_counter() - t2
         hashes = {n: self.library.get(n).short_hash for n, w in weights.items() if w != 0}
         done = recipe.with_(model=self.loaded.model_id, lora_hashes=hashes)
-        return MixResult(images=list(out.images), recipe=done, prompt_used=prompt, weights_used=weights,
-                         seeds=seeds, timings=timings)
+        return MixResult(images=list(images), recipe=done, prompt_used=prompt, weights_used=weights,
+                         seeds=seeds, timings=timings, interrupted=not images)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor, decoder: torch.nn.Module | None = None) -> list:
+    """PIL images from the pipeline's latents, as the pipeline decodes them, with `decoder` (e.g. TAESD,
+    whose scaling factor is 1) in place of the VAE when given; the safety checker runs as it would."""
+    vae = decoder if decoder is not None else pipe.vae
+    latents = latents.to(next(vae.parameters()).dtype)
+    image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
+    denorm = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
+    return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denorm)
 
 
 def _mergeable(module) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 from stylemix.errors import StyleMixError
 from stylemix.lora.library import LoraLibrary, model_targets
 from stylemix.mixer import Mixer, MixResult
+from stylemix.preview import PreviewConfig, Previewer, PreviewResult
 from stylemix.models import ModelLoadError, load_model
 from stylemix.paths import Workspace, check_name, inside
 from stylemix.recipe import Recipe, save_png
@@ -52,11 +53,17 @@ class StyleMixService:
     # Base-model images by recipe, the low anchor of calibrated similarity: made once per prompt,
     # seed and settings, then reused while the sliders move.
     base_images: OrderedDict = field(default_factory=OrderedDict)
+    previewer: Previewer | None = None  # live previews while sliders move; None: exact renders only
 
     @classmethod
     def start(cls, model: str | None, workspace: Workspace, device: str | None = None,
-              dtype: str | None = None, examples: bool = True) -> "StyleMixService":
-        """Load the model; if it cannot be loaded, run on `tiny` and say so in the banner (never silently)."""
+              dtype: str | None = None, examples: bool = True, compile: bool | None = None,
+              preview: PreviewConfig | None = None) -> "StyleMixService":
+        """Load the model; if it cannot be loaded, run on `tiny` and say so in the banner (never silently).
+
+        compile: torch.compile the UNet and VAE decoder (None: on for CUDA, see stylemix/accel.py).
+        preview: how live previews are made (None: from the STYLEMIX_PREVIEW_* environment).
+        """
         reason = None
         try:
             loaded = load_model(model, device, dtype)
@@ -75,11 +82,30 @@ class StyleMixService:
         if zero_gpu():
             banner += (" Running on a ZeroGPU Space: images are made on a GPU lent per request; training is "
                        "switched off here (see the README).")
-        service = cls(mixer=Mixer(loaded, library), workspace=workspace, banner=banner, fallback_reason=reason)
+        mixer = Mixer(loaded, library)
+        previewer = Previewer(mixer, preview or PreviewConfig.from_env(loaded.is_tiny)).setup()
+        service = cls(mixer=mixer, workspace=workspace, banner=banner, fallback_reason=reason, previewer=previewer)
         if examples and service.install_example_loras():
             service.banner += (" The example LoRAs (`kenney_flat`, `pixel_city`) were trained for the tiny model "
                                "from the example sets in a few steps: drag their sliders to see mixing work.")
+        from stylemix.accel import compile_wanted
+
+        if compile_wanted(loaded.device, compile):
+            service.compile_and_warm_up()
         return service
+
+    def compile_and_warm_up(self) -> None:
+        """Compile, then load the library's LoRAs and render the default shapes once: later weight
+        changes and drags then never wait for a compile (a LoRA loaded later wraps new layers and
+        compiles once)."""
+        from stylemix.accel import compile_pipeline, warm_up
+
+        names = [e["name"] for e in self.usable_loras()][:16]
+        self.mixer.ensure_loaded(names)  # peft wraps their layers now, before the graphs are captured
+        compile_pipeline(self.mixer.pipe)
+        side = 64 if self.mixer.loaded.is_tiny else 512
+        warm_up(self.mixer, [Recipe("warm-up", loras={n: 0.5 for n in names[:2]}, steps=2, width=side, height=side)],
+                self.previewer)
 
     # ---------------------------------------------------------------- library
 
@@ -107,7 +133,10 @@ class StyleMixService:
         return path
 
     def compose(self, owner: str, recipe: Recipe, progress=None, score: bool = True) -> ComposeOutput:
-        result = self.mixer.generate(recipe, progress=progress)
+        if self.previewer is not None:  # the exact image: this owner's running previews stop for it
+            result = self.previewer.render_exact(recipe, owner, progress=progress)
+        else:
+            result = self.mixer.generate(recipe, progress=progress)
         scores = self.score(result) if score else None
         out_dir = self.user_dir(owner, "outputs")
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{secrets.token_hex(3)}"
@@ -119,6 +148,17 @@ class StyleMixService:
         recipe_path = out_dir / f"{stamp}-recipe.json"
         recipe_path.write_text(json.dumps(result.recipe.to_dict(), indent=2))
         return ComposeOutput(image_paths=paths, result=result, scores=scores, recipe_path=recipe_path)
+
+    def preview(self, owner: str, recipe: Recipe) -> PreviewResult | None:
+        """A fast preview of `recipe` for a moving slider; None when a newer request made it pointless.
+
+        Not scored: CLIP scoring would slow the preview past its budget, and the exact render on
+        release is scored.  Nothing is saved (a preview is not the recipe's image).
+        """
+        check_name(owner, "session id")
+        if self.previewer is None:
+            raise StyleMixError("Previews are not set up on this server.")
+        return self.previewer.preview(recipe, channel=owner)
 
     def score(self, result: MixResult) -> dict:
         base = None

@@ -134,18 +134,22 @@ def set_number(pg, elem_id: str, value) -> None:
     box.press("Tab")
 
 
+def slider_thumb(pg, label: str) -> tuple[dict, float, float]:
+    """A slider's track box and where its thumb is (x, y), scrolled into view."""
+    rng = pg.get_by_label(f"range slider for {label}", exact=True)
+    rng.scroll_into_view_if_needed()
+    box = rng.bounding_box()
+    lo, hi, val = (float(rng.get_attribute(a) or 0) for a in ("min", "max", "value"))
+    return box, box["x"] + box["width"] * (val - lo) / (hi - lo), box["y"] + box["height"] / 2
+
+
 def drag_slider(pg, label: str, to_fraction: float) -> float:
     """Drag a slider's thumb with the mouse (press, move, release) to a fraction of its track.
 
     Returns the value the slider shows afterwards.  The thumb starts where the value is; Gradio
     fires `.release` on the pointerup of the range input, which is what the app listens to.
     """
-    rng = pg.get_by_label(f"range slider for {label}", exact=True)
-    rng.scroll_into_view_if_needed()
-    box = rng.bounding_box()
-    lo, hi, val = (float(rng.get_attribute(a) or 0) for a in ("min", "max", "value"))
-    y = box["y"] + box["height"] / 2
-    x0 = box["x"] + box["width"] * (val - lo) / (hi - lo)
+    box, x0, y = slider_thumb(pg, label)
     x1 = box["x"] + box["width"] * to_fraction
     pg.mouse.move(x0, y)
     pg.mouse.down()
@@ -342,3 +346,44 @@ def test_upload_preprocess_train_then_mix(page, server):
     phases["experiments"] = round(time.monotonic() - t0)
     print("browser flow, seconds since start:", phases)
     assert not problems, "; ".join(problems)
+
+
+def test_live_previews_while_dragging_then_exact_image_on_release(page, server):
+    """Hold the mouse on a slider: previews appear while it moves; on release the exact recipe image."""
+    import json
+
+    from stylemix.recipe import Recipe
+
+    url, ws, service = server
+    page.reload()
+    page.locator("#banner").wait_for()
+    open_tab(page, "Compose")
+    compose_small(page)
+    name = MIX_STYLES[0]
+    box, x, y = slider_thumb(page, name)
+    live = page.locator("#cp-live")
+    previews: list[np.ndarray] = []
+    srcs: list[str] = []
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for frac in (0.62, 0.72, 0.85):  # the mouse stays down: every move is an `.input`, never a release
+        x1 = box["x"] + box["width"] * frac
+        page.mouse.move(x1, y, steps=3)
+        src = wait_until(page, lambda: (s := image_src(page)) and s not in srcs and "Preview" in live.inner_text()
+                         and s, f"a preview while dragging to {frac:.0%}")
+        srcs.append(src)
+        previews.append(fetch_pixels(page, src))
+    assert "Preview — " in live.inner_text() and "steps" in live.inner_text()
+    assert len({p.tobytes() for p in previews}) >= 2, "the previews did not change while the slider moved"
+    page.mouse.up()
+    exact_src = wait_until(page, lambda: "Exact render" in live.inner_text() and (s := image_src(page)) not in srcs
+                           and s, "the exact image after the release")
+    shown = fetch_pixels(page, exact_src)
+    screenshot(page, "compose-live")
+    # the recipe the server saved for this image, rendered again by the library: the same pixels
+    recipe_path = max(ws.outputs.glob("*/*-recipe.json"), key=lambda p: p.stat().st_mtime)
+    recipe = Recipe.from_dict(json.loads(recipe_path.read_text()))
+    assert recipe.loras[name] > 0.5, recipe.loras
+    again = np.asarray(service.mixer.generate(recipe).images[0].convert("RGB"), dtype=np.int16)
+    assert np.array_equal(shown, again), "the image shown after release is not the recipe's exact render"
+    assert all(not np.array_equal(p, shown) for p in previews)  # a preview is never the exact image

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: picked from the device)")
     parser.add_argument("--safety-checker", action="store_true",
                         help="load the model's safety checker (off by default; real models only)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the UNet and VAE decoder (default: `serve` compiles on CUDA, where it is "
+                             "measured to help; one-off commands do not, a compile costs more than one image)")
     parser.add_argument("--loras-dir", default=None, help="LoRA library folder (default: $STYLEMIX_LORAS or ./loras)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

@@ -21,6 +21,10 @@ def open_mixer(args):
     if loaded.is_tiny:
         print("stylemix: WARNING: running the built-in TINY model (random weights): "
               "images are not real pictures and scores are demo values.", file=sys.stderr)
+    if getattr(args, "compile", None):  # explicit only: for one image a compile costs more than it saves
+        from stylemix.accel import compile_pipeline
+
+        compile_pipeline(loaded.pipe)
     return Mixer(loaded, LoraLibrary(workspace(args).loras, base_model=loaded.model_id))
 
 

@@ -10,6 +10,13 @@ def register(sub) -> None:
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
                    help="require a login (or set STYLEMIX_AUTH=user:password)")
+    p.add_argument("--preview-lora", default=None, metavar="HUB_ID_OR_PATH",
+                   help="few-step LoRA for live previews, e.g. latent-consistency/lcm-lora-sdv1-5 "
+                        "(or $STYLEMIX_PREVIEW_LORA; 'none' = fewer steps and a smaller size only)")
+    p.add_argument("--preview-lora-kind", default=None, choices=["lcm", "tcd", "hyper"],
+                   help="which family the preview LoRA is (default: read from its name)")
+    p.add_argument("--preview-taesd", default=None, metavar="HUB_ID_OR_PATH",
+                   help="TAESD decoder for live previews, e.g. madebyollin/taesd (or $STYLEMIX_PREVIEW_TAESD)")
     p.set_defaults(func=run)
 
 
@@ -17,5 +24,7 @@ def run(args) -> int:
     import app
 
     app.main(model=args.model, device=args.device, dtype=args.dtype, loras_dir=args.loras_dir,
-             host=args.host, port=args.port, share=args.share, auth=args.auth)
+             host=args.host, port=args.port, share=args.share, auth=args.auth, compile=args.compile,
+             preview={"fewstep_lora": args.preview_lora, "fewstep_kind": args.preview_lora_kind,
+                      "taesd": args.preview_taesd})
     return 0

@@ -1,0 +1,187 @@
+"""Live previews (stylemix/preview.py) and compiled renders (stylemix/accel.py) on the real tiny model.
+
+The few-step LoRA and TAESD are the tiny model's random stand-ins, loaded and run exactly as real
+ones would be (peft adapters merged by the mixer, diffusers' AutoencoderTiny).  No timing assertions:
+speed is measured in bench/bench_live.py.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_library_lora
+from stylemix.errors import StyleMixError
+from stylemix.lora.library import LoraLibrary
+from stylemix.mixer import Mixer
+from stylemix.models import LoadedModel, tiny_pipeline
+from stylemix.preview import FEWSTEP_ADAPTER, PreviewConfig, Previewer
+from stylemix.recipe import Recipe
+
+RECIPE = Recipe("a cat by a window", loras={"ink": 0.8, "neon": 0.3}, seed=5, steps=8, width=128, height=128,
+                sampler="Euler")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    make_library_lora(root, "ink", seed=11)
+    make_library_lora(root, "neon", seed=12)
+    return root
+
+
+def new_mixer(library) -> Mixer:
+    loaded = LoadedModel(pipe=tiny_pipeline(), model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    return Mixer(loaded, LoraLibrary(library, base_model="tiny"))
+
+
+@pytest.fixture
+def previewer(library) -> Previewer:
+    return Previewer(new_mixer(library), PreviewConfig.from_env(tiny_model=True, env={}))
+
+
+def pixels(img) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+def count_calls(module: torch.nn.Module) -> list:
+    """A forward hook that records each call (a real hook on the real module)."""
+    calls = []
+    module.register_forward_hook(lambda m, i, o: calls.append(1))
+    return calls
+
+
+def test_preview_is_a_cheaper_labelled_recipe(previewer):
+    cheap, options, label = previewer.preview_recipe(RECIPE.with_(width=512, height=384, steps=20))
+    assert (cheap.width, cheap.height, cheap.steps, cheap.guidance) == (256, 192, 4, 1.0)  # LCM: no CFG
+    assert options.extra_adapters == {FEWSTEP_ADAPTER: 1.0} and options.decoder is not None
+    assert label == "Preview — 4 steps, 256×192 (LCM-LoRA, TAESD)"
+    assert cheap.seed == RECIPE.seed and cheap.loras == RECIPE.loras  # only the cost changes, never the mix
+    # without a few-step LoRA or TAESD: fewer steps at a smaller size, the recipe's own sampler and CFG
+    plain = Previewer(previewer.mixer, PreviewConfig(fewstep_lora="none", taesd="none"))
+    cheap, options, label = plain.preview_recipe(RECIPE.with_(steps=20))
+    assert (cheap.width, cheap.steps, cheap.guidance, cheap.sampler) == (64, 5, RECIPE.guidance, RECIPE.sampler)
+    assert not options.extra_adapters and options.decoder is None and label == "Preview — 5 steps, 64×64"
+
+
+def test_previews_differ_with_weights_and_use_taesd(previewer):
+    vae_calls = count_calls(previewer.mixer.pipe.vae.decoder)
+    first = previewer.preview(RECIPE)
+    taesd_calls = count_calls(previewer._decoder.decoder)
+    second = previewer.preview(RECIPE.with_(loras={"ink": 0.0, "neon": 1.2}))
+    assert first.image.size == second.image.size == (64, 64)
+    assert np.abs(pixels(first.image) - pixels(second.image)).max() > 0
+    assert vae_calls == [] and taesd_calls == [1]  # previews decode with TAESD, never the VAE
+    previewer.render_exact(RECIPE)
+    assert vae_calls == [1] and taesd_calls == [1]  # the exact render uses the real VAE only
+    again = previewer.preview(RECIPE.with_(loras={"ink": 0.0, "neon": 1.2}))
+    assert np.array_equal(pixels(again.image), pixels(second.image))  # same mix, same preview
+
+
+def test_full_render_after_previews_is_bit_identical_to_never_previewed(previewer, library):
+    for w in (0.1, 0.9, 1.7):
+        assert previewer.preview(RECIPE.with_(loras={"ink": w, "neon": 0.3})) is not None
+    after = previewer.render_exact(RECIPE)
+    never = new_mixer(library).generate(RECIPE)  # a pipeline that never loaded the few-step LoRA
+    assert np.array_equal(pixels(after.images[0]), pixels(never.images[0]))
+
+
+def test_fewstep_lora_is_merged_during_previews_only(previewer):
+    mixer = previewer.mixer
+    previewer.setup()
+    # a layer only the few-step LoRA touches (ResNet conv): its weight must be the base one outside previews
+    layer = next(l for l in mixer._layers if l.name.endswith("resnets.0.conv1") and l.component == "unet")
+    assert layer.adapters == {FEWSTEP_ADAPTER}
+    weight = layer.module.get_base_layer().weight
+    base = weight.detach().clone()
+    seen = []
+    mixer.pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(torch.equal(weight, base)))
+    previewer.preview(RECIPE)
+    assert seen and not any(seen)  # every preview step ran with the few-step LoRA merged in
+    seen.clear()
+    previewer.render_exact(RECIPE)
+    assert seen and all(seen)  # every exact step ran on the exact base weight
+    assert torch.equal(weight, base) and weight.data_ptr() == layer.module.get_base_layer().weight.data_ptr()
+
+
+def test_newest_request_interrupts_an_older_preview_between_steps(previewer):
+    old_recipe = RECIPE.with_(loras={"ink": 0.2})
+    slow = Previewer(previewer.mixer, PreviewConfig(steps=30, fewstep_lora="tiny", taesd="tiny"))
+    steps, started = [], threading.Event()
+
+    def on_step(module, args):
+        steps.append(1)
+        started.set()
+
+    slow.mixer.pipe.unet.register_forward_pre_hook(on_step)
+    results = {}
+    t = threading.Thread(target=lambda: results.setdefault("old", slow.preview(old_recipe, "me")))
+    t.start()
+    assert started.wait(120)
+    results["new"] = slow.preview(RECIPE, "me")  # a newer value on the same channel
+    t.join(120)
+    assert results["old"] is None and results["new"] is not None
+    old_steps = len(steps) - 30  # the new preview ran all 30
+    assert 1 <= old_steps < 30, old_steps  # the old one stopped between steps, well before its end
+    assert slow.stats["interrupted"] == 1 and slow.stats["max_running"] == 1
+
+
+def test_exact_render_stops_previews_and_a_late_preview_of_it_is_skipped(previewer):
+    with previewer.exact(RECIPE, "me"):
+        assert previewer.preview(RECIPE.with_(loras={"ink": 1.0}), "other") is None  # waits for nobody
+    # the drag's last event, arriving after the release, would overwrite the exact image: skipped
+    assert previewer.preview(RECIPE.with_(seed=99), "me") is None
+    assert previewer.preview(RECIPE.with_(loras={"ink": 0.5}), "me") is not None  # a new drag previews again
+
+
+def test_config_from_environment_and_errors_name_the_value():
+    cfg = PreviewConfig.from_env(tiny_model=False, env={"STYLEMIX_PREVIEW_LORA": "latent-consistency/lcm-lora-sdv1-5",
+                                                        "STYLEMIX_PREVIEW_TAESD": "madebyollin/taesd",
+                                                        "STYLEMIX_PREVIEW_STEPS": "3"})
+    assert cfg.kind().scheduler == "LCMScheduler" and cfg.taesd == "madebyollin/taesd" and cfg.steps == 3
+    assert PreviewConfig.from_env(tiny_model=False, env={}).kind() is None  # absent: the plain fast path
+    assert PreviewConfig.from_env(tiny_model=True, env={"STYLEMIX_PREVIEW_LORA": "none"}).kind() is None
+    with pytest.raises(StyleMixError, match="my/fast-lora"):
+        PreviewConfig(fewstep_lora="my/fast-lora")  # kind unknown: say which setting to add
+    with pytest.raises(StyleMixError, match="'abc'"):
+        PreviewConfig.from_env(tiny_model=True, env={"STYLEMIX_PREVIEW_SCALE": "abc"})
+    with pytest.raises(StyleMixError, match="'fast'"):
+        PreviewConfig(fewstep_lora="x/y-lcm", fewstep_kind="fast").kind()
+
+
+def test_missing_preview_lora_is_a_readable_error(library):
+    p = Previewer(new_mixer(library), PreviewConfig(fewstep_lora="/nonexistent/lcm.safetensors"))
+    with pytest.raises(StyleMixError, match="/nonexistent/lcm.safetensors"):
+        p.setup()
+
+
+def test_weight_changes_cause_no_recompile(library):
+    """100 LoRA weight changes on a compiled tiny UNet: 0 new graphs, and the weights keep their storage."""
+    from torch._dynamo.testing import CompileCounter
+
+    from stylemix.accel import compile_pipeline, compile_wanted
+
+    assert not compile_wanted(torch.device("cpu")) and compile_wanted(torch.device("cuda"))
+    mixer = new_mixer(library)
+    mixer.set_weights({"ink": 0.5, "neon": 0.5})
+    mixer.apply()
+    counter = CompileCounter()  # dynamo's own test backend: counts every graph it compiles, runs eagerly
+    compile_pipeline(mixer.pipe, backend=counter, vae=False)
+    x, ehs, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor(500)
+    weights = [layer.module.get_base_layer().weight for layer in mixer._layers]
+    ptrs = [w.data_ptr() for w in weights]
+    with torch.no_grad():
+        before = mixer.pipe.unet(x, t, encoder_hidden_states=ehs)[0]
+        graphs = counter.frame_count
+        assert graphs >= 1
+        for i in range(1, 101):
+            mixer.set_weights({"ink": round(0.01 * i, 2), "neon": round(1 - 0.01 * i, 2)})
+            assert mixer.apply() > 0
+            if i % 10 == 0:  # a forward every 10 changes keeps the test short on 2 cores
+                out = mixer.pipe.unet(x, t, encoder_hidden_states=ehs)[0]
+    assert counter.frame_count == graphs  # no recompiles
+    assert [w.data_ptr() for w in weights] == ptrs  # same storage: CUDA graphs would replay as recorded
+    assert not torch.equal(out, before)  # and the compiled UNet does see the new weights
