@@ -215,6 +215,11 @@ class LoraLibrary:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        # what was just checked and hashed need not be read back (a 100 MB LoCon: ~1 s saved)
+        st = (folder / lora_files.WEIGHTS_NAME).stat()
+        self._sha_cache[(str(folder / lora_files.WEIGHTS_NAME), st.st_size, st.st_mtime_ns)] = meta["sha256"]
+        if self.targets is not None:
+            self._compat_cache[(name, meta["sha256"])] = None
         return self.get(name)
 
     def import_file(self, src: str | os.PathLike, name: str, trigger_word: str | None = None,
