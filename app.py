@@ -282,7 +282,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                         lib_rename_btn = gr.Button("Rename", elem_id="lib-rename-btn")
                     lib_delete_btn = gr.Button("Delete", variant="stop", elem_id="lib-delete-btn")
                 with gr.Column():
-                    lib_import = gr.File(label="Import a .safetensors LoRA (diffusers or kohya)",
+                    lib_import = gr.File(label="Import a .safetensors LoRA (kohya LoRA/LoCon, LyCORIS LoHa/LoKr, A1111, diffusers)",
                                          file_types=[".safetensors"], type="filepath", elem_id="lib-import")
                     lib_name = gr.Textbox(label="Name in the library", elem_id="lib-name")
                     lib_trigger = gr.Textbox(label="Trigger word (optional)", elem_id="lib-trigger")
