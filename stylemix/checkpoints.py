@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from stylemix.errors import StyleMixError
+from stylemix.architecture import (CONFIG_DIR, DEFAULT_MODEL, TINY_TEXT, TINY_UNET, TINY_VAE, clip_tokenizer,
+                                   dtype_kwargs)
+from stylemix.errors import ModelLoadError, StyleMixError
 from stylemix.lora.files import check_safetensors_header
-from stylemix.models import (CONFIG_DIR, DEFAULT_MODEL, TINY_TEXT, TINY_UNET, TINY_VAE, ModelLoadError,
-                             clip_tokenizer, dtype_kwargs)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 # torch.save / pickle formats: never opened, because unpickling runs whatever code the file holds

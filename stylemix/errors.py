@@ -3,3 +3,7 @@
 
 class StyleMixError(Exception):
     """A user-facing error: bad input, missing model, unusable file.  str(e) is the message."""
+
+
+class ModelLoadError(StyleMixError):
+    """The requested base model could not be loaded; the message says what was tried and what to do."""

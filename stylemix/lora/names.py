@@ -76,7 +76,7 @@ def pipeline_targets(pipe) -> dict[str, Target]:
 @lru_cache(maxsize=1)
 def sd15_targets() -> dict[str, Target]:
     """The targets of the full-size SD1.5 architecture (built on `meta`: names and shapes, no weights)."""
-    from stylemix.models import full_size_meta_text_encoder, full_size_meta_unet
+    from stylemix.architecture import full_size_meta_text_encoder, full_size_meta_unet
 
     return model_targets(full_size_meta_unet(), full_size_meta_text_encoder())
 
