@@ -96,17 +96,6 @@ class Scorer:
                     self._text_cache[t] = f
             return torch.stack([self._text_cache[t] for t in texts])
 
-    def clip_scores(self, images: Sequence, prompt: str, trigger_words: Sequence[str] = ()) -> list[float]:
-        """Raw CLIP cosine of each image with `prompt`, trigger words removed first (they would inflate it)."""
-        from stylemix.scoring import strip_trigger_words
-
-        text = strip_trigger_words(prompt, trigger_words)
-        if not text:
-            raise StyleMixError(f"Prompt {prompt!r} is empty once trigger words are removed: nothing to score against.")
-        img = self.embed_images(images)
-        txt = self.embed_texts([text])
-        return (img @ txt[0]).tolist()
-
 
 def _rgb(image):
     from PIL import Image

@@ -55,6 +55,14 @@ def strip_trigger_words(prompt: str | None, trigger_words: Sequence[str] = ()) -
     return re.sub(r"\s+,", ",", text).strip(" ,")
 
 
+def clip_scores(scorer: Scorer, images: Sequence, prompt: str, trigger_words: Sequence[str] = ()) -> list[float]:
+    """Raw CLIP cosine of each image with `prompt`, trigger words removed first (they would inflate it)."""
+    text = strip_trigger_words(prompt, trigger_words)
+    if not text:
+        raise StyleMixError(f"Prompt {prompt!r} is empty once trigger words are removed: nothing to score against.")
+    return (scorer.embed_images(images) @ scorer.embed_texts([text])[0]).tolist()
+
+
 def clip_score_100(cosine: float) -> float:
     """torchmetrics' CLIPScore scale: 100 * max(cos, 0)."""
     return 100.0 * max(float(cosine), 0.0)

@@ -55,11 +55,12 @@ def test_real_clip_scores_are_on_the_reports_scale(real_model):
     from stylemix.mixer import Mixer
     from stylemix.lora.library import LoraLibrary
     from stylemix.recipe import Recipe
+    from stylemix.scoring import clip_scores
 
     scorer, why = load_scorer_or_reason(device=real_model.device)
     if scorer is None:
         pytest.skip(why)
     mixer = Mixer(real_model, LoraLibrary("/nonexistent-loras"))
     image = mixer.generate(Recipe("a cat sitting by a window", steps=20, seed=1)).images[0]
-    score = scorer.clip_scores([image], "a cat sitting by a window")[0]
+    score = clip_scores(scorer, [image], "a cat sitting by a window")[0]
     assert 0.2 < score < 0.4  # the seed report's base model: 0.31 with ViT-B-32

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from stylemix.clip_models import (TINY_CLIP_NAME, Scorer, ScorerUnavailable, clear_scorer_cache, load_scorer,
                                   load_scorer_or_reason, tiny_scorer)
 from stylemix.errors import StyleMixError
-from stylemix.scoring import (CENTROID_FILE, StyleCentroid, calibrate, centroid_models, clip_score_100,
+from stylemix.scoring import (CENTROID_FILE, StyleCentroid, calibrate, centroid_models, clip_score_100, clip_scores,
                               compute_centroid, leave_one_out_similarity, load_centroid, mix_shares, open_image,
                               save_centroid, score_images, strip_trigger_words)
 
@@ -197,7 +197,7 @@ def test_whole_path_with_tiny_clip_on_pipeline_images(scorer, tiny_pipe):
     last = results[-1]
     assert last.shares["stripes"] > last.shares["blobs"] and sum(last.shares.values()) == pytest.approx(1.0)
     # the same image scored twice, alone or in a batch, gives the same numbers
-    assert scorer.clip_scores([gen[0]], "a cat")[0] == pytest.approx(results[0].clip_score, abs=1e-5)
+    assert clip_scores(scorer, [gen[0]], "a cat")[0] == pytest.approx(results[0].clip_score, abs=1e-5)
     fresh = tiny_scorer()
     assert fresh.embed_images(gen).allclose(scorer.embed_images(gen), atol=1e-5)  # deterministic weights
     texts = scorer.embed_texts(["a cat", "a dog", "a cat"])  # cached prompts give the same embeddings
