@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from stylemix.a1111 import lbw_block
 from stylemix.errors import StyleMixError
 from stylemix.lora.library import LoraLibrary, model_linear_shapes
 from stylemix.lora.files import WEIGHTS_NAME
@@ -37,16 +38,19 @@ _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
 
 def block_of(component: str, module_name: str) -> tuple[str, ...]:
-    """Block ids of a LoRA layer, most specific first: ('down.1', 'down'), ('mid',), ('text_encoder',)."""
+    """Block ids of a LoRA layer, most specific first: ('IN04', 'down.1', 'down'), ('M00', 'mid'),
+    ('BASE', 'text_encoder'); the A1111 LBW id (stylemix.a1111.lbw_block) leads where there is one."""
+    lbw = lbw_block(component, module_name)
+    lead = (lbw,) if lbw else ()
     if component == "text_encoder":
-        return ("text_encoder",)
+        return lead + ("text_encoder",)
     m = _BLOCK.match(module_name)
     if not m:
-        return ("other",)
+        return lead + ("other",)  # conv_in (IN00), time_embedding, conv_out
     if m.group(3):
-        return ("mid",)
+        return lead + ("mid",)
     kind = "down" if m.group(1) == "down_blocks" else "up"
-    return (f"{kind}.{m.group(2)}", kind)
+    return lead + (f"{kind}.{m.group(2)}", kind)
 
 
 @dataclass
