@@ -147,7 +147,7 @@ def parse_prompt_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     rest = re.sub(r"[ \t]*,(?:[ \t]*,)+", ",", rest)
     rest = re.sub(r"[ \t]{2,}", " ", rest)
     rest = re.sub(r"[ \t]+,", ",", rest)
-    rest = "\n".join(line.strip(" \t") for line in rest.split("\n"))
+    rest = "\n".join(line.lstrip(" \t,").rstrip(" \t") for line in rest.split("\n"))
     return rest.strip(" \t\n,"), tags
 
 

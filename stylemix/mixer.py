@@ -359,7 +359,10 @@ class Mixer:
             timings["layers_merged"] = self.apply()
             timings["merge_s"] = time.perf_counter() - t0
             prompt = self.prompt_with_triggers(recipe, weights)
-            te_key = tuple(sorted((n, w) for n, w in weights.items()
+            # the text-encoder block multiplier (BASE / text_encoder) is part of what the embeddings depend on
+            te_ids = block_of("text_encoder", "")
+            te_key = tuple(sorted((n, w, next((bw[b] for b in te_ids if b in bw), 1.0))
+                                  for n, w in weights.items() for bw in [recipe.block_weights.get(n, {})]
                                   if w != 0 and any(l.component == "text_encoder" and self._adapters[n][0] in l.adapters
                                                     for l in self._layers)))
             t1 = time.perf_counter()
