@@ -229,7 +229,8 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                         blocks = gr.Textbox(label="Per-block weights (advanced)", value="",
                                             placeholder="anime:up=0.5, pixelart:down.1=0",
                                             info="LORA:BLOCK=MULTIPLIER; blocks: down, down.0-3, mid, up, up.0-3, "
-                                                 "text_encoder (the most specific wins). The Experiments tab's "
+                                                 "text_encoder, A1111's IN01-OUT11/M00/BASE or LORA:lbw=OUTD "
+                                                 "(the most specific wins). The Experiments tab's "
                                                  "clash map shows where two styles fight.",
                                             elem_id="cp-blocks")
                     go = gr.Button("Generate", variant="primary", elem_id="cp-generate")

@@ -199,8 +199,11 @@ def _is_number(x) -> bool:
 
 
 def a1111_parameters(recipe: Recipe, prompt_used: str | None = None) -> str:
-    """The `parameters` text A1111 writes: prompt with <lora:name:w> tags, then settings."""
-    tags = " ".join(f"<lora:{n}:{_fmt(w)}>" for n, w in recipe.loras.items() if w != 0)
+    """The `parameters` text A1111 writes: prompt with <lora:name:w> tags, then settings.
+
+    A LoRA whose per-block weights are exactly an LBW set gets `:lbw=...`, as A1111's LoRA Block
+    Weight extension writes and reads it."""
+    tags = " ".join(_lora_tag(n, w, recipe.block_weights.get(n, {})) for n, w in recipe.loras.items() if w != 0)
     lines = [" ".join(x for x in (prompt_used or recipe.prompt, tags) if x)]
     if recipe.negative_prompt:
         lines.append(f"Negative prompt: {recipe.negative_prompt}")
@@ -214,6 +217,11 @@ def a1111_parameters(recipe: Recipe, prompt_used: str | None = None) -> str:
     settings.append("Version: StyleMix")
     lines.append(", ".join(settings))
     return "\n".join(lines)
+
+
+def _lora_tag(name: str, weight: float, blocks: dict[str, float]) -> str:
+    lbw = lbw_text(blocks)
+    return f"<lora:{name}:{_fmt(weight)}:lbw={lbw}>" if lbw else f"<lora:{name}:{_fmt(weight)}>"
 
 
 def _fmt(x: float) -> str:

@@ -5,16 +5,14 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import make_library_lora
+from helpers import make_library_lora, tiny_mixer
 from stylemix.a1111 import (LBW_IDS, LBW_IDS_17, LBW_IDS_26, LBW_PRESETS, lbw_block, lbw_text, lbw_weights,
                             parse_prompt_tags)
 from stylemix.cli import build_parser, main
-from stylemix.lora.library import LoraLibrary
 from stylemix.mix_export import block_multiplier
-from stylemix.mixer import Mixer, block_of
-from stylemix.models import LoadedModel, tiny_components, tiny_pipeline
+from stylemix.mixer import block_of
+from stylemix.models import tiny_components
 from stylemix.recipe import (Recipe, a1111_parameters, format_block_weights, parse_a1111_parameters,
                              parse_block_weights, read_recipe)
 
@@ -163,7 +161,10 @@ def test_recipe_takes_tags_json_and_a1111_text_alike():
     p = parse_a1111_parameters("a cat <lora:wc:0.5:lbw=IND> <lora:px:-1>\nNegative prompt: dog\n"
                                "Steps: 3, Sampler: Euler, CFG scale: 7, Seed: 9, Size: 64x64")
     assert p.prompt == "a cat" and p.loras == {"wc": 0.5, "px": -1.0} and p.block_weights == j.block_weights
-    assert parse_a1111_parameters(a1111_parameters(j)).loras == {"anime": 0.3, "wc": 0.5, "px": -1.0}
+    text = a1111_parameters(j)
+    assert "<lora:wc:0.5:lbw=1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0> <lora:px:-1>" in text
+    back = parse_a1111_parameters(text)
+    assert back.loras == {"anime": 0.3, "wc": 0.5, "px": -1.0} and back.block_weights == j.block_weights
     with pytest.raises(ValueError, match="weight 7 is outside"):
         Recipe.from_dict({"prompt": "a cat <lora:wc:7>"})
 
@@ -177,14 +178,13 @@ STYLES = ["anime", "watercolor"]
 def library_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     for i, name in enumerate(STYLES):
-        make_library_lora(root, name, seed=300 + i, alpha=4.0, trigger=f"{name[:3]}style")
+        make_library_lora(root, name, seed=300 + i, trigger=f"{name[:3]}style")
     return root
 
 
 @pytest.fixture(scope="module")
 def mixer(library_root):
-    loaded = LoadedModel(pipe=tiny_pipeline(), model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
-    return Mixer(loaded, LoraLibrary(library_root))
+    return tiny_mixer(library_root)
 
 
 BASE = Recipe(prompt="a cat sitting by a window", steps=3, width=64, height=64, seed=5, sampler="Euler",
