@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import random
+import time
 
 import gradio as gr
 
 from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace, check_name
-from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, parse_block_weights, read_recipe
+from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, format_block_weights, parse_block_weights, read_recipe
 from stylemix.service import StyleMixService, new_owner_token, zero_gpu
 
 logger = logging.getLogger("stylemix.app")
@@ -246,7 +247,8 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                         blocks = gr.Textbox(label="Per-block weights (advanced)", value="",
                                             placeholder="anime:up=0.5, pixelart:down.1=0",
                                             info="LORA:BLOCK=MULTIPLIER; blocks: down, down.0-3, mid, up, up.0-3, "
-                                                 "text_encoder (the most specific wins). The Experiments tab's "
+                                                 "text_encoder, A1111's IN01-OUT11/M00/BASE or LORA:lbw=OUTD "
+                                                 "(the most specific wins). The Experiments tab's "
                                                  "clash map shows where two styles fight.",
                                             elem_id="cp-blocks")
                     go = gr.Button("Generate", variant="primary", elem_id="cp-generate")
@@ -318,7 +320,9 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
         # ============================================================ Compose logic
         compose_inputs = [prompt, negative, weights_box, seed, lock, steps, size, sampler, guidance, strength,
                           triggers, blocks, owner]
-        compose_outputs = [image, scores_md, shares, seed, png_file, recipe_file, used]
+        # the last four move the sliders when the prompt held <lora:name:w> tags (see compose_fn)
+        compose_outputs = [image, scores_md, shares, seed, png_file, recipe_file, used,
+                           prompt, weights_box, blocks, recipe_version]
 
         @gpu(duration=60)
         def compose_fn(prompt_, negative_, weights_json, seed_, lock_, steps_, size_, sampler_, guidance_,
@@ -335,7 +339,14 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             used_md = f"Prompt used: `{out.result.prompt_used}`  \nWeights used: " + (
                 ", ".join(f"{n} {v:.3g}" for n, v in out.result.weights_used.items() if v) or "none (base model)")
             path = str(out.image_paths[0])
-            return path, md, share, seed_value, path, str(out.recipe_path), used_md
+            if recipe.prompt != prompt_:
+                # The prompt held <lora:...> tags (Recipe.validate took them): their weights and lbw= move to
+                # the sliders and the per-block box, so the tag is not re-applied over a slider moved later.
+                tagged = (recipe.prompt, json.dumps(recipe.loras), format_block_weights(recipe.block_weights),
+                          time.time_ns())  # a new recipe_version redraws the sliders
+            else:
+                tagged = (gr.update(),) * 4
+            return (path, md, share, seed_value, path, str(out.recipe_path), used_md) + tagged
 
         go.click(compose_fn, inputs=compose_inputs, outputs=compose_outputs, api_name="compose",
                  trigger_mode="always_last", **GPU).success(_exact_shown, outputs=[image, live], queue=False)
@@ -392,8 +403,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             if missing:
                 gr.Warning(f"Not in your library: {', '.join(missing)} (their weights are ignored).")
             weights = {n: w for n, w in r.loras.items() if n in names}
-            block_text = ", ".join(f"{n}:{b}={m:g}" for n, bw in r.block_weights.items() if n in names
-                                   for b, m in bw.items())
+            block_text = format_block_weights(r.block_weights, names)
             return (r.prompt, r.negative_prompt, json.dumps(weights), r.seed, True, r.steps,
                     f"{r.width}x{r.height}", r.sampler, r.guidance, block_text, (version or 0) + 1)
 

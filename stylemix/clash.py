@@ -32,7 +32,7 @@ BLOCK_ORDER = ["text_encoder", "down.0", "down.1", "down.2", "down.3", "mid", "u
 @dataclass
 class LayerClash:
     module: str  # canonical module key, e.g. "unet.down_blocks.0.attentions.0....attn1.to_q"
-    block: str  # the most specific block id (mixer.block_of)
+    block: str  # the layer's coarse block id (its BLOCK_ORDER row)
     cosine: float | None  # None where one update is zero
     norm_a: float  # ||dW_a||_F
     norm_b: float
@@ -64,7 +64,8 @@ def _block(module_key: str) -> str:
     from stylemix.mixer import block_of
 
     component, _, name = module_key.partition(".")
-    return block_of("text_encoder" if component == "text_encoder" else "unet", name)[0]
+    ids = block_of("text_encoder" if component == "text_encoder" else "unet", name)
+    return next(b for b in ids if b in BLOCK_ORDER)  # the coarse row (block_of leads with the finer LBW id)
 
 
 def delta_inner(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from stylemix.a1111 import lbw_block
 from stylemix.errors import StyleMixError
 from stylemix.lora.library import LoraLibrary, model_targets
 from stylemix.lora.files import WEIGHTS_NAME
@@ -37,16 +38,19 @@ _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
 
 def block_of(component: str, module_name: str) -> tuple[str, ...]:
-    """Block ids of a LoRA layer, most specific first: ('down.1', 'down'), ('mid',), ('text_encoder',)."""
+    """Block ids of a LoRA layer, most specific first: ('IN04', 'down.1', 'down'), ('M00', 'mid'),
+    ('BASE', 'text_encoder'); the A1111 LBW id (stylemix.a1111.lbw_block) leads where there is one."""
+    lbw = lbw_block(component, module_name)
+    lead = (lbw,) if lbw else ()
     if component == "text_encoder":
-        return ("text_encoder",)
+        return lead + ("text_encoder",)
     m = _BLOCK.match(module_name)
     if not m:
-        return ("other",)
+        return lead + ("other",)  # conv_in (IN00), time_embedding, conv_out
     if m.group(3):
-        return ("mid",)
+        return lead + ("mid",)
     kind = "down" if m.group(1) == "down_blocks" else "up"
-    return (f"{kind}.{m.group(2)}", kind)
+    return lead + (f"{kind}.{m.group(2)}", kind)
 
 
 @dataclass
@@ -396,8 +400,11 @@ class Mixer:
             timings["layers_merged"] = self.apply()
             timings["merge_s"] = time.perf_counter() - t0
             prompt = self.prompt_with_triggers(recipe, weights)
+            # the embeddings depend on each text-encoder LoRA's weight and its BASE / text_encoder block multiplier
             te_ids = {a for l in self._layers if l.component == "text_encoder" for a in l.adapters}
-            te_key = tuple(sorted((n, w) for n, w in weights.items()
+            te_blocks = block_of("text_encoder", "")
+            te_key = tuple(sorted((n, w, next((bw[b] for b in te_blocks if b in bw), 1.0))
+                                  for n, w in weights.items() for bw in [recipe.block_weights.get(n, {})]
                                   if w != 0 and self._adapters[n][0] in te_ids))
             te_key += tuple(sorted((a, w) for a, w in opts.extra_adapters.items() if w != 0 and a in te_ids))
             t1 = time.perf_counter()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from stylemix.a1111 import LBW_IDS, lbw_text, lbw_weights, parse_prompt_tags
 from stylemix.errors import StyleMixError
 from stylemix.paths import check_name
 
@@ -30,9 +31,13 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
-# Per-block weight ids (diffusers' block-wise adapter scales, stylemix.mixer.block_of): the most
-# specific one present wins for a layer.
-BLOCK_IDS = frozenset({"down", "mid", "up", "text_encoder"} | {f"{k}.{i}" for k in ("down", "up") for i in range(4)})
+# Per-block weight ids (stylemix.mixer.block_of): the most specific one present wins for a layer.
+# Coarse ids (down, down.0 ... up.3, mid, text_encoder) and A1111 LoRA Block Weight ids (BASE,
+# IN00 ... IN11, M00, OUT00 ... OUT11; stylemix.a1111), which are finer than down.0 ... up.3.
+COARSE_BLOCK_IDS = frozenset({"down", "mid", "up", "text_encoder"}
+                             | {f"{k}.{i}" for k in ("down", "up") for i in range(4)})
+BLOCK_IDS = COARSE_BLOCK_IDS | LBW_IDS
+BLOCK_IDS_HELP = "down, down.0-3, mid, up, up.0-3, text_encoder, or an LBW id: BASE, IN00-IN11, M00, OUT00-OUT11"
 WEIGHT_LIMIT = 2.0
 MAX_PROMPT_CHARS = 2000
 MAX_CHUNK_BYTES = 256 * 1024
@@ -58,8 +63,12 @@ class Recipe:
     lora_hashes: dict[str, str] = field(default_factory=dict)  # filled in by the mixer: name -> sha256[:12]
 
     def validate(self) -> "Recipe":
-        """Raise ValueError naming the first bad field; return self."""
-        if not isinstance(self.prompt, str) or len(self.prompt) > MAX_PROMPT_CHARS:
+        """Take the prompt's <lora:...> tags (see `take_prompt_tags`), then raise ValueError naming
+        the first bad field; return self."""
+        if not isinstance(self.prompt, str) or len(self.prompt) > MAX_PROMPT_CHARS * 4:
+            raise ValueError(f"prompt must be text of at most {MAX_PROMPT_CHARS} characters.")
+        self.take_prompt_tags()
+        if len(self.prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt must be text of at most {MAX_PROMPT_CHARS} characters.")
         if not isinstance(self.negative_prompt, str) or len(self.negative_prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"negative_prompt must be text of at most {MAX_PROMPT_CHARS} characters.")
@@ -77,7 +86,7 @@ class Recipe:
             unknown = sorted(set(blocks) - BLOCK_IDS)
             if unknown:
                 raise ValueError(f"block_weights of {name!r}: unknown block {unknown[0]!r}; "
-                                 f"use {', '.join(sorted(BLOCK_IDS))}.")
+                                 f"use {BLOCK_IDS_HELP}.")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed {self.seed!r} must be an integer in [0, 2^63).")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 150:
@@ -94,6 +103,23 @@ class Recipe:
             raise ValueError(f"batch_size {self.batch_size!r} must be from 1 to 8.")
         if self.total_strength is not None and (not _is_number(self.total_strength) or not 0 < self.total_strength <= 4):
             raise ValueError(f"total_strength {self.total_strength!r} must be a number in (0, 4] or None.")
+        return self
+
+    def take_prompt_tags(self) -> "Recipe":
+        """Move A1111 `<lora:name:weight[:lbw=...]>` tags out of the prompt into `loras` (the tag's
+        weight replaces the LoRA's) and `block_weights` (lbw= replaces the LoRA's per-block weights).
+
+        Done in `validate`, the step every recipe passes (CLI, app, recipe JSON, PNG text, mixer),
+        so a tag behaves the same everywhere and the model never sees it.  Idempotent.
+        """
+        if not isinstance(self.loras, dict) or not isinstance(self.block_weights, dict):
+            return self  # validate names the bad field
+        prompt, tags = parse_prompt_tags(self.prompt)
+        if tags:
+            self.prompt = prompt
+            self.loras = {**self.loras, **{t.name: t.weight for t in tags}}
+            self.block_weights = {**self.block_weights, **{t.name: dict(t.block_weights)
+                                                           for t in tags if t.block_weights}}
         return self
 
     def to_dict(self) -> dict:
@@ -119,14 +145,29 @@ class Recipe:
         return Recipe(**{**asdict(self), **changes})
 
 
+# LORA:lbw=PRESET or LORA:lbw=17/26 numbers inside a comma-separated block-weight text
+_LBW_ITEM = re.compile(r"([^\s,:=]+):lbw=((?:[-+0-9.eE]+[ \t]*,[ \t]*){16,25}[-+0-9.eE]+|[A-Za-z][\w.]*)")
+
+
 def parse_block_weights(items: str | list[str]) -> dict[str, dict[str, float]]:
-    """'anime:up=0.5, pixelart:down.1=0' (or a list of such items) -> {lora: {block: multiplier}}."""
+    """'anime:up=0.5, pixelart:down.1=0, ink:lbw=OUTD' (or a list of such items) -> {lora: {block: multiplier}}.
+
+    BLOCK is a coarse id or an LBW id (IN04, OUT07 ...); `LORA:lbw=PRESET_OR_17_OR_26_NUMBERS` sets all
+    26 LBW ids at once, as in a `<lora:name:w:lbw=...>` prompt tag.
+    """
+    lbw_items: list[tuple[str, str]] = []
     if isinstance(items, str):
-        items = [x for x in re.split(r"[,\s]+", items) if x]
+        lbw_items = _LBW_ITEM.findall(items)
+        items = [x for x in re.split(r"[,\s]+", _LBW_ITEM.sub(" ", items)) if x]
     out: dict[str, dict[str, float]] = {}
+    for lora, spec in lbw_items:
+        out.setdefault(lora, {}).update(lbw_weights(spec))
     for item in items or []:
         lora, sep, rest = item.partition(":")
         block, sep2, mult = rest.partition("=")
+        if sep and sep2 and lora and block.strip().lower() == "lbw":
+            out.setdefault(lora, {}).update(lbw_weights(mult))
+            continue
         try:
             m = float(mult)
         except ValueError:
@@ -134,9 +175,20 @@ def parse_block_weights(items: str | list[str]) -> dict[str, dict[str, float]]:
         if not sep or not sep2 or not lora:
             raise ValueError(f"Block weight {item!r}: expected LORA:BLOCK=MULTIPLIER, e.g. anime:up.1=0.5.")
         if block not in BLOCK_IDS:
-            raise ValueError(f"Block weight {item!r}: unknown block {block!r}; use one of {', '.join(sorted(BLOCK_IDS))}.")
+            raise ValueError(f"Block weight {item!r}: unknown block {block!r}; use {BLOCK_IDS_HELP}.")
         out.setdefault(lora, {})[block] = m
     return out
+
+
+def format_block_weights(block_weights: dict[str, dict[str, float]], names=None) -> str:
+    """The text form `parse_block_weights` reads back: 'anime:up=0.5, ink:lbw=1,0,...' (LoRAs in `names` only)."""
+    parts = []
+    for n, blocks in block_weights.items():
+        if names is not None and n not in names:
+            continue
+        lbw = lbw_text(blocks)
+        parts += [f"{n}:lbw={lbw}"] if lbw else [f"{n}:{b}={m:g}" for b, m in blocks.items()]
+    return ", ".join(parts)
 
 
 def _is_number(x) -> bool:
@@ -147,8 +199,11 @@ def _is_number(x) -> bool:
 
 
 def a1111_parameters(recipe: Recipe, prompt_used: str | None = None) -> str:
-    """The `parameters` text A1111 writes: prompt with <lora:name:w> tags, then settings."""
-    tags = " ".join(f"<lora:{n}:{_fmt(w)}>" for n, w in recipe.loras.items() if w != 0)
+    """The `parameters` text A1111 writes: prompt with <lora:name:w> tags, then settings.
+
+    A LoRA whose per-block weights are exactly an LBW set gets `:lbw=...`, as A1111's LoRA Block
+    Weight extension writes and reads it."""
+    tags = " ".join(_lora_tag(n, w, recipe.block_weights.get(n, {})) for n, w in recipe.loras.items() if w != 0)
     lines = [" ".join(x for x in (prompt_used or recipe.prompt, tags) if x)]
     if recipe.negative_prompt:
         lines.append(f"Negative prompt: {recipe.negative_prompt}")
@@ -164,11 +219,13 @@ def a1111_parameters(recipe: Recipe, prompt_used: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _lora_tag(name: str, weight: float, blocks: dict[str, float]) -> str:
+    lbw = lbw_text(blocks)
+    return f"<lora:{name}:{_fmt(weight)}:lbw={lbw}>" if lbw else f"<lora:{name}:{_fmt(weight)}>"
+
+
 def _fmt(x: float) -> str:
     return f"{x:g}"
-
-
-_LORA_TAG = re.compile(r"<lora:([^:<>]+):(-?[0-9.]+)>")
 
 
 def parse_a1111_parameters(text: str) -> Recipe:
@@ -185,11 +242,9 @@ def parse_a1111_parameters(text: str) -> Recipe:
             neg = "\n".join([line[len("Negative prompt:"):].strip()] + body[i + 1:])
             break
         prompt_lines.append(line)
-    prompt = "\n".join(prompt_lines)
-    loras = {n.strip(): float(w) for n, w in _LORA_TAG.findall(prompt)}
-    prompt = _LORA_TAG.sub("", prompt).strip()
+    prompt = "\n".join(prompt_lines).strip()  # its <lora:...> tags become loras in validate()
     kv = dict(re.findall(r"(\w[\w ]*?): (\"[^\"]*\"|[^,]+)", settings_line))
-    recipe = Recipe(prompt=prompt, negative_prompt=neg, loras=loras)
+    recipe = Recipe(prompt=prompt, negative_prompt=neg).take_prompt_tags()
     conv = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
             "Sampler": ("sampler", str), "Model": ("model", str)}
     for key, (attr, typ) in conv.items():

@@ -55,3 +55,13 @@ def add_own_centroids(service, names, images_per_style: int) -> None:
         refs = [service.mixer.generate(Recipe("a cat", loras={name: 1.0}, seed=s, steps=2, width=64, height=64,
                                               sampler="Euler")).images[0] for s in range(images_per_style)]
         save_centroid(service.library.get(name).folder, compute_centroid(scorer, refs))
+
+
+def tiny_mixer(library_root: Path):
+    """A mixer on a fresh tiny pipeline (CPU, fp32) over the LoRA library at `library_root`."""
+    from stylemix.lora.library import LoraLibrary
+    from stylemix.mixer import Mixer
+    from stylemix.models import LoadedModel, tiny_pipeline
+
+    loaded = LoadedModel(pipe=tiny_pipeline(), model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    return Mixer(loaded, LoraLibrary(library_root))

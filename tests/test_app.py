@@ -277,6 +277,31 @@ def test_per_block_weights_change_the_image_and_bad_blocks_are_refused(app_url):
         compose(c, {"watercolor": 1.0}, blocks="watercolor:sideways=0")
 
 
+def test_prompt_tags_move_the_sliders_and_never_reach_the_model(app_url):
+    url, _, _ = app_url
+    c = _client(url)
+
+    def run(prompt, weights, blocks=""):
+        return c.predict(prompt, "", json.dumps(weights), 3, True, 2, "64x64", "Euler", 7.5, 0, True, blocks, OWNER,
+                         api_name="/compose")
+
+    tagged = run("a cat, <lora:watercolor:0.6:lbw=OUTD>", {"pixelart": 0.4, "watercolor": 0.1})
+    plain = run("a cat", {"pixelart": 0.4, "watercolor": 0.6}, blocks="watercolor:lbw=OUTD")
+    img = lambda r: np.asarray(Image.open(r[0]), dtype=np.int16)  # noqa: E731
+    assert np.array_equal(img(tagged), img(plain))  # the tag's weight and lbw took effect
+    assert "<lora" not in tagged[6] and "watercolor 0.6" in tagged[6]  # "Prompt used" shows no tag
+    # the prompt box loses the tag, the sliders (weights box) and per-block box take it over
+    prompt, weights, blocks = tagged[7:10]
+    assert prompt == "a cat" and json.loads(weights) == {"pixelart": 0.4, "watercolor": 0.6}
+    assert blocks == "watercolor:lbw=1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0"
+    recipe = read_recipe(tagged[4])
+    assert recipe.prompt == "a cat" and recipe.loras == {"pixelart": 0.4, "watercolor": 0.6}
+    with pytest.raises(Exception, match=r"No LoRA named 'nope'.*known: .*watercolor"):
+        run("a cat <lora:nope:0.5>", {})
+    with pytest.raises(Exception, match=r"weight 5 is outside \[-2, 2\]"):
+        run("a cat <lora:watercolor:5>", {})
+
+
 def test_launch_security_settings_and_zero_gpu(app_url, monkeypatch):
     import app
 

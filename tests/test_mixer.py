@@ -119,8 +119,8 @@ def test_block_weights(mixer):
     same = image(mixer, loras={"anime": 1.0}, block_weights={"anime": {"down": 1.0}})
     no_up = image(mixer, loras={"anime": 1.0}, block_weights={"anime": {"up": 0.0}})
     assert np.array_equal(full, same) and not np.array_equal(full, no_up)
-    assert block_of("unet", "up_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q") == ("up.2", "up")
-    assert block_of("unet", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k") == ("mid",)
+    assert block_of("unet", "up_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q") == ("OUT06", "up.2", "up")
+    assert block_of("unet", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k") == ("M00", "mid")
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))

@@ -18,19 +18,26 @@ from stylemix.errors import StyleMixError
 COMMAND_MODULES = ["generate", "loras", "serve", "preprocess", "train", "jobs", "score", "evaluate", "mix"]
 
 
+# Options every subcommand shares, accepted before or after it: `stylemix --model tiny generate "a cat"`
+# and `stylemix generate "a cat" --model tiny` mean the same.
+GLOBAL_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
+    (("--model",), dict(default=None, help="base model: hub id, local diffusers folder, SD1.5 .safetensors "
+                                           "checkpoint, or 'tiny' (default: $STYLEMIX_MODEL or SD1.5)")),
+    (("--device",), dict(default=None, help="cuda, mps or cpu (default: picked automatically)")),
+    (("--dtype",), dict(default=None, help="fp32, fp16 or bf16 (default: picked from the device)")),
+    (("--safety-checker",), dict(action="store_true",
+                                 help="load the model's safety checker (off by default; real models only)")),
+    (("--compile",), dict(action=argparse.BooleanOptionalAction, default=None,
+                          help="torch.compile the UNet and VAE decoder (default: `serve` compiles on CUDA, where it is "
+                               "measured to help; one-off commands do not, a compile costs more than one image)")),
+    (("--loras-dir",), dict(default=None, help="LoRA library folder (default: $STYLEMIX_LORAS or ./loras)")),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stylemix", description="Train and mix style LoRAs for Stable Diffusion 1.5.")
-    parser.add_argument("--model", default=None,
-                        help="base model: hub id, local diffusers folder, SD1.5 .safetensors checkpoint, or 'tiny' "
-                             "(default: $STYLEMIX_MODEL or SD1.5)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: picked automatically)")
-    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: picked from the device)")
-    parser.add_argument("--safety-checker", action="store_true",
-                        help="load the model's safety checker (off by default; real models only)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the UNet and VAE decoder (default: `serve` compiles on CUDA, where it is "
-                             "measured to help; one-off commands do not, a compile costs more than one image)")
-    parser.add_argument("--loras-dir", default=None, help="LoRA library folder (default: $STYLEMIX_LORAS or ./loras)")
+    for flags, kwargs in GLOBAL_OPTIONS:
+        parser.add_argument(*flags, **kwargs)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -40,7 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not built yet
             raise
         module.register(sub)
+    _add_global_options_to_subcommands(parser)
     return parser
+
+
+def _add_global_options_to_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand (at any depth) the global options, defaulting to SUPPRESS so that an
+    option not repeated after the subcommand keeps the value given before it (or the default)."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for subparser in set(action.choices.values()):
+            taken = set(subparser._option_string_actions)
+            group = subparser.add_argument_group("global options (also accepted before the command)")
+            for flags, kwargs in GLOBAL_OPTIONS:
+                if not taken.intersection(flags):  # a subcommand's own option of that name wins
+                    group.add_argument(*flags, **{**kwargs, "default": argparse.SUPPRESS})
+            _add_global_options_to_subcommands(subparser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,8 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=None, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--block", action="append", default=[], metavar="LORA:BLOCK=MULT",
                    help="per-block weight multiplier, e.g. anime:up.1=0.5 (blocks: down, down.0-3, mid, up, "
-                        "up.0-3, text_encoder; the most specific wins)")
+                        "up.0-3, text_encoder, A1111 LBW ids BASE, IN00-IN11, M00, OUT00-OUT11; the most specific wins), "
+                        "or LORA:lbw=PRESET_OR_17_NUMBERS; <lora:NAME:W:lbw=...> prompt tags work too (docs/a1111.md)")
     p.add_argument("--total-strength", type=float, default=None,
                    help="scale the weights so their absolute sum is this (keeps stacked LoRAs from frying)")
     p.add_argument("--no-triggers", action="store_true", help="do not put trigger words in front of the prompt")
