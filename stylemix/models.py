@@ -37,6 +37,7 @@ TINY_SEED = 0
 
 
 from stylemix.errors import StyleMixError
+from stylemix.gpu_queue import PriorityRLock
 
 
 class ModelLoadError(StyleMixError):
@@ -202,8 +203,9 @@ class LoadedModel:
     model_id: str  # what was asked for: hub id, folder or "tiny"
     device: torch.device
     dtype: torch.dtype
-    # Serialises all work on this pipeline (generation, LoRA loading, weight changes) across users.
-    lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
+    # Serialises all work on this pipeline (generation, LoRA loading, weight changes) across users;
+    # interactive requests are served before waiting background work (stylemix/gpu_queue.py).
+    lock: PriorityRLock = field(default_factory=PriorityRLock, compare=False, repr=False)
 
     @property
     def is_tiny(self) -> bool:

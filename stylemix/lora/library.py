@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from stylemix import access
 from stylemix.lora import files as lora_files
 from stylemix.errors import StyleMixError
 from stylemix.paths import atomic_write_text, check_name, inside, read_json_object, replace_folder
@@ -64,8 +65,18 @@ class LoraEntry:
         """The first 12 hex digits of the file's sha256, as A1111's 'Lora hashes' show it."""
         return self.sha256[:12]
 
+    @property
+    def owner(self) -> str | None:
+        """The owner's key (access.owner_key), None for a built-in LoRA."""
+        return access.lora_owner(self.meta)
+
+    @property
+    def visibility(self) -> str:
+        return access.visibility(self.meta)
+
     def summary(self) -> dict:
         return {"name": self.name, "trigger_word": self.trigger_word, "rank": self.meta.get("rank"),
+                "visibility": self.visibility, "built_in": self.owner is None,
                 "alpha": self.meta.get("alpha"), "base_model": self.meta.get("base_model"),
                 "compatible": self.compatible, "problem": self.problem, "sha256": self.meta.get("sha256"),
                 "has_centroid": (self.folder / "style_centroid.safetensors").is_file(),
@@ -234,6 +245,25 @@ class LoraLibrary:
     def list(self) -> list[LoraEntry]:
         return [self.get(n) for n in self.names()]
 
+    def visible_to(self, owner: str | None) -> list[LoraEntry]:
+        """The LoRAs `owner` may see and use: shared ones and their own private ones."""
+        return [e for e in self.list() if access.can_see(e.meta, owner)]
+
+    def version(self) -> tuple:
+        """Changes whenever a LoRA is added, removed, renamed, replaced or its stylemix.json rewritten
+        (also by a training process): a few stat calls, cheap enough to poll every second."""
+        if not self.root.is_dir():
+            return ()
+        out = [self.root.stat().st_mtime_ns]
+        for n in self.names():
+            for f in (META_NAME, lora_files.WEIGHTS_NAME):
+                try:
+                    st = (self.root / n / f).stat()
+                    out.append((n, f, st.st_mtime_ns, st.st_size))
+                except OSError:
+                    out.append((n, f, None))
+        return tuple(out)
+
     def get(self, name: str) -> LoraEntry:
         folder = self.folder(name)
         if not (folder / lora_files.WEIGHTS_NAME).is_file():
@@ -291,7 +321,7 @@ class LoraLibrary:
         return self.get(name)
 
     def import_file(self, src: str | os.PathLike, name: str, trigger_word: str | None = None,
-                    overwrite: bool = False) -> LoraEntry:
+                    overwrite: bool = False, extra_meta: dict | None = None) -> LoraEntry:
         """Import a `.safetensors` LoRA (diffusers/peft or kohya/A1111 layout) under `name`."""
         check_name(name, "LoRA name")
         trigger_word = check_trigger(trigger_word)
@@ -302,7 +332,7 @@ class LoraLibrary:
         fmt = lora_files.detect_format(state)
         canonical, header, alpha = to_canonical(state, metadata)
         meta = {"trigger_word": trigger_word or _trigger_from_kohya(metadata), "base_model": self.base_model,
-                "alpha": alpha, "source": {"file": src.name, "format": fmt}}
+                "alpha": alpha, "source": {"file": src.name, "format": fmt}, **(extra_meta or {})}
         return self.add(name, canonical, header, meta, overwrite=overwrite)
 
     def import_hub(self, repo_id: str, name: str, filename: str | None = None, trigger_word: str | None = None,
@@ -363,6 +393,17 @@ class LoraLibrary:
         trash = folder.with_name(f".removed-{name}-{time.monotonic_ns()}")
         os.replace(folder, trash)  # atomic: the LoRA disappears at once, the delete can take its time
         shutil.rmtree(trash, ignore_errors=True)
+
+    def set_access(self, name: str, owner: str | None = None, visibility: str | None = None) -> LoraEntry:
+        """Record a LoRA's owner key and/or visibility in its stylemix.json (the service checks who may)."""
+        entry = self.get(name)
+        meta = _read_meta(entry.folder)
+        if owner is not None:
+            meta["owner"] = owner
+        if visibility is not None:
+            meta["visibility"] = access.check_visibility(visibility)
+        atomic_write_text(entry.folder / META_NAME, json.dumps(meta, indent=2, sort_keys=True))
+        return self.get(name)
 
     def set_trigger_word(self, name: str, trigger_word: str | None) -> LoraEntry:
         entry = self.get(name)
