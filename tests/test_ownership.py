@@ -246,3 +246,116 @@ class _bg:
 
     def __exit__(self, *exc):
         self.lock.release()
+
+
+# --------------------------------------------------------------------------- through the running app
+
+gradio_client = pytest.importorskip("gradio_client")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    import app
+    from stylemix.paths import Workspace
+
+    ws = Workspace.at(tmp_path_factory.mktemp("ws"))
+    make_library_lora(ws.loras, "builtin", seed=1)
+    service = StyleMixService.start("tiny", ws, examples=False)
+    demo = app.build_demo(service)
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                        allowed_paths=[str(ws.outputs)])
+    yield demo.local_url, ws, service
+    demo.close()
+
+
+def _png(path, color):
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 64), color)
+    for x in range(0, 64, 4):
+        for y in range(64):
+            img.putpixel((x, y), (0, 0, 0))
+    img.save(path)
+    return str(path)
+
+
+def test_two_users_and_a_stranger_through_every_mutating_endpoint(app_url, tmp_path):
+    from gradio_client import handle_file
+
+    url, ws, service = app_url
+    ann, bob, stranger = (gradio_client.Client(url, verbose=False) for _ in range(3))
+    made_up = "u" + "0" * 24  # what a stranger types as a session value
+    f1 = handle_file(str(make_lora_file(tmp_path / "a.safetensors", seed=2)))
+    f2 = handle_file(str(make_lora_file(tmp_path / "b.safetensors", seed=3)))
+    msg, table, select, _ = ann.predict(f1, "annshared", "annword", ANN, api_name="/import_lora")
+    assert "Imported" in msg and "private" in msg and select["value"] == "annshared"
+    ann.predict(f2, "annprivate", "", ANN, api_name="/import_lora")
+    msg, *_ = ann.predict("annshared", "shared", ANN, api_name="/set_visibility")
+    assert msg == "**annshared** is now shared."
+    # what each one sees
+    assert {"annshared", "annprivate", "builtin"} <= set(names(ann.predict(ANN, api_name="/list_loras")["data"]))
+    assert set(names(bob.predict(BOB, api_name="/list_loras")["data"])) == {"annshared", "builtin"}
+    table, select, _ = bob.predict(None, BOB, api_name="/refresh_library")
+    assert "annprivate" not in select["choices"].__repr__()
+    stranger.predict(None, made_up, api_name="/refresh_library")
+    before = {n: snapshot(service, n) for n in ("annshared", "annprivate", "builtin")}
+
+    def refused(client, who, pattern, *args, api):
+        with pytest.raises(Exception, match=pattern):
+            client.predict(*args, who, api_name=api)
+
+    for client, who in ((bob, BOB), (stranger, made_up)):
+        other = "belongs to another user; only its owner can"
+        refused(client, who, f"Cannot delete LoRA 'annshared': it {other} delete it", "annshared", api="/delete_lora")
+        refused(client, who, f"Cannot rename LoRA 'annshared': it {other} rename it", "annshared", "mine",
+                api="/rename_lora")
+        refused(client, who, "Cannot change the trigger word of LoRA 'annshared'", "annshared", "x",
+                api="/set_trigger_word")
+        refused(client, who, "Cannot change the visibility of LoRA 'annshared'", "annshared", "private",
+                api="/set_visibility")
+        refused(client, who, "Cannot replace LoRA 'annshared'", f2, "annshared", "", api="/replace_lora")
+        refused(client, who, "'annshared' is taken by another LoRA", f2, "annshared", "", api="/import_lora")
+        refused(client, who, "'annprivate' is taken by another LoRA", f2, "annprivate", "", api="/import_lora")
+        refused(client, who, "read-only in the app", "builtin", api="/delete_lora")
+        # ann's private LoRA is not even offered: the page's own list refuses the name
+        refused(client, who, "annprivate", "annprivate", api="/delete_lora")
+        refused(client, who, "No LoRA named 'annprivate'", "a cat", "", json.dumps({"annprivate": 1}), 1, True, 1,
+                "64x64", "Euler", 7.5, 0, True, "", api="/compose")
+    assert {n: snapshot(service, n) for n in before} == before
+
+    # datasets and captions: each user's own; bob cannot read or edit ann's
+    pngs = [handle_file(_png(tmp_path / f"{i}.png", c)) for i, c in enumerate([(200, 30, 30), (30, 200, 30)])]
+    ann.predict(pngs, "annset", "zqxann", 64, "off", 0, False, ANN, api_name="/prepare_dataset")
+    captions = (ws.data / ANN / "annset" / "metadata.jsonl").read_text()
+    for who, client in ((BOB, bob), (made_up, stranger)):
+        # the page's list of one's own datasets refuses the name before the service would
+        refused(client, who, "annset is not in the list of choices: \\[\\]", "annset",
+                {"headers": ["file", "caption"], "data": [["0.png", "mine now"]]}, api="/save_captions")
+    with pytest.raises(StyleMixError, match="You have no dataset named 'annset'"):
+        service.save_captions(BOB, "annset", [["0.png", "mine now"]])
+    assert (ws.data / ANN / "annset" / "metadata.jsonl").read_text() == captions
+
+    # jobs: bob cannot cancel or resume ann's
+    job = _queued_job(service, ANN, "annjob")
+    refused(bob, BOB, f"No training job '{job}'", job, api="/cancel_job")
+    refused(bob, BOB, f"No training job '{job}'", job, api="/resume_job")
+    assert jobs.get_job(ws, job).state == jobs.QUEUED
+    ann.predict(job, ANN, api_name="/cancel_job")  # her own: cancelled (it was only queued)
+    refused(stranger, made_up, f"No training job '{job}'", job, api="/resume_job")
+    assert jobs.get_job(ws, job).state == jobs.CANCELLED
+
+    # experiments: only with LoRAs one may see, outputs in one's own folder
+    refused(bob, BOB, "annprivate", "protocol", ["annprivate"], "a cat", "0", "", 1, 64, api="/run_experiment")
+    md, table, _ = bob.predict("protocol", ["annshared"], "a cat", "0", "", 1, 64, BOB, api_name="/run_experiment")
+    assert [r[0] for r in table["data"]] == ["base", "annshared"]
+    assert list((ws.outputs / BOB / "experiments").iterdir()) and not (ws.outputs / ANN / "experiments").exists()
+
+    # the owner can change everything; the others see it without reloading (the library fingerprint moved)
+    version = service.library_version()
+    ann.predict("annshared", "annword2", ANN, api_name="/set_trigger_word")
+    msg, table, select, _ = ann.predict("annshared", "annrenamed", ANN, api_name="/rename_lora")
+    assert msg == "Renamed **annshared** to **annrenamed**." and select["value"] == "annrenamed"
+    assert service.library_version() != version
+    assert "annrenamed" in names(bob.predict(BOB, api_name="/list_loras")["data"])
+    ann.predict("annprivate", ANN, api_name="/delete_lora")
+    assert not (ws.loras / "annprivate").exists()
