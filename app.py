@@ -22,7 +22,7 @@ import gradio as gr
 from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace, check_name
 from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, parse_block_weights, read_recipe
-from stylemix.service import StyleMixService, new_owner_token, zero_gpu
+from stylemix.service import StyleMixService, check_owner_token, new_owner_token, zero_gpu
 
 logger = logging.getLogger("stylemix.app")
 
@@ -69,16 +69,27 @@ def readable_errors(fn):
 
 
 def _owner(token: str | None, request: gr.Request | None) -> str:
-    """The user's owner id: the login name when auth is on, else the browser's token."""
-    if request is not None and getattr(request, "username", None):
-        name = request.username
+    """The user's owner id: the login name when auth is on (STYLEMIX_AUTH, or a Hugging Face login on a
+    Space with `hf_oauth: true`), else the browser's token."""
+    name = (getattr(request, "username", None) or _space_login(request)) if request is not None else None
+    if name:
         safe = "".join(c for c in name if c.isalnum())[:40]
         if safe != name:  # 'a.b' and 'ab' must not share a folder: other characters add a hash of the name
             safe = f"{safe[:30]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
         return check_name("user_" + safe, "user")
     if not token:
         raise gr.Error("Your session has no id yet; reload the page.")
-    return check_name(token, "session id")
+    return check_owner_token(token)
+
+
+def _space_login(request: gr.Request) -> str | None:
+    """The Hugging Face user logged in with the page's Login button (OAuth session), if any."""
+    try:
+        info = request.session.get("oauth_info") or {}  # only present when the Space enables OAuth
+    except (AssertionError, AttributeError, KeyError):  # no session middleware: OAuth is off
+        return None
+    name = (info.get("userinfo") or {}).get("preferred_username")
+    return name if isinstance(name, str) and name else None
 
 
 def _format_scores(scores: dict | None) -> tuple[str, dict | None]:
@@ -133,6 +144,8 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
         recipe_version = gr.State(0)  # bumped when a recipe is loaded: the sliders are redrawn from it
         gr.Markdown("# StyleMix\nTrain style LoRAs for Stable Diffusion 1.5 and mix them, one slider per style.")
         gr.Markdown(service.banner, elem_id="banner")
+        if os.environ.get("OAUTH_CLIENT_ID"):  # a Space with `hf_oauth: true`: log in to own LoRAs on any device
+            gr.LoginButton()
 
         # ============================================================ Dataset
         with gr.Tab("Dataset", id="dataset"):
@@ -686,7 +699,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
         def on_load(token, names_now, request: gr.Request):
             """Give a new browser its id; show the user's datasets and their latest job again."""
             try:
-                token = check_name(token, "session id") if token else new_owner_token()
+                token = check_owner_token(token) if token else new_owner_token()
             except StyleMixError:
                 token = new_owner_token()
             try:
@@ -705,7 +718,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
 
 def service_auth_on() -> bool:
     """App auth is on (STYLEMIX_AUTH, or a Space that asks visitors to log in)."""
-    return bool(os.environ.get("STYLEMIX_AUTH"))
+    return bool(os.environ.get("STYLEMIX_AUTH") or os.environ.get("OAUTH_CLIENT_ID"))
 
 
 def launch_options(service: StyleMixService, host: str | None = None, port: int | None = None,

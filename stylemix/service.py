@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -34,6 +35,17 @@ logger = logging.getLogger("stylemix")
 def new_owner_token() -> str:
     """An unguessable per-browser id; a user's uploads, datasets and jobs are filed under it."""
     return "u" + secrets.token_hex(12)
+
+
+_TOKEN = re.compile(r"u[0-9a-f]{24}")
+
+
+def check_owner_token(token: str) -> str:
+    """A browser token must look like one `new_owner_token` makes, so that no session value can pose
+    as a logged-in user's id (`user_<name>`) or any other name."""
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise StyleMixError(f"Invalid session id {str(token)[:40]!r}: reload the page to get a new one.")
+    return token
 
 
 @dataclass

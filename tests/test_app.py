@@ -194,6 +194,12 @@ def test_train_tab_job_progress_isolation_and_library_refresh(app_url, tmp_path)
     assert json.loads(c.predict("", OTHER, api_name="/job_status")) == {"state": None}
     assert "sqlora" in [e["name"] for e in service.usable_loras(OWNER)]
     assert "sqlora" in [r[0] for r in c.predict(OWNER, api_name="/list_loras")["data"]]
+    # the trained LoRA is its trainer's, and private until shared
+    from stylemix.access import owner_key
+
+    meta = json.loads((ws.loras / "sqlora" / "stylemix.json").read_text())
+    assert meta["owner"] == owner_key(OWNER) and meta["visibility"] == "private"
+    assert "sqlora" not in [r[0] for r in c.predict(OTHER, api_name="/list_loras")["data"]]
 
 
 def test_library_import_export_rename_delete(app_url, tmp_path):

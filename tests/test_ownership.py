@@ -299,6 +299,10 @@ def test_two_users_and_a_stranger_through_every_mutating_endpoint(app_url, tmp_p
     assert "annprivate" not in select["choices"].__repr__()
     stranger.predict(None, made_up, api_name="/refresh_library")
     before = {n: snapshot(service, n) for n in ("annshared", "annprivate", "builtin")}
+    # a session value is a server-made token: none can pose as a logged-in user's id or a path
+    for forged in ("user_ann", "../" + ANN, ANN.upper()):
+        with pytest.raises(Exception, match="Invalid session id"):
+            stranger.predict(forged, api_name="/list_loras")
 
     def refused(client, who, pattern, *args, api):
         with pytest.raises(Exception, match=pattern):
