@@ -3,12 +3,15 @@
 Run `python app.py` (or `stylemix serve`).  No module-level mutable state: the service (one
 shared pipeline, one GPU queue) is created in `main()` and passed to `build_demo`; each browser
 gets its own owner token, kept in the browser, under which its files are filed.  Every named
-API endpoint takes that token as its last input, exactly as the page sends it.
+API endpoint takes that token as its last input, exactly as the page sends it; with auth on, the
+login name is the identity and the token is ignored.  Who may see and change which LoRA is
+decided in `stylemix.service` / `stylemix.access`, never here.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +23,7 @@ import gradio as gr
 from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace, check_name
 from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, format_block_weights, parse_block_weights, read_recipe
-from stylemix.service import StyleMixService, new_owner_token, zero_gpu
+from stylemix.service import StyleMixService, check_owner_token, new_owner_token, zero_gpu
 
 logger = logging.getLogger("stylemix.app")
 
@@ -32,7 +35,10 @@ GPU = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
 # lock and stylemix.preview decide who renders; newer requests interrupt older ones between steps.
 PREVIEW = dict(concurrency_id="preview", concurrency_limit=4)
 MAX_UPLOAD = "200mb"
-LIBRARY_COLUMNS = ["name", "trigger word", "kind", "rank", "alpha", "covers", "made for", "centroid", "fits model", "training", "samples", "created"]
+LIBRARY_COLUMNS = ["name", "trigger word", "kind", "rank", "alpha", "covers", "made for", "centroid", "fits model",
+                   "training", "samples", "created", "owner", "visibility"]
+LIBRARY_POLL_S = 2.0  # how often each page checks whether the shared library changed (a few stat calls)
+EXPERIMENTS = dict(concurrency_id="experiments", concurrency_limit=2)  # interleaved with compose per image
 
 try:  # Hugging Face ZeroGPU: a GPU is lent per decorated call; elsewhere the decorator is not used
     import spaces  # type: ignore
@@ -67,12 +73,27 @@ def readable_errors(fn):
 
 
 def _owner(token: str | None, request: gr.Request | None) -> str:
-    """The user's owner id: the login name when auth is on, else the browser's token."""
-    if request is not None and getattr(request, "username", None):
-        return check_name("user_" + "".join(c for c in request.username if c.isalnum())[:40], "user")
+    """The user's owner id: the login name when auth is on (STYLEMIX_AUTH, or a Hugging Face login on a
+    Space with `hf_oauth: true`), else the browser's token."""
+    name = (getattr(request, "username", None) or _space_login(request)) if request is not None else None
+    if name:
+        safe = "".join(c for c in name if c.isalnum())[:40]
+        if safe != name:  # 'a.b' and 'ab' must not share a folder: other characters add a hash of the name
+            safe = f"{safe[:30]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        return check_name("user_" + safe, "user")
     if not token:
         raise gr.Error("Your session has no id yet; reload the page.")
-    return check_name(token, "session id")
+    return check_owner_token(token)
+
+
+def _space_login(request: gr.Request) -> str | None:
+    """The Hugging Face user logged in with the page's Login button (OAuth session), if any."""
+    try:
+        info = request.session.get("oauth_info") or {}  # only present when the Space enables OAuth
+    except (AssertionError, AttributeError, KeyError):  # no session middleware: OAuth is off
+        return None
+    name = (info.get("userinfo") or {}).get("preferred_username")
+    return name if isinstance(name, str) and name else None
 
 
 def _format_scores(scores: dict | None) -> tuple[str, dict | None]:
@@ -139,10 +160,14 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
     # delete_cache: Gradio's copies of uploads and results older than a day are removed every hour
     with gr.Blocks(title="StyleMix", delete_cache=(3600, 86400)) as demo:
         owner = gr.BrowserState(None, storage_key="stylemix_owner")
-        lora_names = gr.State([e["name"] for e in service.usable_loras()])
+        # before the page's first poll a visitor sees the shared LoRAs; their own follow at once
+        lora_names = gr.State([e["name"] for e in service.usable_loras(None)])
+        library_version = gr.State(None)  # the library fingerprint this page last showed
         recipe_version = gr.State(0)  # bumped when a recipe is loaded: the sliders are redrawn from it
         gr.Markdown("# StyleMix\nTrain style LoRAs for Stable Diffusion 1.5 and mix them, one slider per style.")
         gr.Markdown(service.banner, elem_id="banner")
+        if os.environ.get("OAUTH_CLIENT_ID"):  # a Space with `hf_oauth: true`: log in to own LoRAs on any device
+            gr.LoginButton()
 
         # ============================================================ Dataset
         with gr.Tab("Dataset", id="dataset"):
@@ -266,13 +291,17 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
 
         # ============================================================ Library
         with gr.Tab("Library", id="library"):
-            gr.Markdown("The LoRA library is **shared by everyone using this app**; datasets, jobs and "
-                        "images are private to your session.")
-            lib_table = gr.Dataframe(headers=LIBRARY_COLUMNS, value=service.library_rows(), interactive=False,
+            gr.Markdown("Your LoRAs start **private** (only you see and use them); **share** one and everyone can "
+                        "use it in their mixes, but only you can rename, replace, delete or edit it. Built-in "
+                        "LoRAs are shared and read-only. Datasets, jobs and images are always private. "
+                        + ("You are identified by your login." if service_auth_on() else
+                           "Without a login, you are identified by a secret token kept in this browser: clear "
+                           "its storage and you can no longer change your LoRAs (they stay usable if shared)."))
+            lib_table = gr.Dataframe(headers=LIBRARY_COLUMNS, value=service.library_rows(None), interactive=False,
                                      elem_id="lib-table")
             with gr.Row():
                 with gr.Column():
-                    lib_select = gr.Dropdown([e["name"] for e in service.all_loras()], label="LoRA",
+                    lib_select = gr.Dropdown([e["name"] for e in service.all_loras(None)], label="LoRA",
                                              elem_id="lib-select")
                     lib_samples = gr.Gallery(label="Samples", columns=4, height=180, elem_id="lib-samples")
                     with gr.Row():
@@ -282,13 +311,22 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                     with gr.Row():
                         lib_new_name = gr.Textbox(label="New name", elem_id="lib-new-name")
                         lib_rename_btn = gr.Button("Rename", elem_id="lib-rename-btn")
+                    with gr.Row():
+                        lib_new_trigger = gr.Textbox(label="Trigger word", elem_id="lib-new-trigger")
+                        lib_trigger_btn = gr.Button("Set trigger word", elem_id="lib-trigger-btn")
+                    with gr.Row():
+                        lib_visibility = gr.Radio(["private", "shared"], value="shared", label="Visibility",
+                                                  elem_id="lib-visibility")
+                        lib_visibility_btn = gr.Button("Set visibility", elem_id="lib-visibility-btn")
                     lib_delete_btn = gr.Button("Delete", variant="stop", elem_id="lib-delete-btn")
                 with gr.Column():
                     lib_import = gr.File(label="Import a .safetensors LoRA (kohya LoRA/LoCon, LyCORIS LoHa/LoKr, A1111, diffusers)",
                                          file_types=[".safetensors"], type="filepath", elem_id="lib-import")
                     lib_name = gr.Textbox(label="Name in the library", elem_id="lib-name")
                     lib_trigger = gr.Textbox(label="Trigger word (optional)", elem_id="lib-trigger")
-                    lib_import_btn = gr.Button("Import", variant="primary", elem_id="lib-import-btn")
+                    with gr.Row():
+                        lib_import_btn = gr.Button("Import", variant="primary", elem_id="lib-import-btn")
+                        lib_replace_btn = gr.Button("Replace selected LoRA with this file", elem_id="lib-replace-btn")
                     lib_msg = gr.Markdown(elem_id="lib-msg")
 
         # ============================================================ Experiments
@@ -299,7 +337,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                                         ("Weight sweep of two LoRAs", "sweep"),
                                         ("Balance LoRAs toward target shares", "balance")], value="protocol",
                                        label="Experiment", elem_id="ex-kind")
-                    ex_loras = gr.Dropdown([e["name"] for e in service.usable_loras()], multiselect=True,
+                    ex_loras = gr.Dropdown([e["name"] for e in service.usable_loras(None)], multiselect=True,
                                            label="LoRAs", elem_id="ex-loras")
                     ex_prompts = gr.Textbox(value="a cat sitting by a window", lines=3, label="Prompts (one per line)",
                                             elem_id="ex-prompts")
@@ -399,10 +437,10 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                     r = read_recipe(path)
             except (StyleMixError, ValueError, OSError) as e:
                 raise gr.Error(f"Could not read that recipe: {e}") from None
-            missing = [n for n in r.loras if n not in names]
-            if missing:
-                gr.Warning(f"Not in your library: {', '.join(missing)} (their weights are ignored).")
-            weights = {n: w for n, w in r.loras.items() if n in names}
+            # a LoRA this page cannot use, or whose file is not the one the recipe recorded, is left out
+            weights, notes = service.check_recipe_loras(None, r.loras, r.lora_hashes, names=list(names or []))
+            if notes:
+                gr.Warning("Left out of the mix: " + "; ".join(notes) + ".")
             block_text = format_block_weights(r.block_weights, names)
             return (r.prompt, r.negative_prompt, json.dumps(weights), r.seed, True, r.steps,
                     f"{r.width}x{r.height}", r.sampler, r.guidance, block_text, (version or 0) + 1)
@@ -412,12 +450,14 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                                   blocks, recipe_version], api_name="load_recipe")
 
         # ============================================================ library refresh (sliders follow it)
-        def library_updates(selected=None):
-            """New values for everything that lists LoRAs (sliders, tables, dropdowns)."""
-            usable = [e["name"] for e in service.usable_loras()]
-            everything = [e["name"] for e in service.all_loras()]
+        def library_updates(who, selected=None, names_now=None):
+            """New values for everything that lists LoRAs (sliders, tables, dropdowns), as `who` sees them.
+            The sliders are redrawn only when the usable names changed (`names_now`: what the page has)."""
+            usable = [e["name"] for e in service.usable_loras(who)]
+            everything = [e["name"] for e in service.all_loras(who)]
             sel = selected if selected in everything else (everything[0] if everything else None)
-            return (usable, service.library_rows(), gr.update(choices=everything, value=sel),
+            names = gr.skip() if names_now is not None and list(names_now) == usable else usable
+            return (names, service.library_rows(who), gr.update(choices=everything, value=sel),
                     gr.update(choices=usable))
 
         library_outputs = [lora_names, lib_table, lib_select, ex_loras]
@@ -490,7 +530,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                       api_name="save_captions")
 
         # ============================================================ Train logic
-        def _train_outputs(view, history, names_now):
+        def _train_outputs(view, history, names_now, who):
             """progress, status, loss plot, samples, job id, history, then the library outputs (sliders,
             table, dropdowns) only when the usable LoRAs changed (a job finished)."""
             keep_library = (gr.skip(),) * len(library_outputs)
@@ -505,8 +545,8 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             status = f"Job `{view['id']}` — {view['text']}"
             if view["error"]:
                 status += f"  \n**Error:** {view['error']}"
-            usable = [e["name"] for e in service.usable_loras()]
-            library = library_updates() if names_now is not None and usable != list(names_now) else keep_library
+            usable = [e["name"] for e in service.usable_loras(who)]
+            library = library_updates(who) if names_now is not None and usable != list(names_now) else keep_library
             return (_progress_html(view), status, _loss_frame(history), view["samples"], view["id"], history) + library
 
         train_outputs = [tr_progress, tr_status, tr_loss, tr_samples, job_id, loss_history] + library_outputs
@@ -524,7 +564,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             if res:
                 settings["resolution"] = int(res)
             job = service.start_training(who, dataset, (name or "").strip(), int(max_steps or 0) or None, settings)
-            return _train_outputs(service.job_view(who, job.id), [], None)
+            return _train_outputs(service.job_view(who, job.id), [], None, who)
 
         tr_start.click(start_fn, inputs=[tr_dataset, tr_name, tr_steps, tr_lr, tr_rank, tr_epochs, tr_batch, tr_res,
                                          tr_text, tr_seed, owner], outputs=train_outputs, api_name="start_training")
@@ -538,7 +578,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             key = json.dumps(view, sort_keys=True, default=str)
             if key == shown:  # nothing new: send nothing (no flicker, no traffic)
                 return (gr.skip(),) * (len(train_outputs) + 1)
-            return _train_outputs(view, history, names_now) + (key,)
+            return _train_outputs(view, history, names_now, who) + (key,)
 
         # the poll is cheap (reads status.json), so it never waits in the GPU queue
         timer.tick(status_fn, inputs=[job_id, loss_history, lora_names, last_shown, owner],
@@ -564,7 +604,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                 if not jid:
                     raise StyleMixError(f"No job to {verb}.")
                 act(who, jid)
-                return _train_outputs(service.job_view(who, jid), [], None)
+                return _train_outputs(service.job_view(who, jid), [], None, who)
 
             fn.__name__ = f"{verb}_fn"
             return fn
@@ -575,27 +615,47 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
                         api_name="resume_job")
 
         # ============================================================ Library logic
+        # Every action names the caller; the service refuses what they may not do (one readable message).
         @readable_errors
-        def list_loras_fn():
-            return service.library_rows()
+        def list_loras_fn(owner_, request: gr.Request):
+            return service.library_rows(_owner(owner_, request))
 
         lib_refresh = gr.Button("Refresh", visible=False)
-        lib_refresh.click(list_loras_fn, outputs=lib_table, api_name="list_loras", queue=False)
+        lib_refresh.click(list_loras_fn, inputs=owner, outputs=lib_table, api_name="list_loras", queue=False)
 
         @readable_errors
-        def select_lora_fn(name):
-            return service.lora_samples(name) if name else []
+        def refresh_library_fn(selected, owner_, request: gr.Request):
+            return library_updates(_owner(owner_, request), selected)
 
-        lib_select.change(select_lora_fn, inputs=lib_select, outputs=lib_samples, api_name="lora_samples")
+        lib_refresh.click(refresh_library_fn, inputs=[lib_select, owner], outputs=library_outputs,
+                          api_name="refresh_library", queue=False)
+
+        @readable_errors
+        def select_lora_fn(name, owner_, request: gr.Request):
+            return service.lora_samples(_owner(owner_, request), name) if name else []
+
+        lib_select.change(select_lora_fn, inputs=[lib_select, owner], outputs=lib_samples, api_name="lora_samples")
 
         @readable_errors
         def import_fn(path, name, trigger, owner_, request: gr.Request):
-            _owner(owner_, request)
-            entry = service.import_lora(path, (name or "").strip(), (trigger or "").strip() or None)
-            return (f"Imported **{entry['name']}**.",) + library_updates(entry["name"])
+            who = _owner(owner_, request)
+            entry = service.import_lora(who, path, (name or "").strip(), (trigger or "").strip() or None)
+            return (f"Imported **{entry['name']}** (private: share it to let others use it).",) + \
+                library_updates(who, entry["name"])
 
         lib_import_btn.click(import_fn, inputs=[lib_import, lib_name, lib_trigger, owner],
                              outputs=[lib_msg] + library_outputs, api_name="import_lora")
+
+        @readable_errors
+        def replace_fn(path, name, trigger, owner_, request: gr.Request):
+            who = _owner(owner_, request)
+            if not name:
+                raise StyleMixError("Choose one of your LoRAs to replace.")
+            entry = service.replace_lora(who, path, name, (trigger or "").strip() or None)
+            return (f"Replaced the weights of **{entry['name']}**.",) + library_updates(who, entry["name"])
+
+        lib_replace_btn.click(replace_fn, inputs=[lib_import, lib_select, lib_trigger, owner],
+                              outputs=[lib_msg] + library_outputs, api_name="replace_lora")
 
         @readable_errors
         def export_fn(name, fmt, owner_, request: gr.Request):
@@ -609,23 +669,66 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
 
         @readable_errors
         def rename_fn(name, new, owner_, request: gr.Request):
-            _owner(owner_, request)
-            entry = service.rename_lora(name, new)
-            return (f"Renamed **{name}** to **{entry['name']}**.",) + library_updates(entry["name"])
+            who = _owner(owner_, request)
+            if not name:
+                raise StyleMixError("Choose a LoRA to rename.")
+            entry = service.rename_lora(who, name, new)
+            return (f"Renamed **{name}** to **{entry['name']}**.",) + library_updates(who, entry["name"])
 
+        # rename and delete wait for an image being made (the mixer's lock), not in the GPU queue
         lib_rename_btn.click(rename_fn, inputs=[lib_select, lib_new_name, owner], outputs=[lib_msg] + library_outputs,
-                             api_name="rename_lora", **GPU)  # waits for running images that may use it
+                             api_name="rename_lora")
 
         @readable_errors
         def delete_fn(name, owner_, request: gr.Request):
-            _owner(owner_, request)
+            who = _owner(owner_, request)
             if not name:
                 raise StyleMixError("Choose a LoRA to delete.")
-            service.delete_lora(name)
-            return (f"Deleted **{name}**.",) + library_updates()
+            service.delete_lora(who, name)
+            return (f"Deleted **{name}**.",) + library_updates(who)
 
         lib_delete_btn.click(delete_fn, inputs=[lib_select, owner], outputs=[lib_msg] + library_outputs,
-                             api_name="delete_lora", **GPU)
+                             api_name="delete_lora")
+
+        @readable_errors
+        def trigger_fn(name, word, owner_, request: gr.Request):
+            who = _owner(owner_, request)
+            if not name:
+                raise StyleMixError("Choose a LoRA first.")
+            entry = service.set_trigger_word(who, name, word)
+            return (f"Trigger word of **{name}**: `{entry['trigger_word'] or 'none'}`.",) + library_updates(who, name)
+
+        lib_trigger_btn.click(trigger_fn, inputs=[lib_select, lib_new_trigger, owner],
+                              outputs=[lib_msg] + library_outputs, api_name="set_trigger_word")
+
+        @readable_errors
+        def visibility_fn(name, visibility, owner_, request: gr.Request):
+            who = _owner(owner_, request)
+            if not name:
+                raise StyleMixError("Choose a LoRA first.")
+            entry = service.set_visibility(who, name, visibility)
+            return (f"**{name}** is now {entry['visibility']}.",) + library_updates(who, name)
+
+        lib_visibility_btn.click(visibility_fn, inputs=[lib_select, lib_visibility, owner],
+                                 outputs=[lib_msg] + library_outputs, api_name="set_visibility")
+
+        # A live library: each page polls a cheap fingerprint and redraws its lists and sliders only
+        # when another user shared, changed or trained a LoRA.
+        lib_timer = gr.Timer(LIBRARY_POLL_S)
+
+        def library_poll_fn(seen, names_now, selected, owner_, request: gr.Request):
+            version = service.library_version()
+            if version == seen:
+                return (gr.skip(),) * (len(library_outputs) + 1)
+            try:
+                who = _owner(owner_, request)
+            except gr.Error:  # the page has no id yet: demo.load gives it one
+                return (gr.skip(),) * (len(library_outputs) + 1)
+            return library_updates(who, selected, names_now) + (version,)
+
+        lib_timer.tick(library_poll_fn, inputs=[library_version, lora_names, lib_select, owner],
+                       outputs=library_outputs + [library_version], show_progress="hidden",
+                       concurrency_limit=None, api_name=False)
 
         # ============================================================ Experiments logic
         @gpu(duration=300)
@@ -649,27 +752,32 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
 
         ex_run.click(experiment_fn, inputs=[ex_kind, ex_loras, ex_prompts, ex_seeds, ex_values, ex_steps, ex_size,
                                             owner], outputs=[ex_summary, ex_table, ex_gallery],
-                     api_name="run_experiment", **GPU)
+                     api_name="run_experiment", **EXPERIMENTS)
 
         # ============================================================ page load
         def on_load(token, names_now, request: gr.Request):
             """Give a new browser its id; show the user's datasets and their latest job again."""
             try:
-                token = check_name(token, "session id") if token else new_owner_token()
+                token = check_owner_token(token) if token else new_owner_token()
             except StyleMixError:
                 token = new_owner_token()
             try:
                 who = _owner(token, request)
                 datasets = service.list_datasets(who)
-                train = _train_outputs(service.job_view(who), [], names_now)
+                train = _train_outputs(service.job_view(who), [], names_now, who)
             except StyleMixError:
-                datasets, train = [], _train_outputs(None, [], names_now)
+                datasets, train = [], _train_outputs(None, [], names_now, None)
             ds = gr.update(choices=datasets, value=datasets[-1] if datasets else None)
             return (token, ds, ds) + train
 
         demo.load(on_load, inputs=[owner, lora_names], outputs=[owner, ds_select, tr_dataset] + train_outputs,
                   api_name=False)
     return demo
+
+
+def service_auth_on() -> bool:
+    """App auth is on (STYLEMIX_AUTH, or a Space that asks visitors to log in)."""
+    return bool(os.environ.get("STYLEMIX_AUTH") or os.environ.get("OAUTH_CLIENT_ID"))
 
 
 def launch_options(service: StyleMixService, host: str | None = None, port: int | None = None,

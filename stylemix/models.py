@@ -26,6 +26,7 @@ from stylemix.architecture import (  # noqa: F401
     CACHE_DIR, CONFIG_DIR, DEFAULT_MODEL, TINY_SEED, TINY_TEXT, TINY_UNET, TINY_VAE, clip_tokenizer, dtype_kwargs,
     full_size_meta_text_encoder, full_size_meta_unet, sd15_configs, tiny_components)
 from stylemix.errors import ModelLoadError, StyleMixError  # noqa: F401
+from stylemix.gpu_queue import PriorityRLock
 
 
 # --------------------------------------------------------------------------- device, dtype
@@ -74,8 +75,9 @@ class LoadedModel:
     source: str = field(default="", compare=False)
     # "tiny" when the weights have the tiny widths (the built-in model, or a file saved from it)
     arch: str = field(default="sd15", compare=False)
-    # Serialises all work on this pipeline (generation, LoRA loading, weight changes) across users.
-    lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
+    # Serialises all work on this pipeline (generation, LoRA loading, weight changes) across users;
+    # interactive requests are served before waiting background work (stylemix/gpu_queue.py).
+    lock: PriorityRLock = field(default_factory=PriorityRLock, compare=False, repr=False)
 
     @property
     def is_tiny(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -18,12 +19,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stylemix import access, gpu_queue
 from stylemix.errors import StyleMixError
-from stylemix.lora.library import LoraLibrary, model_targets
+from stylemix.lora.library import LoraEntry, LoraLibrary, model_targets
 from stylemix.mixer import Mixer, MixResult
 from stylemix.preview import PreviewConfig, Previewer, PreviewResult
 from stylemix.models import ModelLoadError, load_model
 from stylemix.paths import Workspace, check_name, inside
+from stylemix.quotas import Quotas, folder_bytes
 from stylemix.recipe import Recipe, save_png
 from stylemix.scoring_service import base_recipe, score_result, wants_base_images
 
@@ -33,6 +36,17 @@ logger = logging.getLogger("stylemix")
 def new_owner_token() -> str:
     """An unguessable per-browser id; a user's uploads, datasets and jobs are filed under it."""
     return "u" + secrets.token_hex(12)
+
+
+_TOKEN = re.compile(r"u[0-9a-f]{24}")
+
+
+def check_owner_token(token: str) -> str:
+    """A browser token must look like one `new_owner_token` makes, so that no session value can pose
+    as a logged-in user's id (`user_<name>`) or any other name."""
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise StyleMixError(f"Invalid session id {str(token)[:40]!r}: reload the page to get a new one.")
+    return token
 
 
 @dataclass
@@ -54,6 +68,7 @@ class StyleMixService:
     # seed and settings, then reused while the sliders move.
     base_images: OrderedDict = field(default_factory=OrderedDict)
     previewer: Previewer | None = None  # live previews while sliders move; None: exact renders only
+    quotas: Quotas = field(default_factory=Quotas.from_env)  # per-user limits (STYLEMIX_MAX_* variables)
 
     @classmethod
     def start(cls, model: str | None, workspace: Workspace, device: str | None = None,
@@ -113,12 +128,77 @@ class StyleMixService:
     def library(self) -> LoraLibrary:
         return self.mixer.library
 
-    def usable_loras(self) -> list[dict]:
-        """LoRAs that fit the loaded model, for the sliders; incompatible ones are listed, not offered."""
-        return [e.summary() for e in self.library.list() if e.compatible]
+    def usable_loras(self, viewer: str | None = None) -> list[dict]:
+        """LoRAs `viewer` may use that fit the loaded model, for the sliders (viewer None: shared ones only);
+        incompatible ones are listed, not offered."""
+        return [e.summary() for e in self.library.visible_to(viewer) if e.compatible]
 
-    def all_loras(self) -> list[dict]:
-        return [e.summary() for e in self.library.list()]
+    def all_loras(self, viewer: str | None = None) -> list[dict]:
+        return [e.summary() for e in self.library.visible_to(viewer)]
+
+    def library_version(self) -> str:
+        """A short fingerprint of the library that changes with any LoRA change (polled by every page)."""
+        import hashlib
+
+        return hashlib.sha1(repr(self.library.version()).encode()).hexdigest()[:16]
+
+    def visible_entry(self, owner: str | None, name: str) -> LoraEntry:
+        """The LoRA if `owner` may see it; another user's private LoRA reads exactly like a missing one."""
+        check_name(name or "", "LoRA name")
+        try:
+            entry = self.library.get(name)
+        except StyleMixError:
+            entry = None
+        if entry is None or not access.can_see(entry.meta, owner):
+            known = ", ".join(e.name for e in self.library.visible_to(owner)) or "none"
+            raise StyleMixError(f"No LoRA named {name!r} in your library (known: {known}).")
+        return entry
+
+    def owned_entry(self, owner: str, name: str, action: str) -> LoraEntry:
+        """The LoRA if `owner` may change it, else one readable refusal (access.check_can_change)."""
+        entry = self.visible_entry(owner, name)
+        access.check_can_change(name, entry.meta, owner, action)
+        return entry
+
+    def _check_name_free(self, owner: str, name: str) -> None:
+        """Names are first come, first served across all users (see stylemix/access.py)."""
+        self._check_not_training(name)
+        try:
+            entry = self.library.get(name)
+        except StyleMixError:
+            return
+        if access.is_owner(entry.meta, owner):
+            raise StyleMixError(f"You already have a LoRA named {name!r}: choose another name, or replace it "
+                                "with 'Replace selected' in the Library tab.")
+        raise access.AccessError(f"The name {name!r} is taken by another LoRA in the shared library; choose "
+                                 "another name.")
+
+    def owned_usage(self, owner: str) -> tuple[int, int]:
+        """(LoRAs, bytes) `owner` owns, for the quotas."""
+        mine = [e for e in self.library.list() if access.is_owner(e.meta, owner)]
+        return len(mine), sum(folder_bytes(e.folder) for e in mine)
+
+    def check_recipe_loras(self, owner: str | None, loras: dict[str, float], hashes: dict[str, str],
+                           names: list[str] | None = None) -> tuple[dict[str, float], list[str]]:
+        """The recipe's LoRAs this user can load as recorded, and why the others are left out.
+
+        A name the user cannot see, or whose file is not the one the recipe recorded (its owner
+        replaced it, or the name now belongs to another LoRA), is reported and left out.
+        """
+        if names is not None:  # the page's own list (server-side session state, already filtered for its user)
+            visible = {e.name: e for e in self.library.list() if e.name in names and e.compatible}
+        else:
+            visible = {e.name: e for e in self.library.visible_to(owner) if e.compatible}
+        keep, notes = {}, []
+        for n, w in loras.items():
+            if n not in visible:
+                notes.append(f"{n}: not in your library")
+            elif n in hashes and w and not visible[n].sha256.startswith(str(hashes[n]).lower()):
+                notes.append(f"{n}: the library's file ({visible[n].short_hash}) is not the one this recipe used "
+                             f"({hashes[n]}); it was replaced or the name reused")
+            else:
+                keep[n] = w
+        return keep, notes
 
     # ---------------------------------------------------------------- compose
 
@@ -133,6 +213,8 @@ class StyleMixService:
         return path
 
     def compose(self, owner: str, recipe: Recipe, progress=None, score: bool = True) -> ComposeOutput:
+        for name in recipe.loras:
+            self.visible_entry(owner, name)  # another user's private LoRA cannot be used, even by name
         if self.previewer is not None:  # the exact image: this owner's running previews stop for it
             result = self.previewer.render_exact(recipe, owner, progress=progress)
         else:
@@ -147,6 +229,7 @@ class StyleMixService:
                                   result.recipe.with_(seed=result.seeds[i], batch_size=1), result.prompt_used, extra))
         recipe_path = out_dir / f"{stamp}-recipe.json"
         recipe_path.write_text(json.dumps(result.recipe.to_dict(), indent=2))
+        self.trim_outputs(owner)
         return ComposeOutput(image_paths=paths, result=result, scores=scores, recipe_path=recipe_path)
 
     def preview(self, owner: str, recipe: Recipe) -> PreviewResult | None:
@@ -158,7 +241,31 @@ class StyleMixService:
         check_name(owner, "session id")
         if self.previewer is None:
             raise StyleMixError("Previews are not set up on this server.")
+        for name in recipe.loras:
+            self.visible_entry(owner, name)  # another user's private LoRA cannot be previewed either
         return self.previewer.preview(recipe, channel=owner)
+
+    def trim_outputs(self, owner: str) -> list[str]:
+        """Keep the owner's newest `max_outputs` results (a composed image with its recipe, or one
+        experiment run); the oldest go first.  Returns what was removed."""
+        root = self.user_dir(owner, "outputs")
+        groups: dict[str, list[Path]] = {}
+        for f in root.iterdir():
+            if f.is_file() and not f.is_symlink() and f.suffix in (".png", ".json"):
+                groups.setdefault(f.name.rsplit("-", 1)[0], []).append(f)  # <stamp>-<seed>.png, <stamp>-recipe.json
+        runs = root / "experiments"
+        if runs.is_dir():
+            for d in runs.iterdir():
+                if d.is_dir() and not d.is_symlink():
+                    groups["experiments/" + d.name] = [d]
+        extra = len(groups) - self.quotas.max_outputs
+        if extra <= 0:
+            return []
+        oldest = sorted(groups, key=lambda k: max(p.stat().st_mtime for p in groups[k]))[:extra]
+        for k in oldest:
+            for p in groups[k]:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return oldest
 
     def score(self, result: MixResult) -> dict:
         base = None
@@ -239,6 +346,9 @@ class StyleMixService:
         if not files:
             raise StyleMixError("Nothing uploaded: add images or a zip archive (or load an example set).")
         config = DatasetConfig(size=int(size), pixel_art=pixel_art, blur_threshold=float(blur_threshold))
+        root = self.user_dir(owner, "data")
+        used = folder_bytes(root) - (folder_bytes(inside(root, style)) if overwrite else 0)
+        self.quotas.check_dataset(used, sum(f.stat().st_size for f in files if f.is_file()))
         return prepare_dataset(files, style, (trigger_word or "").strip(), self.user_dir(owner, "data"), config,
                                captioner=self.captioner(), progress=progress, overwrite=overwrite)
 
@@ -282,8 +392,11 @@ class StyleMixService:
     # ---------------------------------------------------------------- training
 
     def start_training(self, owner: str, dataset: str, name: str, max_steps: int | None = None,
-                       settings: dict | None = None):
-        """Queue a training job for one of the owner's datasets (runs in its own process, one at a time)."""
+                       settings: dict | None = None, overwrite: bool = False):
+        """Queue a training job for one of the owner's datasets (runs in its own process, one at a time).
+
+        overwrite=True retrains one of the owner's own LoRAs under its name; nobody else's.
+        """
         from stylemix import jobs
         from trainers.lora import TrainConfig
 
@@ -293,6 +406,16 @@ class StyleMixService:
                                 "GPU, then import the LoRA in the Library tab.")
         data_dir = self.dataset_dir(owner, dataset)
         check_name(name or "", "LoRA name")
+        if overwrite and (self.workspace.loras / name).exists():
+            self.owned_entry(owner, name, "retrain")
+        else:
+            overwrite = False
+            self._check_name_free(owner, name)
+        count, used = self.owned_usage(owner)
+        active = self._active_jobs(owner)
+        self.quotas.check_jobs(len(active))
+        self.quotas.check_loras(count + sum(1 for j in active if not j.config["train"].get("overwrite")), used,
+                                adding=0 if overwrite else 1)
         settings = dict(settings or {})
         size = _read_json(data_dir / "dataset.json").get("size") or 512
         if self.mixer.loaded.is_tiny:
@@ -317,8 +440,13 @@ class StyleMixService:
             settings.setdefault("checkpoint_every", max(1, steps // 2))
         config = TrainConfig(data_dir=str(data_dir), name=name, loras_dir=str(self.workspace.loras),
                              model=self.mixer.loaded.model_id, device=str(self.mixer.loaded.device),
-                             max_steps=steps, **settings)
+                             max_steps=steps, overwrite=overwrite, owner=access.owner_key(owner), **settings)
         return jobs.submit(config, self.workspace, owner=owner)
+
+    def _active_jobs(self, owner: str) -> list:
+        from stylemix import jobs
+
+        return [j for j in jobs.list_jobs(self.workspace, owner) if j.state in (jobs.QUEUED, jobs.RUNNING)]
 
     def latest_job(self, owner: str):
         """The owner's running job, else queued, else their newest one (None if they have none)."""
@@ -371,14 +499,24 @@ class StyleMixService:
 
         if zero_gpu():
             raise StyleMixError("Training is switched off on ZeroGPU Spaces.")
-        return jobs.resume(self.workspace, check_name(job_id or "", "job id"), owner)
+        job = jobs.get_job(self.workspace, check_name(job_id or "", "job id"), owner)
+        self.quotas.check_jobs(len(self._active_jobs(owner)))
+        try:
+            existing = self.library.get(job.lora_name)
+        except StyleMixError:
+            existing = None
+        if existing is not None and not access.is_owner(existing.meta, owner):
+            # the name was taken while the job was stopped: finishing would replace someone else's LoRA
+            raise access.AccessError(f"Cannot resume job {job.id}: the name {job.lora_name!r} now belongs to "
+                                     "another LoRA in the shared library.")
+        return jobs.resume(self.workspace, job.id, owner)
 
     # ---------------------------------------------------------------- library
 
-    def library_rows(self) -> list[list]:
-        """One row per LoRA for the Library table (shared by every user)."""
+    def library_rows(self, viewer: str | None = None) -> list[list]:
+        """One row per LoRA `viewer` may see, for the Library table (the owner is shown as you/another user)."""
         rows = []
-        for e in self.library.list():
+        for e in self.library.visible_to(viewer):
             m = e.meta
             train = m.get("training") or {}
             s = e.summary()
@@ -389,33 +527,69 @@ class StyleMixService:
                          "ok" if e.compatible else f"incompatible: {e.problem}",
                          ", ".join(f"{k}={train[k]}" for k in ("max_steps", "learning_rate", "resolution", "model")
                                    if k in train),
-                         len(m.get("samples") or []), (m.get("created") or "")[:19]])
+                         len(m.get("samples") or []), (m.get("created") or "")[:19],
+                         access.owner_label(m, viewer), e.visibility])
         return rows
 
-    def lora_samples(self, name: str) -> list[str]:
-        entry = self.library.get(name)
+    def lora_samples(self, owner: str | None, name: str) -> list[str]:
+        entry = self.visible_entry(owner, name)
         return [str(p) for rel in entry.meta.get("samples") or [] if (p := _job_file(entry.folder, rel)) is not None]
 
-    def import_lora(self, path: str, name: str, trigger_word: str | None = None) -> dict:
+    def import_lora(self, owner: str, path: str, name: str, trigger_word: str | None = None) -> dict:
+        """Import a file as a new LoRA owned by `owner`, private until they share it."""
         if not path:
             raise StyleMixError("Choose a .safetensors LoRA file to import.")
-        name = (name or "").strip() or Path(str(path)).stem
-        return self.library.import_file(path, check_name(name, "LoRA name"), trigger_word or None).summary()
+        name = check_name((name or "").strip() or Path(str(path)).stem, "LoRA name")
+        self._check_name_free(owner, name)
+        count, used = self.owned_usage(owner)
+        self.quotas.check_loras(count + len(self._active_jobs(owner)), used, Path(path).stat().st_size)
+        meta = {"owner": access.owner_key(owner), "visibility": access.PRIVATE}
+        return self.library.import_file(path, name, trigger_word or None, extra_meta=meta).summary()
+
+    def replace_lora(self, owner: str, path: str, name: str, trigger_word: str | None = None) -> dict:
+        """Replace the weights of one of the owner's LoRAs with a new file (same name, same visibility)."""
+        if not path:
+            raise StyleMixError("Choose a .safetensors LoRA file to replace it with.")
+        entry = self.owned_entry(owner, name, "replace")
+        self._check_not_training(name)
+        count, used = self.owned_usage(owner)
+        self.quotas.check_loras(count, used - folder_bytes(entry.folder), Path(path).stat().st_size, adding=0)
+        meta = {"owner": entry.owner, "visibility": entry.visibility}
+        with self.mixer.lock:  # waits for an image being made with the old weights
+            return self.library.import_file(path, name, trigger_word or entry.trigger_word, overwrite=True,
+                                            extra_meta=meta).summary()
 
     def export_lora(self, owner: str, name: str, fmt: str = "diffusers") -> Path:
         if fmt not in ("diffusers", "kohya"):
             raise StyleMixError(f"Unknown export format {fmt!r}: choose diffusers or kohya.")
+        self.visible_entry(owner, name)
         dest = inside(self.user_dir(owner, "outputs"), "exports")
         dest.mkdir(parents=True, exist_ok=True)
         return self.library.export(check_name(name or "", "LoRA name"), dest / f"{name}-{fmt}.safetensors", fmt)
 
-    def rename_lora(self, old: str, new: str) -> dict:
+    def rename_lora(self, owner: str, old: str, new: str) -> dict:
+        self.owned_entry(owner, old, "rename")
+        new = check_name((new or "").strip(), "LoRA name")
         self._check_not_training(old)
-        return self.library.rename(check_name(old or "", "LoRA name"), check_name((new or "").strip(), "LoRA name")).summary()
+        self._check_name_free(owner, new)
+        with self.mixer.lock:  # waits for an image being made with it
+            return self.library.rename(old, new).summary()
 
-    def delete_lora(self, name: str) -> None:
+    def delete_lora(self, owner: str, name: str) -> None:
+        self.owned_entry(owner, name, "delete")
         self._check_not_training(name)
-        self.library.remove(check_name(name or "", "LoRA name"))
+        with self.mixer.lock:
+            self.library.remove(name)
+
+    def set_trigger_word(self, owner: str, name: str, trigger_word: str | None) -> dict:
+        self.owned_entry(owner, name, "change the trigger word of")
+        return self.library.set_trigger_word(name, (trigger_word or "").strip() or None).summary()
+
+    def set_visibility(self, owner: str, name: str, visibility: str) -> dict:
+        """private: only the owner sees and uses it; shared: everyone may use it, only the owner changes it."""
+        access.check_visibility(visibility)
+        self.owned_entry(owner, name, "change the visibility of")
+        return self.library.set_access(name, visibility=visibility).summary()
 
     def _check_not_training(self, name: str) -> None:
         from stylemix import jobs
@@ -432,21 +606,31 @@ class StyleMixService:
         """Run the seed protocol ("protocol") or a 2-LoRA weight sweep ("sweep") into outputs/<owner>/.
 
         Returns {"kind", "out_dir", "table" (header, rows), "images" [(path, caption)], "markdown"}.
+        Only LoRAs the owner may see; at most `quotas.max_experiment_images` images, checked first.
         """
-        from stylemix.balance import BalanceConfig, balance_mix
-        from stylemix.clash import clash_map, draw_heatmap
-        from stylemix.experiments import ProtocolConfig, run_protocol
-        from stylemix.weight_maps import StyleJudge, weight_map_2d, write_map
-
         names = [check_name(n, "LoRA name") for n in (loras or [])]
         for n in names:
-            self.library.get(n)
+            self.visible_entry(owner, n)
         prompts = [p.strip() for p in prompts or [] if p and p.strip()]
         if not prompts:
             raise StyleMixError("Give at least one prompt (one per line).")
         if not seeds:
             raise StyleMixError("Give at least one seed.")
         size = int(size)
+        self.quotas.check_experiment(experiment_images(kind, len(names), len(prompts), len(seeds), values))
+        # long work takes the GPU per image and lets interactive requests go first (gpu_queue.py)
+        with gpu_queue.background():
+            result = self._run_experiment(owner, kind, names, prompts, seeds, steps, size, values, progress)
+        self.trim_outputs(owner)
+        return result
+
+    def _run_experiment(self, owner: str, kind: str, names: list[str], prompts: list[str], seeds: list[int],
+                        steps: int, size: int, values: list[float] | None, progress) -> dict:
+        from stylemix.balance import BalanceConfig, balance_mix
+        from stylemix.clash import clash_map, draw_heatmap
+        from stylemix.experiments import ProtocolConfig, run_protocol
+        from stylemix.weight_maps import StyleJudge, weight_map_2d, write_map
+
         out = inside(self.user_dir(owner, "outputs"), "experiments",
                      f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
         gen = {"steps": int(steps), "width": size, "height": size, "sampler": "Euler"}
@@ -528,6 +712,20 @@ class StyleMixService:
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 EXAMPLE_LORAS = Path(__file__).resolve().parents[1] / "assets" / "example_loras"
 EXAMPLE_SETS = {"kenney_flat": "knyflt", "pixel_city": "pxcty"}  # example set -> trigger word
+
+
+def experiment_images(kind: str, loras: int, prompts: int, seeds: int, values: list | None = None) -> int:
+    """How many images an experiment run makes at most (for the per-run quota, checked before it starts)."""
+    if kind == "protocol":
+        return (1 + loras + loras * (loras - 1) // 2) * prompts * seeds
+    if kind == "sweep":
+        return len(values or [0.0, 0.5, 1.0]) ** 2 + 1
+    if kind == "balance":
+        from stylemix.balance import BalanceConfig
+
+        c = BalanceConfig()
+        return (1 + loras + c.max_evaluations) * len(c.preview_seeds) + (17 if loras == 2 else 0)
+    return 0
 
 
 def zero_gpu() -> bool:

@@ -95,7 +95,7 @@ def _png(path, color, size=40):
 
 def test_example_loras_are_installed_on_the_tiny_model(app_url):
     url, ws, service = app_url
-    rows = _client(url).predict(api_name="/list_loras")["data"]
+    rows = _client(url).predict(OWNER, api_name="/list_loras")["data"]
     names = {r[0]: r for r in rows}
     assert {"kenney_flat", "pixel_city"} <= set(names)
     assert names["kenney_flat"][1] == "knyflt" and names["kenney_flat"][4] == "yes"  # trigger word, centroid
@@ -192,8 +192,14 @@ def test_train_tab_job_progress_isolation_and_library_refresh(app_url, tmp_path)
     # the user's latest job is what a reload shows (job id empty = latest)
     assert json.loads(c.predict("", OWNER, api_name="/job_status"))["id"] == job
     assert json.loads(c.predict("", OTHER, api_name="/job_status")) == {"state": None}
-    assert "sqlora" in [e["name"] for e in service.usable_loras()]
-    assert "sqlora" in [r[0] for r in c.predict(api_name="/list_loras")["data"]]
+    assert "sqlora" in [e["name"] for e in service.usable_loras(OWNER)]
+    assert "sqlora" in [r[0] for r in c.predict(OWNER, api_name="/list_loras")["data"]]
+    # the trained LoRA is its trainer's, and private until shared
+    from stylemix.access import owner_key
+
+    meta = json.loads((ws.loras / "sqlora" / "stylemix.json").read_text())
+    assert meta["owner"] == owner_key(OWNER) and meta["visibility"] == "private"
+    assert "sqlora" not in [r[0] for r in c.predict(OTHER, api_name="/list_loras")["data"]]
 
 
 def test_library_import_export_rename_delete(app_url, tmp_path):

@@ -57,6 +57,7 @@ class TrainConfig:
     model: str = DEFAULT_MODEL  # hub id, local diffusers folder, SD1.5 .safetensors file, or "tiny" (offline demo)
     device: str | None = None  # None picks cuda > mps > cpu (accelerate's choice)
     overwrite: bool = False  # replace an existing LoRA of the same name at the end
+    owner: str | None = None  # the app user's owner key (stylemix.access.owner_key), recorded in stylemix.json
 
     # --- LoRA
     rank: int = 32  # LoRA rank r
@@ -624,6 +625,14 @@ def make_samples(config: TrainConfig, comps: dict, models: dict, trigger: str, w
     return paths
 
 
+def _read_meta_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, loras_dir: Path, work_dir: Path,
                        loss_curve: list, samples: list[str], mixed_precision: str, device: str, skipped: int,
                        steps: int) -> Path:
@@ -643,7 +652,7 @@ def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, lor
             if (work_dir / rel).is_file():
                 shutil.copy2(work_dir / rel, tmp / "samples" / Path(rel).name)
         settings = {k: v for k, v in asdict(config).items()
-                    if k not in ("data_dir", "name", "loras_dir", "overwrite", "debug_nan_at_steps")}
+                    if k not in ("data_dir", "name", "loras_dir", "overwrite", "debug_nan_at_steps", "owner")}
         meta = {
             "name": config.name,
             "trigger_word": data.trigger_word,
@@ -660,6 +669,11 @@ def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, lor
             "sha256": sha256_file(tmp / WEIGHTS_NAME),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if config.owner:
+            # a new LoRA starts private; retraining one's own LoRA keeps the visibility it had
+            old = _read_meta_file(final / "stylemix.json")
+            meta["owner"] = config.owner
+            meta["visibility"] = old.get("visibility", "private") if old.get("owner") == config.owner else "private"
         atomic_write_text(tmp / "stylemix.json", json.dumps(meta, indent=1))
         replace_folder(tmp, final)  # overwrite: the old one is moved aside first, so a failure never loses both
     finally:
@@ -712,7 +726,7 @@ _HELP = {
     "mixed_precision": "auto, no, fp16 or bf16",
     "debug_nan_at_steps": "TEST/DEBUG ONLY: inject NaN into these steps' batches",
 }
-_SKIP_ARGS = {"data_dir", "name", "loras_dir", "model", "device"}  # positional or global options
+_SKIP_ARGS = {"data_dir", "name", "loras_dir", "model", "device", "owner"}  # positional, global or app-only
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: set[str] = _SKIP_ARGS) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from stylemix import access
 from stylemix.lora import files as lora_files
 from stylemix.lora import layouts
 from stylemix.lora.canonical import canonical_state, describe, tag_counts, to_kohya
@@ -87,12 +88,22 @@ class LoraEntry:
         kohya = self.meta.get("kohya") or {}
         return kohya.get("ss_sd_model_name") or kohya.get("ss_base_model_version") or self.meta.get("base_model")
 
+    @property
+    def owner(self) -> str | None:
+        """The owner's key (access.owner_key), None for a built-in LoRA."""
+        return access.lora_owner(self.meta)
+
+    @property
+    def visibility(self) -> str:
+        return access.visibility(self.meta)
+
     def summary(self) -> dict:
         rank = self.meta.get("rank")
         return {"name": self.name, "trigger_word": self.trigger_word, "rank": rank,
                 "ranks": self.meta.get("ranks") or ([rank] if rank is not None else []),
                 "kind": self.kind, "covers": self.covers, "made_for": self.made_for,
                 "kohya": self.meta.get("kohya") or {},
+                "visibility": self.visibility, "built_in": self.owner is None,
                 "alpha": self.meta.get("alpha"), "base_model": self.meta.get("base_model"),
                 "compatible": self.compatible, "problem": self.problem, "sha256": self.meta.get("sha256"),
                 "has_centroid": (self.folder / "style_centroid.safetensors").is_file(),
@@ -161,6 +172,25 @@ class LoraLibrary:
     def list(self) -> list[LoraEntry]:
         return [self.get(n) for n in self.names()]
 
+    def visible_to(self, owner: str | None) -> list[LoraEntry]:
+        """The LoRAs `owner` may see and use: shared ones and their own private ones."""
+        return [e for e in self.list() if access.can_see(e.meta, owner)]
+
+    def version(self) -> tuple:
+        """Changes whenever a LoRA is added, removed, renamed, replaced or its stylemix.json rewritten
+        (also by a training process): a few stat calls, cheap enough to poll every second."""
+        if not self.root.is_dir():
+            return ()
+        out = [self.root.stat().st_mtime_ns]
+        for n in self.names():
+            for f in (META_NAME, lora_files.WEIGHTS_NAME):
+                try:
+                    st = (self.root / n / f).stat()
+                    out.append((n, f, st.st_mtime_ns, st.st_size))
+                except OSError:
+                    out.append((n, f, None))
+        return tuple(out)
+
     def get(self, name: str) -> LoraEntry:
         folder = self.folder(name)
         if not (folder / lora_files.WEIGHTS_NAME).is_file():
@@ -223,11 +253,11 @@ class LoraLibrary:
         return self.get(name)
 
     def import_file(self, src: str | os.PathLike, name: str, trigger_word: str | None = None,
-                    overwrite: bool = False) -> LoraEntry:
+                    overwrite: bool = False, extra_meta: dict | None = None) -> LoraEntry:
         """Import a `.safetensors` LoRA in any supported layout (docs/lora-formats.md) under `name`.
 
         Every layer is converted to the canonical layout exactly; nothing is written unless the
-        whole file converts and fits the model.
+        whole file converts and fits the model.  `extra_meta` (the owner, visibility) is recorded too.
         """
         check_name(name, "LoRA name")
         trigger_word = check_trigger(trigger_word)
@@ -243,7 +273,8 @@ class LoraLibrary:
         info = describe(updates, fmt, metadata)
         alpha = lora_files.adapter_alpha(metadata) if fmt == "diffusers" else _uniform_alpha(state)
         meta = {"trigger_word": trigger_word or _trigger_from_kohya(metadata), "base_model": self.base_model,
-                "alpha": alpha, "source": {"file": src.name[:MAX_SOURCE_NAME], "format": fmt}, **info}
+                "alpha": alpha, "source": {"file": src.name[:MAX_SOURCE_NAME], "format": fmt}, **info,
+                **(extra_meta or {})}
         meta["rank"] = info["ranks"][0] if len(info["ranks"]) == 1 else info["ranks"]
         return self.add(name, canonical, header, meta, overwrite=overwrite)
 
@@ -311,6 +342,17 @@ class LoraLibrary:
         trash = folder.with_name(f".removed-{name}-{time.monotonic_ns()}")
         os.replace(folder, trash)  # atomic: the LoRA disappears at once, the delete can take its time
         shutil.rmtree(trash, ignore_errors=True)
+
+    def set_access(self, name: str, owner: str | None = None, visibility: str | None = None) -> LoraEntry:
+        """Record a LoRA's owner key and/or visibility in its stylemix.json (the service checks who may)."""
+        entry = self.get(name)
+        meta = _read_meta(entry.folder)
+        if owner is not None:
+            meta["owner"] = owner
+        if visibility is not None:
+            meta["visibility"] = access.check_visibility(visibility)
+        atomic_write_text(entry.folder / META_NAME, json.dumps(meta, indent=2, sort_keys=True))
+        return self.get(name)
 
     def set_trigger_word(self, name: str, trigger_word: str | None) -> LoraEntry:
         entry = self.get(name)

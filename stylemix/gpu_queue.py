@@ -1,0 +1,106 @@
+"""A fair GPU queue: one re-entrant lock per pipeline that serves interactive work first.
+
+Every piece of GPU work on a pipeline (a compose request, one image of an experiment, a LoRA
+load) holds the pipeline's lock.  A plain lock lets whoever asks first win, and a long
+experiment that held the GPU for its whole run made every slider wait for minutes.  Here:
+
+- long work (experiments, weight maps, balance searches) runs inside `background()`, and takes
+  the lock per image (`Mixer.generate`), so it gives the GPU back between images;
+- when the lock is released it goes to the oldest waiting *interactive* request first, then to
+  the oldest background one.  So a compose request that arrives during an experiment waits at
+  most for the image being made (bench/bench_queue.py measures it);
+- within one priority, first come first served (tickets), so two experiments interleave.
+
+The lock is re-entrant (the mixer takes it in nested calls); a thread that already holds it
+never waits, whatever its priority.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from contextlib import contextmanager
+from typing import Iterator
+
+INTERACTIVE, BACKGROUND = 0, 1
+_local = threading.local()
+
+
+@contextmanager
+def background() -> Iterator[None]:
+    """GPU work started by this thread inside the block yields to interactive requests."""
+    before = getattr(_local, "priority", INTERACTIVE)
+    _local.priority = BACKGROUND
+    try:
+        yield
+    finally:
+        _local.priority = before
+
+
+def current_priority() -> int:
+    return getattr(_local, "priority", INTERACTIVE)
+
+
+class PriorityRLock:
+    """A re-entrant lock granting waiters by (priority, arrival); usable as `with lock:`."""
+
+    def __init__(self, history: int = 256):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting: list[tuple[int, int]] = []  # (priority, ticket) of threads waiting
+        self._tickets = itertools.count()
+        # (priority, thread name) of each first acquisition, newest last: lets tests and the
+        # benchmark see the order in which work got the GPU (bounded, so it never grows)
+        self.grants: deque = deque(maxlen=history)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1, priority: int | None = None) -> bool:
+        me = threading.get_ident()
+        prio = current_priority() if priority is None else priority
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if self._owner is None and not self._waiting:
+                self._take(me, prio)
+                return True
+            if not blocking:
+                return False
+            entry = (prio, next(self._tickets))
+            self._waiting.append(entry)
+            try:
+                ok = self._cond.wait_for(lambda: self._owner is None and min(self._waiting) == entry,
+                                         None if timeout is None or timeout < 0 else timeout)
+                if not ok:
+                    return False
+                self._take(me, prio)
+                return True
+            finally:
+                self._waiting.remove(entry)
+                self._cond.notify_all()  # the next in line re-checks who is first now
+
+    def _take(self, me: int, prio: int) -> None:
+        self._owner, self._depth = me, 1
+        self.grants.append((prio, threading.current_thread().name))
+
+    def release(self) -> None:
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("release of a PriorityRLock not held by this thread")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    def waiting(self) -> list[int]:
+        """Priorities of the threads now waiting (for tests and the benchmark)."""
+        with self._cond:
+            return [p for p, _ in sorted(self._waiting)]
+
+    def __enter__(self) -> "PriorityRLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
