@@ -35,8 +35,8 @@ GPU = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
 # lock and stylemix.preview decide who renders; newer requests interrupt older ones between steps.
 PREVIEW = dict(concurrency_id="preview", concurrency_limit=4)
 MAX_UPLOAD = "200mb"
-LIBRARY_COLUMNS = ["name", "trigger word", "kind", "rank", "alpha", "covers", "made for", "centroid", "fits model",
-                   "training", "samples", "created", "owner", "visibility"]
+LIBRARY_COLUMNS = ["name", "trigger word", "rank", "alpha", "centroid", "fits model", "training", "samples", "created",
+                   "owner", "visibility", "kind", "covers", "made for"]
 LIBRARY_POLL_S = 2.0  # how often each page checks whether the shared library changed (a few stat calls)
 EXPERIMENTS = dict(concurrency_id="experiments", concurrency_limit=2)  # interleaved with compose per image
 

@@ -520,15 +520,15 @@ class StyleMixService:
             m = e.meta
             train = m.get("training") or {}
             s = e.summary()
-            rows.append([e.name, e.trigger_word or "", s["kind"], ", ".join(map(str, s["ranks"])), m.get("alpha"),
-                         " + ".join(s["covers"]), s["made_for"] or "",
+            rows.append([e.name, e.trigger_word or "", ", ".join(map(str, s["ranks"])), m.get("alpha"),
                          "yes" if (e.folder / "style_centroid.safetensors").is_file() else
                          (m.get("style") or {}).get("status", "no"),
                          "ok" if e.compatible else f"incompatible: {e.problem}",
                          ", ".join(f"{k}={train[k]}" for k in ("max_steps", "learning_rate", "resolution", "model")
                                    if k in train),
                          len(m.get("samples") or []), (m.get("created") or "")[:19],
-                         access.owner_label(m, viewer), e.visibility])
+                         access.owner_label(m, viewer), e.visibility,
+                         s["kind"], " + ".join(s["covers"]), s["made_for"] or ""])
         return rows
 
     def lora_samples(self, owner: str | None, name: str) -> list[str]:

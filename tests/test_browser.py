@@ -187,16 +187,17 @@ def drag_two_and_check(pg, first: str, second: str) -> None:
     v1 = drag_slider(pg, first, 0.75)
     assert v1 > 0.5, f"dragging the {first} slider did not move it (value {v1})"
     src1 = wait_until(pg, lambda: (s := image_src(pg)) and s != before_src and s, f"an image after moving {first}")
-    scores1 = wait_until(pg, lambda: (t := pg.locator("#cp-scores").inner_text()) != before_scores and t,
-                         f"scores after moving {first}")
+    # the finished scores (not Gradio's progress text over the box while the render runs)
+    scores1 = wait_until(pg, lambda: (t := pg.locator("#cp-scores").inner_text()) != before_scores
+                         and "CLIP score" in t and first in t and t, f"scores after moving {first}")
     assert "CLIP score" in scores1 and first in scores1 and "Demo values" in scores1
     pixels1 = fetch_pixels(pg, src1)
 
     v2 = drag_slider(pg, second, 0.65)
     assert v2 > 0.3, f"dragging the {second} slider did not move it (value {v2})"
     src2 = wait_until(pg, lambda: (s := image_src(pg)) != src1 and s, f"an image after moving {second}")
-    scores2 = wait_until(pg, lambda: (t := pg.locator("#cp-scores").inner_text()) != scores1 and t,
-                         f"scores after moving {second}")
+    scores2 = wait_until(pg, lambda: (t := pg.locator("#cp-scores").inner_text()) != scores1
+                         and "CLIP score" in t and second in t and t, f"scores after moving {second}")
     assert second in scores2 and first in scores2, scores2
     pixels2 = fetch_pixels(pg, src2)
     assert pixels1.shape == pixels2.shape == (64, 64, 3)
