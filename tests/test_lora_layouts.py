@@ -278,3 +278,25 @@ def test_cli_imports_a_lycoris_file_lists_it_and_generates_with_it(tmp_path, cap
     assert main(args + ["generate", "a cat", "--lora", "ink=0.8", "--steps", "2", "--size", "64x64",
                         "--out", str(out), "--no-score"]) == 0
     assert out.is_file()
+
+
+def test_diffusers_kohya_export_with_lora_te1_names_imports_as_sd15(tmp_path):
+    """diffusers' own `convert_state_dict_to_kohya` writes an SD1.5 LoRA with `lora_te1_` text-encoder keys
+    (SDXL's name): it is still an SD1.5 LoRA, and imports exactly."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    from helpers import make_lora_file
+
+    pipe, lib, mixer = setup(tmp_path)
+    peft_state = load_file(str(make_lora_file(tmp_path / "peft.safetensors", seed=11, rank=4, alpha=4.0)))
+    kohya = convert_state_dict_to_kohya(peft_state)
+    assert any(k.startswith("lora_te1_") for k in kohya) and any(k.startswith("lora_unet_") for k in kohya)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(tmp_path / "k.safetensors"))
+    modules = layer_modules(pipe, attn=True, conv=True, te=True)
+    mapping = {}
+    for p in modules:
+        comp, _, rest = p.partition(".")
+        mapping[("lora_unet_" if comp == "unet" else "lora_te1_") + rest.replace(".", "_")] = p
+    entry = lib.import_file(tmp_path / "k.safetensors", "dk")
+    assert entry.summary()["covers"] == ["UNet attention", "text encoder"]
+    assert_mix_exact(pipe, mixer, {"dk": 0.9}, {"dk": reference_deltas(tmp_path / "k.safetensors", mapping)})

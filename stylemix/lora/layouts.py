@@ -35,21 +35,24 @@ UNSUPPORTED = {"dora_scale": files.DORA_REFUSAL,
                "w_norm": "LyCORIS norm layers", "b_norm": "LyCORIS norm layers",
                "a1.weight": "GLoRA layers", "lora_up.bias": "LoRA biases"}
 
-SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_label_emb", "unet.add_embedding")
+# Only SDXL has these.  `lora_te1_` alone is no tell: SDXL's first text encoder is SD1.5's CLIP-L, and
+# diffusers' kohya conversion writes SD1.5 files with it; SDXL UNet layers are told by name or width.
+SDXL_PREFIXES = ("lora_te2_", "text_encoder_2.", "lora_unet_label_emb", "unet.add_embedding")
 
 
 def layout(state: dict[str, torch.Tensor]) -> str:
     """'kohya' (lora_unet_/lora_te_ keys), 'diffusers' (unet./text_encoder.), or raise naming the problem."""
     keys = list(state)
     sdxl = [k for k in keys if k.startswith(SDXL_PREFIXES) or "add_embedding" in k or "label_emb" in k]
+    sd1 = [k for k in keys if k.startswith("lora_te_")]
+    te1 = [k for k in keys if k.startswith("lora_te1_")]
+    if sd1 and (sdxl or te1):
+        raise StyleMixError(f"This file mixes SDXL keys ({(sdxl or te1)[0]!r}) with SD1.5 keys ({sd1[0]!r}); "
+                            "it is not a LoRA any tool could load. Refusing it.")
     if sdxl:
-        sd1 = [k for k in keys if k.startswith("lora_te_")]
-        if sd1:
-            raise StyleMixError(f"This file mixes SDXL keys ({sdxl[0]!r}) with SD1.5 keys ({sd1[0]!r}); "
-                                "it is not a LoRA any tool could load. Refusing it.")
         raise StyleMixError(f"This LoRA is for SDXL (key {sdxl[0]!r}: a second text encoder or SDXL embeddings); "
                             "StyleMix works with Stable Diffusion 1.5 LoRAs.")
-    if all(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
         return "kohya"
     if all(k.startswith(("unet.", "text_encoder.")) for k in keys):
         return "diffusers"

@@ -146,8 +146,10 @@ def _kohya_table(names: tuple[str, ...]) -> dict[str, str]:
             table["lora_unet_" + path.replace(".", "_")] = key
         else:
             flat = path.replace(".", "_")  # text_model_encoder_layers_0_…
-            table["lora_te_" + flat] = key
-            table["lora_te_" + flat[len("text_model_"):]] = key  # as written under transformers 5
+            # `lora_te1_`: diffusers' own kohya conversion names the SD1.5 text encoder like SDXL's first one
+            for prefix in ("lora_te_", "lora_te1_"):
+                table[prefix + flat] = key
+                table[prefix + flat[len("text_model_"):]] = key  # as written under transformers 5
     return table
 
 
