@@ -81,8 +81,8 @@ def clash_states(state_a: dict, meta_a: dict, state_b: dict, meta_b: dict, name_
     layers = []
     sums: dict[str, list[float]] = {}
     for mod in sorted(set(mods_a) & set(mods_b)):
-        a1, b1 = mods_a[mod]
-        a2, b2 = mods_b[mod]
+        # conv layers (LoCon, LoHa, LoKr) as matrices [out, in * kh * kw]
+        (a1, b1), (a2, b2) = [(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)) for a, b in (mods_a[mod], mods_b[mod])]
         if a1.shape[1] != a2.shape[1] or b1.shape[0] != b2.shape[0]:
             raise StyleMixError(f"Layer {mod!r} has different shapes in {name_a!r} and {name_b!r}: "
                                 "they were made for different base models.")

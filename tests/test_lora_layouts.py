@@ -300,3 +300,24 @@ def test_diffusers_kohya_export_with_lora_te1_names_imports_as_sd15(tmp_path):
     entry = lib.import_file(tmp_path / "k.safetensors", "dk")
     assert entry.summary()["covers"] == ["UNet attention", "text encoder"]
     assert_mix_exact(pipe, mixer, {"dk": 0.9}, {"dk": reference_deltas(tmp_path / "k.safetensors", mapping)})
+
+
+def test_mix_export_and_clash_map_of_conv_layouts(tmp_path):
+    """A mix of a LoCon and a LoHa exports as one LoRA that reproduces the live mix exactly, and the clash
+    map reads their conv layers."""
+    from stylemix.clash import clash_map
+    from stylemix.mix_export import export_mix, write_mix
+
+    pipe, lib, mixer = setup(tmp_path)
+    f1, m1 = kohya_lora(tmp_path / "locon.safetensors", pipe, seed=12, rank=3, alpha=2.0, conv=True, cp=True)
+    f2, m2, _ = lycoris_file(tmp_path / "loha.safetensors", tiny_pipeline(), "loha", seed=13, use_tucker=True)
+    lib.import_file(f1, "locon")
+    lib.import_file(f2, "loha")
+    out = write_mix(export_mix(lib, {"locon": 0.5, "loha": -0.7}), tmp_path / "mix.safetensors")
+    _, lib2, mixer2 = setup(tmp_path / "two")
+    lib2.import_file(out, "mix")
+    d1, d2 = reference_deltas(f1, m1), reference_deltas(f2, m2)
+    expected = {p: 0.5 * d1.get(p, 0) + -0.7 * d2.get(p, 0) for p in set(d1) | set(d2)}
+    assert_mix_exact(mixer2.pipe, mixer2, {"mix": 1.0}, {"mix": expected})
+    cmap = clash_map(lib, "locon", "loha")
+    assert any("resnets" in layer.module for layer in cmap.layers) and cmap.overall is not None
