@@ -8,6 +8,7 @@ named by their owner token, which only the server chooses.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,20 +16,20 @@ import re
 import secrets
 import shutil
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylemix import access, gpu_queue
 from stylemix.errors import StyleMixError
+from stylemix.images import is_image_name
 from stylemix.lora.library import LoraEntry, LoraLibrary, model_targets
 from stylemix.mixer import Mixer, MixResult
 from stylemix.preview import PreviewConfig, Previewer, PreviewResult
 from stylemix.models import ModelLoadError, load_model
 from stylemix.paths import Workspace, check_name, inside
 from stylemix.quotas import Quotas, folder_bytes
-from stylemix.recipe import Recipe, save_png
-from stylemix.scoring_service import base_recipe, score_result, wants_base_images
+from stylemix.compose import BaseImageCache, ComposeOutput, compose, score_mix
+from stylemix.recipe import Recipe
 
 logger = logging.getLogger("stylemix")
 
@@ -50,23 +51,13 @@ def check_owner_token(token: str) -> str:
 
 
 @dataclass
-class ComposeOutput:
-    image_paths: list[Path]
-    result: MixResult
-    scores: dict | None = None  # {"images": [...], "clip_model": ..., "is_demo": ...} or {"unavailable": why}
-    recipe_path: Path | None = None
-
-
-@dataclass
 class StyleMixService:
     mixer: Mixer
     workspace: Workspace
     banner: str  # what model runs and what that means, shown on every page
     fallback_reason: str | None = None  # set when the requested model failed and tiny runs instead
     scorer_cache: dict = field(default_factory=dict)
-    # Base-model images by recipe, the low anchor of calibrated similarity: made once per prompt,
-    # seed and settings, then reused while the sliders move.
-    base_images: OrderedDict = field(default_factory=OrderedDict)
+    base_images: BaseImageCache = field(default_factory=BaseImageCache)  # the calibration anchors, reused
     previewer: Previewer | None = None  # live previews while sliders move; None: exact renders only
     quotas: Quotas = field(default_factory=Quotas.from_env)  # per-user limits (STYLEMIX_MAX_* variables)
 
@@ -215,22 +206,16 @@ class StyleMixService:
     def compose(self, owner: str, recipe: Recipe, progress=None, score: bool = True) -> ComposeOutput:
         for name in recipe.loras:
             self.visible_entry(owner, name)  # another user's private LoRA cannot be used, even by name
+        generate = None
         if self.previewer is not None:  # the exact image: this owner's running previews stop for it
-            result = self.previewer.render_exact(recipe, owner, progress=progress)
-        else:
-            result = self.mixer.generate(recipe, progress=progress)
-        scores = self.score(result) if score else None
+            generate = functools.partial(self.previewer.render_exact, channel=owner)
         out_dir = self.user_dir(owner, "outputs")
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{secrets.token_hex(3)}"
-        paths = []
-        for i, img in enumerate(result.images):
-            extra = {"scores": scores["images"][i]} if scores and scores.get("images") else None
-            paths.append(save_png(img, out_dir / f"{stamp}-{result.seeds[i]}.png",
-                                  result.recipe.with_(seed=result.seeds[i], batch_size=1), result.prompt_used, extra))
-        recipe_path = out_dir / f"{stamp}-recipe.json"
-        recipe_path.write_text(json.dumps(result.recipe.to_dict(), indent=2))
+        out = compose(self.mixer, recipe, lambda result: [out_dir / f"{stamp}-{s}.png" for s in result.seeds],
+                      generate=generate, progress=progress, score=score, base_cache=self.base_images,
+                      cache=self.scorer_cache, recipe_path=out_dir / f"{stamp}-recipe.json")
         self.trim_outputs(owner)
-        return ComposeOutput(image_paths=paths, result=result, scores=scores, recipe_path=recipe_path)
+        return out
 
     def preview(self, owner: str, recipe: Recipe) -> PreviewResult | None:
         """A fast preview of `recipe` for a moving slider; None when a newer request made it pointless.
@@ -268,16 +253,7 @@ class StyleMixService:
         return oldest
 
     def score(self, result: MixResult) -> dict:
-        base = None
-        if wants_base_images(self.mixer, result):
-            key = json.dumps(base_recipe(result.recipe).with_(model=None).to_dict(), sort_keys=True)
-            if key not in self.base_images:
-                self.base_images[key] = self.mixer.generate(base_recipe(result.recipe)).images
-                while len(self.base_images) > 16:
-                    self.base_images.popitem(last=False)
-            self.base_images.move_to_end(key)
-            base = self.base_images[key]
-        return score_result(self.mixer, result, cache=self.scorer_cache, base_images=base)
+        return score_mix(self.mixer, result, base_cache=self.base_images, cache=self.scorer_cache)
 
     # ================================================================ the other tabs
     # Everything below takes the caller's `owner` (the server-chosen session id) and only ever
@@ -322,7 +298,7 @@ class StyleMixService:
         dest.mkdir(parents=True, exist_ok=True)
         files = []
         for f in sorted((EXAMPLES / name).iterdir()):
-            if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and f.is_file() and not f.is_symlink():
+            if is_image_name(f) and f.is_file() and not f.is_symlink():
                 shutil.copyfile(f, dest / f.name)
                 files.append(dest / f.name)
         return files
@@ -398,7 +374,7 @@ class StyleMixService:
         overwrite=True retrains one of the owner's own LoRAs under its name; nobody else's.
         """
         from stylemix import jobs
-        from trainers.lora import TrainConfig
+        from stylemix.training.config import TrainConfig
 
         if zero_gpu():
             raise StyleMixError("Training is switched off on ZeroGPU Spaces: a training run needs a GPU for "
@@ -629,7 +605,8 @@ class StyleMixService:
         from stylemix.balance import BalanceConfig, balance_mix
         from stylemix.clash import clash_map, draw_heatmap
         from stylemix.experiments import ProtocolConfig, run_protocol
-        from stylemix.weight_maps import StyleJudge, weight_map_2d, write_map
+        from stylemix.judge import StyleJudge
+        from stylemix.weight_maps import weight_map_2d, write_map
 
         out = inside(self.user_dir(owner, "outputs"), "experiments",
                      f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
@@ -642,13 +619,11 @@ class StyleMixService:
             config = ProtocolConfig(name="app-protocol", styles={n: n for n in names}, prompts=prompts,
                                     seeds=[int(s) for s in seeds], mixes=mixes, generation=gen).validate("experiment")
             result = run_protocol(self.mixer, config, out, progress=say)
-            summary = (out / "summary.csv").read_text().splitlines()
-            header = summary[0].split(",")
-            rows = [r.split(",") for r in summary[1:]]
+            header, rows = result.summary_table()
             images = [(result.files["plot"], "CLIP score vs style similarity")]
             images += [(p, k) for k, p in result.files.items() if k.startswith("contact_")]
             return {"kind": kind, "out_dir": str(out), "table": (header, rows), "images": images,
-                    "markdown": (out / "summary.md").read_text(), "is_demo": result.is_demo}
+                    "markdown": result.markdown, "is_demo": result.is_demo}
         if kind == "sweep":
             if len(names) != 2:
                 raise StyleMixError(f"A weight sweep needs exactly two LoRAs; {len(names)} chosen.")
