@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from stylemix import jobs
 from stylemix.dataset import DatasetInfo, load_dataset_folder, with_trigger
 from stylemix.errors import StyleMixError
-from stylemix.lora.library import sha256_file
-from stylemix.lora.files import WEIGHTS_NAME, save_lora_weights, write_safetensors
+from stylemix.lora.files import adapter_state, write_safetensors
+from stylemix.lora.library import LoraLibrary
 from stylemix.models import DEFAULT_MODEL, TINY, ModelLoadError, quiet_library_logs, tiny_components
-from stylemix.paths import Workspace, atomic_write_text, check_name, replace_folder
+from stylemix.paths import Workspace, atomic_write_text, check_name
 # TrainConfig and its options live in the library (the app and the queue build configs without this module);
 # re-exported here, where the training code and its tests have always found them.
 from stylemix.training.config import HELP, TrainConfig, add_config_arguments, config_from_args  # noqa: F401
@@ -557,48 +557,37 @@ def _read_meta_file(path: Path) -> dict:
 def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, loras_dir: Path, work_dir: Path,
                        loss_curve: list, samples: list[str], mixed_precision: str, device: str, skipped: int,
                        steps: int) -> Path:
-    """loras/<name>/: weights + stylemix.json + samples/, built in a temp folder then renamed in."""
-    loras_dir.mkdir(parents=True, exist_ok=True)
+    """loras/<name>/: weights + stylemix.json + samples/, written by the library (`LoraLibrary.add`:
+    a temp folder renamed in, so a failure never leaves half a LoRA or loses the old one)."""
     final = loras_dir / config.name
     if final.exists() and not config.overwrite:
         raise StyleMixError(f"A LoRA named {config.name!r} appeared in {loras_dir} while training; the trained "
                             "weights are in the last checkpoint: resume with --overwrite or another name.")
-    tmp = loras_dir / f".tmp-{config.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_lora_weights(tmp / WEIGHTS_NAME, models["unet"], models.get("text_encoder"), ADAPTER)
-        (tmp / "samples").mkdir()
-        for rel in samples:
-            if (work_dir / rel).is_file():
-                shutil.copy2(work_dir / rel, tmp / "samples" / Path(rel).name)
-        settings = {k: v for k, v in asdict(config).items()
-                    if k not in ("data_dir", "name", "loras_dir", "overwrite", "debug_nan_at_steps", "owner")}
-        meta = {
-            "name": config.name,
-            "trigger_word": data.trigger_word,
-            "base_model": config.model,
-            "rank": config.rank,
-            "alpha": config.alpha,
-            "target_modules": {"unet": list(config.unet_targets),
-                               "text_encoder": list(config.text_targets) if config.train_text_encoder else []},
-            "training": {**settings, "steps": steps, "skipped_steps": skipped, "mixed_precision_used": mixed_precision,
-                         "device": device, "tiny_model": config.model == TINY},
-            "dataset": data.summary,
-            "loss_curve": loss_curve,
-            "samples": [f"samples/{Path(r).name}" for r in samples],
-            "sha256": sha256_file(tmp / WEIGHTS_NAME),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        if config.owner:
-            # a new LoRA starts private; retraining one's own LoRA keeps the visibility it had
-            old = _read_meta_file(final / "stylemix.json")
-            meta["owner"] = config.owner
-            meta["visibility"] = old.get("visibility", "private") if old.get("owner") == config.owner else "private"
-        atomic_write_text(tmp / "stylemix.json", json.dumps(meta, indent=1))
-        replace_folder(tmp, final)  # overwrite: the old one is moved aside first, so a failure never loses both
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    state, header = adapter_state(models["unet"], models.get("text_encoder"), ADAPTER)
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("data_dir", "name", "loras_dir", "overwrite", "debug_nan_at_steps", "owner")}
+    meta = {
+        "name": config.name,
+        "trigger_word": data.trigger_word,
+        "base_model": config.model,
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "target_modules": {"unet": list(config.unet_targets),
+                           "text_encoder": list(config.text_targets) if config.train_text_encoder else []},
+        "training": {**settings, "steps": steps, "skipped_steps": skipped, "mixed_precision_used": mixed_precision,
+                     "device": device, "tiny_model": config.model == TINY},
+        "dataset": data.summary,
+        "loss_curve": loss_curve,
+        "samples": [f"samples/{Path(r).name}" for r in samples],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if config.owner:
+        # a new LoRA starts private; retraining one's own LoRA keeps the visibility it had
+        old = _read_meta_file(final / "stylemix.json")
+        meta["owner"] = config.owner
+        meta["visibility"] = old.get("visibility", "private") if old.get("owner") == config.owner else "private"
+    extra = {f"samples/{Path(rel).name}": work_dir / rel for rel in samples if (work_dir / rel).is_file()}
+    LoraLibrary(loras_dir).add(config.name, state, header, meta, overwrite=True, extra_files=extra)
     return final
 
 
