@@ -1,9 +1,10 @@
 """What the web app does, as plain Python: one shared model and mixer, per-user files.
 
-`app.py` only lays out the page and calls these methods; everything here is testable without
-gradio.  One `StyleMixService` exists per running app (created in `app.main`, never at import
-time); all users share its pipeline and its lock, and each user's files live under a folder
-named by their owner token, which only the server chooses.
+`app.py` and `ui/` lay out the page, format what it shows, and call these methods; everything
+here is testable without gradio.  This module dispatches and enforces ownership and quotas.
+One `StyleMixService` exists per running app (created in `app.main`, never at import time); all
+users share its pipeline and its lock, and each user's files live under a folder named by their owner
+token, which only the server chooses.
 """
 
 from __future__ import annotations
@@ -456,14 +457,9 @@ class StyleMixService:
                                       if (entry.folder / r).is_file()]
             except StyleMixError:
                 pass
-        eta = s.get("eta_s")
-        text = (f"{job.state}: step {step}/{total or '?'} ({pct}%)"
-                + (f", loss {s['loss']:.4f}" if isinstance(s.get("loss"), (int, float)) else "")
-                + (f", about {eta:.0f}s left" if isinstance(eta, (int, float)) and job.state == jobs.RUNNING else ""))
         return {"id": job.id, "state": job.state, "lora_name": job.lora_name, "step": step, "total_steps": total,
-                "percent": pct, "loss": s.get("loss"), "lr": s.get("lr"), "eta_s": eta, "error": s.get("error"),
-                "samples": samples, "loss_curve": curve, "text": text,
-                "done": job.state in jobs.TERMINAL}
+                "percent": pct, "loss": s.get("loss"), "lr": s.get("lr"), "eta_s": s.get("eta_s"),
+                "error": s.get("error"), "samples": samples, "loss_curve": curve, "done": job.state in jobs.TERMINAL}
 
     def cancel_job(self, owner: str, job_id: str):
         from stylemix import jobs
@@ -489,23 +485,9 @@ class StyleMixService:
 
     # ---------------------------------------------------------------- library
 
-    def library_rows(self, viewer: str | None = None) -> list[list]:
-        """One row per LoRA `viewer` may see, for the Library table (the owner is shown as you/another user)."""
-        rows = []
-        for e in self.library.visible_to(viewer):
-            m = e.meta
-            train = m.get("training") or {}
-            s = e.summary()
-            rows.append([e.name, e.trigger_word or "", ", ".join(map(str, s["ranks"])), m.get("alpha"),
-                         "yes" if (e.folder / "style_centroid.safetensors").is_file() else
-                         (m.get("style") or {}).get("status", "no"),
-                         "ok" if e.compatible else f"incompatible: {e.problem}",
-                         ", ".join(f"{k}={train[k]}" for k in ("max_steps", "learning_rate", "resolution", "model")
-                                   if k in train),
-                         len(m.get("samples") or []), (m.get("created") or "")[:19],
-                         access.owner_label(m, viewer), e.visibility,
-                         s["kind"], " + ".join(s["covers"]), s["made_for"] or ""])
-        return rows
+    def visible_loras(self, viewer: str | None = None) -> list[LoraEntry]:
+        """Every LoRA `viewer` may see (the Library table's rows are formatted in ui/library_tab.py)."""
+        return list(self.library.visible_to(viewer))
 
     def lora_samples(self, owner: str | None, name: str) -> list[str]:
         entry = self.visible_entry(owner, name)

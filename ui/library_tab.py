@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from stylemix import access
 from stylemix.errors import StyleMixError
+from stylemix.scoring import CENTROID_FILE
 from stylemix.service import StyleMixService
 from ui.common import owner_of, readable_errors
 
@@ -38,6 +40,24 @@ class LibraryTab:
     msg: gr.Markdown
 
 
+def library_rows(service: StyleMixService, viewer: str | None = None) -> list[list]:
+    """One row per LoRA `viewer` may see, in LIBRARY_COLUMNS order (the owner is shown as you/another user)."""
+    rows = []
+    for e in service.visible_loras(viewer):
+        m = e.meta
+        train = m.get("training") or {}
+        s = e.summary()
+        rows.append([e.name, e.trigger_word or "", ", ".join(map(str, s["ranks"])), m.get("alpha"),
+                     "yes" if (e.folder / CENTROID_FILE).is_file() else (m.get("style") or {}).get("status", "no"),
+                     "ok" if e.compatible else f"incompatible: {e.problem}",
+                     ", ".join(f"{k}={train[k]}" for k in ("max_steps", "learning_rate", "resolution", "model")
+                               if k in train),
+                     len(m.get("samples") or []), (m.get("created") or "")[:19],
+                     access.owner_label(m, viewer), e.visibility,
+                     s["kind"], " + ".join(s["covers"]), s["made_for"] or ""])
+    return rows
+
+
 def build_library_tab(service: StyleMixService, auth_on: bool) -> LibraryTab:
     """Lay out the tab (inside `gr.Tab`); its events are wired by `wire_library_tab`."""
     gr.Markdown("Your LoRAs start **private** (only you see and use them); **share** one and everyone can "
@@ -46,7 +66,7 @@ def build_library_tab(service: StyleMixService, auth_on: bool) -> LibraryTab:
                 + ("You are identified by your login." if auth_on else
                    "Without a login, you are identified by a secret token kept in this browser: clear "
                    "its storage and you can no longer change your LoRAs (they stay usable if shared)."))
-    table = gr.Dataframe(headers=LIBRARY_COLUMNS, value=service.library_rows(None), interactive=False,
+    table = gr.Dataframe(headers=LIBRARY_COLUMNS, value=library_rows(service, None), interactive=False,
                          elem_id="lib-table")
     with gr.Row():
         with gr.Column():
@@ -89,7 +109,7 @@ def library_updates(service: StyleMixService, who, selected=None, names_now=None
     everything = [e["name"] for e in service.all_loras(who)]
     sel = selected if selected in everything else (everything[0] if everything else None)
     names = gr.skip() if names_now is not None and list(names_now) == usable else usable
-    return (names, service.library_rows(who), gr.update(choices=everything, value=sel), gr.update(choices=usable))
+    return (names, library_rows(service, who), gr.update(choices=everything, value=sel), gr.update(choices=usable))
 
 
 def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.BrowserState, lora_names: gr.State,
@@ -102,7 +122,7 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
     # Every action names the caller; the service refuses what they may not do (one readable message).
     @readable_errors
     def list_loras_fn(owner_, request: gr.Request):
-        return service.library_rows(owner_of(owner_, request))
+        return library_rows(service, owner_of(owner_, request))
 
     lib_refresh = gr.Button("Refresh", visible=False)
     lib_refresh.click(list_loras_fn, inputs=owner, outputs=tab.table, api_name="list_loras", queue=False)
@@ -152,17 +172,26 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
     tab.export_btn.click(export_fn, inputs=[tab.select, tab.format, owner], outputs=tab.export_file,
                          api_name="export_lora")
 
-    @readable_errors
-    def rename_fn(name, new, owner_, request: gr.Request):
-        who = owner_of(owner_, request)
-        if not name:
-            raise StyleMixError("Choose a LoRA to rename.")
+    def on_selected(missing: str, act):
+        """A button that changes the selected LoRA with one value: the same checks, then
+        `act(who, name, value)` -> (message, the LoRA to select afterwards)."""
+        @readable_errors
+        def fn(name, value, owner_, request: gr.Request):
+            who = owner_of(owner_, request)
+            if not name:
+                raise StyleMixError(missing)
+            message, select = act(who, name, value)
+            return (message,) + updates(who, select)
+
+        return fn
+
+    def rename(who, name, new):
         entry = service.rename_lora(who, name, new)
-        return (f"Renamed **{name}** to **{entry['name']}**.",) + updates(who, entry["name"])
+        return f"Renamed **{name}** to **{entry['name']}**.", entry["name"]
 
     # rename and delete wait for an image being made (the mixer's lock), not in the GPU queue
-    tab.rename_btn.click(rename_fn, inputs=[tab.select, tab.new_name, owner], outputs=with_msg,
-                         api_name="rename_lora")
+    tab.rename_btn.click(on_selected("Choose a LoRA to rename.", rename), inputs=[tab.select, tab.new_name, owner],
+                         outputs=with_msg, api_name="rename_lora")
 
     @readable_errors
     def delete_fn(name, owner_, request: gr.Request):
@@ -174,27 +203,19 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
 
     tab.delete_btn.click(delete_fn, inputs=[tab.select, owner], outputs=with_msg, api_name="delete_lora")
 
-    @readable_errors
-    def trigger_fn(name, word, owner_, request: gr.Request):
-        who = owner_of(owner_, request)
-        if not name:
-            raise StyleMixError("Choose a LoRA first.")
+    def set_trigger(who, name, word):
         entry = service.set_trigger_word(who, name, word)
-        return (f"Trigger word of **{name}**: `{entry['trigger_word'] or 'none'}`.",) + updates(who, name)
+        return f"Trigger word of **{name}**: `{entry['trigger_word'] or 'none'}`.", name
 
-    tab.trigger_btn.click(trigger_fn, inputs=[tab.select, tab.new_trigger, owner], outputs=with_msg,
-                          api_name="set_trigger_word")
+    tab.trigger_btn.click(on_selected("Choose a LoRA first.", set_trigger), inputs=[tab.select, tab.new_trigger, owner],
+                          outputs=with_msg, api_name="set_trigger_word")
 
-    @readable_errors
-    def visibility_fn(name, visibility, owner_, request: gr.Request):
-        who = owner_of(owner_, request)
-        if not name:
-            raise StyleMixError("Choose a LoRA first.")
+    def set_visibility(who, name, visibility):
         entry = service.set_visibility(who, name, visibility)
-        return (f"**{name}** is now {entry['visibility']}.",) + updates(who, name)
+        return f"**{name}** is now {entry['visibility']}.", name
 
-    tab.visibility_btn.click(visibility_fn, inputs=[tab.select, tab.visibility, owner], outputs=with_msg,
-                             api_name="set_visibility")
+    tab.visibility_btn.click(on_selected("Choose a LoRA first.", set_visibility),
+                             inputs=[tab.select, tab.visibility, owner], outputs=with_msg, api_name="set_visibility")
 
     # A live library: each page polls a cheap fingerprint and redraws its lists and sliders only
     # when another user shared, changed or trained a LoRA.

@@ -47,6 +47,14 @@ def progress_html(view: dict | None) -> str:
             f'<span>{view["lora_name"]}: {view["state"]} · {pct}% · step {step}/{total}</span></div>')
 
 
+def job_text(view: dict) -> str:
+    """One line about a job: state, step, loss and (while running) the time left."""
+    eta = view.get("eta_s")
+    return (f"{view['state']}: step {view['step']}/{view['total_steps'] or '?'} ({view['percent']}%)"
+            + (f", loss {view['loss']:.4f}" if isinstance(view.get("loss"), (int, float)) else "")
+            + (f", about {eta:.0f}s left" if isinstance(eta, (int, float)) and view["state"] == "running" else ""))
+
+
 def _loss_frame(curve: list):
     import pandas as pd
 
@@ -101,7 +109,7 @@ def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserSta
         elif isinstance(view["loss"], (int, float)) and view["step"] and (
                 not history or history[-1][0] < view["step"]):
             history.append([view["step"], view["loss"]])
-        status = f"Job `{view['id']}` — {view['text']}"
+        status = f"Job `{view['id']}` — {job_text(view)}"
         if view["error"]:
             status += f"  \n**Error:** {view['error']}"
         usable = [e["name"] for e in service.usable_loras(who)]
@@ -145,7 +153,7 @@ def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserSta
     @readable_errors
     def job_status_api(jid, owner_, request: gr.Request):
         view = service.job_view(owner_of(owner_, request), jid or None)
-        return json.dumps(view or {"state": None})
+        return json.dumps({**view, "text": job_text(view)} if view else {"state": None})
 
     # API only (the page polls with the timer above): the job's status as JSON
     api_json = gr.Textbox(visible=False)
