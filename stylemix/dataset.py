@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import uuid
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
 from stylemix.errors import StyleMixError
-from stylemix.images import is_image_name
+from stylemix.images import ImageRejected, is_image_name, untrusted_image
 from stylemix.paths import atomic_write_text, check_name, inside, read_json_object
 from stylemix.uploads import Intake, UploadLimits, collect_upload, remove_tree
 
@@ -279,39 +278,24 @@ class _Rejected(Exception):
 
 
 def decode(path: Path, config: DatasetConfig) -> tuple[Image.Image, tuple[int, int]]:
-    """Open safely: header size checked before decoding, first frame only, EXIF-oriented."""
+    """Open safely (stylemix.images.untrusted_image: header checked before decoding), first frame only,
+    EXIF-oriented."""
     try:
-        with warnings.catch_warnings():
-            # PIL warns (not raises) on images a bit above its own bomb limit: make it an error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise _Rejected("decompression_bomb", f"its header claims an absurd size ({e})") from e
-    except Image.DecompressionBombWarning as e:
-        raise _Rejected("decompression_bomb", f"its header claims a huge size ({e})") from e
-    except Image.UnidentifiedImageError as e:
-        raise _Rejected("not_an_image", "the file is not an image PIL can identify") from e
-    except OSError as e:
-        raise _Rejected("unreadable", f"could not be opened ({e})") from e
-    with im:
-        w, h = im.size
-        if im.format not in ALLOWED_FORMATS:
-            raise _Rejected("not_an_image", f"format {im.format} is not PNG, JPEG, WEBP, BMP or GIF")
-        if w * h > config.max_image_pixels:
-            raise _Rejected("decompression_bomb",
-                            f"its header claims {w}x{h} = {w * h} pixels, more than "
-                            f"max_image_pixels={config.max_image_pixels}", original_size=[w, h])
-        try:
-            im.seek(0)  # GIF / animated WEBP: the first frame
-            im.load()
-            out = ImageOps.exif_transpose(im)
-            if out is im:
-                out = im.copy()
-        except OSError as e:
-            reason = "truncated" if "truncat" in str(e).lower() or "broken" in str(e).lower() else "unreadable"
-            raise _Rejected(reason, f"the image data is damaged ({e})", original_size=[w, h]) from e
-        except (ValueError, SyntaxError, EOFError) as e:
-            raise _Rejected("unreadable", f"the image data is damaged ({e})", original_size=[w, h]) from e
+        with untrusted_image(path, config.max_image_pixels, ALLOWED_FORMATS) as im:
+            w, h = im.size
+            try:
+                im.seek(0)  # GIF / animated WEBP: the first frame
+                im.load()
+                out = ImageOps.exif_transpose(im)
+                if out is im:
+                    out = im.copy()
+            except OSError as e:
+                reason = "truncated" if "truncat" in str(e).lower() or "broken" in str(e).lower() else "unreadable"
+                raise _Rejected(reason, f"the image data is damaged ({e})", original_size=[w, h]) from e
+            except (ValueError, SyntaxError, EOFError) as e:
+                raise _Rejected("unreadable", f"the image data is damaged ({e})", original_size=[w, h]) from e
+    except ImageRejected as e:
+        raise _Rejected(e.reason, e.detail, **({"original_size": list(e.size)} if e.size else {})) from e
     return out, (w, h)
 
 
