@@ -563,7 +563,10 @@ class StyleMixService:
                        progress=None) -> dict:
         """Run the seed protocol ("protocol") or a 2-LoRA weight sweep ("sweep") into outputs/<owner>/.
 
-        Returns {"kind", "out_dir", "table" (header, rows), "images" [(path, caption)], "markdown"}.
+        Returns data, formatted for the page by ui/experiments_tab.py: {"kind", "out_dir", "names",
+        "is_demo"} and "protocol" (experiments.ProtocolResult), or "map" (weight_maps.WeightMap), "values",
+        "files" and "clash" (clash.ClashMap) for a sweep, or "balance" (balance.BalanceResult) and "files"
+        (the share map with the search path, two LoRAs only).
         Only LoRAs the owner may see; at most `quotas.max_experiment_images` images, checked first.
         """
         names = [check_name(n, "LoRA name") for n in (loras or [])]
@@ -601,11 +604,7 @@ class StyleMixService:
             config = ProtocolConfig(name="app-protocol", styles={n: n for n in names}, prompts=prompts,
                                     seeds=[int(s) for s in seeds], mixes=mixes, generation=gen).validate("experiment")
             result = run_protocol(self.mixer, config, out, progress=say)
-            header, rows = result.summary_table()
-            images = [(result.files["plot"], "CLIP score vs style similarity")]
-            images += [(p, k) for k, p in result.files.items() if k.startswith("contact_")]
-            return {"kind": kind, "out_dir": str(out), "table": (header, rows), "images": images,
-                    "markdown": result.markdown, "is_demo": result.is_demo}
+            return {"kind": kind, "out_dir": str(out), "names": names, "protocol": result, "is_demo": result.is_demo}
         if kind == "sweep":
             if len(names) != 2:
                 raise StyleMixError(f"A weight sweep needs exactly two LoRAs; {len(names)} chosen.")
@@ -619,18 +618,9 @@ class StyleMixService:
             files = write_map(wmap, out)
             clash = clash_map(self.library, names[0], names[1])
             draw_heatmap(clash, out / "clash.png")
-            header = [names[0], names[1], "CLIP score"] + [f"share {n}" for n in names]
-            rows = []
-            for c in wmap.to_dict()["cells"]:
-                w = c.get("weights", {})
-                sh = c.get("shares") or {}
-                rows.append([w.get(names[0]), w.get(names[1]), c.get("clip_score")] + [sh.get(n) for n in names])
-            return {"kind": kind, "out_dir": str(out), "table": (header, rows),
-                    "images": [(files["grid"], "images"), (files["map"], "style shares"),
-                               (str(out / "clash.png"), "clash map: where the two LoRAs' updates oppose (cosine)")],
-                    "markdown": f"Weight sweep of {names[0]} x {names[1]} at {values}"
-                                + (" — **demo values (tiny CLIP)**" if wmap.is_demo else "") + "  \n"
-                                + _clash_summary(clash), "is_demo": wmap.is_demo}
+            files["clash"] = str(out / "clash.png")
+            return {"kind": kind, "out_dir": str(out), "names": names, "values": values, "map": wmap,
+                    "files": files, "clash": clash, "is_demo": wmap.is_demo}
         if kind == "balance":
             if not 2 <= len(names) <= 4:
                 raise StyleMixError(f"Balancing needs two to four LoRAs; {len(names)} chosen.")
@@ -642,12 +632,7 @@ class StyleMixService:
             result = balance_mix(self.mixer, recipe, dict(zip(names, targets)),
                                  BalanceConfig(preview_size=min(size, 256), preview_steps=min(int(steps), 8)),
                                  progress=say)
-            header = ["step"] + [f"w {n}" for n in names] + [f"share {n}" for n in names] + ["CLIP score", "error"]
-            rows = [[i] + [round(p.weights.get(n, 0.0), 3) for n in names] + [round(p.shares.get(n, 0.0), 3)
-                                                                               for n in names]
-                    + [None if p.clip_score is None else round(p.clip_score, 4), round(p.error, 3)]
-                    for i, p in enumerate(result.path)]
-            images = []
+            files = {}
             if len(names) == 2:  # the path drawn on the two LoRAs' weight map
                 judge = StyleJudge.for_mixer(self.mixer, names)
                 top = max([1.0] + [p.weights.get(n, 0.0) for p in result.path for n in names])
@@ -655,13 +640,7 @@ class StyleMixService:
                 wmap = weight_map_2d(self.mixer, recipe.with_(steps=min(int(steps), 8)), names[0], names[1],
                                      grid, judge=judge)
                 files = write_map(wmap, out, path_points=[p.weights for p in result.path])
-                images = [(files["map"], "style shares with the search path")]
-            best = ", ".join(f"{n} {result.best.weights.get(n, 0):.2f}" for n in names)
-            naive = ", ".join(f"{n} {result.naive.weights.get(n, 0):.2f}" for n in names)
-            md = (f"Best weights: **{best}** (largest share error {result.best.error:.3f}; naive {naive}: "
-                  f"{result.naive.error:.3f}). {'Reached' if result.reached else 'Did not reach'} the targets "
-                  f"in {result.evaluations} search previews ({result.generations} generations in all).")
-            return {"kind": kind, "out_dir": str(out), "table": (header, rows), "images": images, "markdown": md,
+            return {"kind": kind, "out_dir": str(out), "names": names, "balance": result, "files": files,
                     "is_demo": self.mixer.loaded.is_tiny}
         raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol, sweep or balance.")
 
@@ -705,10 +684,3 @@ def _job_file(base: Path, rel) -> Path | None:
     except StyleMixError:
         return None
     return p if p.is_file() else None
-
-
-def _clash_summary(clash) -> str:
-    overall = "n/a" if clash.overall is None else f"{clash.overall:+.2f}"
-    worst = ", ".join(f"{b} {c:+.2f}" for b, c in clash.worst_blocks(3))
-    return (f"Clash map: overall cosine {overall} between the two LoRAs' weight updates; most opposed blocks: "
-            f"{worst or 'none'} (negative = the styles fight there; turn one down with per-block weights).")

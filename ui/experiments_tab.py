@@ -26,6 +26,50 @@ class ExperimentsTab:
     gallery: gr.Gallery
 
 
+def experiment_view(res: dict) -> tuple[str, list[str], list[list], list[tuple[str, str]]]:
+    """An experiment's result (StyleMixService.run_experiment) as the page shows it:
+    (Markdown summary, table header, table rows, [(image path, caption)])."""
+    names = res["names"]
+    if res["kind"] == "protocol":
+        result = res["protocol"]
+        header, rows = result.summary_table()
+        images = [(result.files["plot"], "CLIP score vs style similarity")]
+        images += [(p, k) for k, p in result.files.items() if k.startswith("contact_")]
+        return result.markdown, header, rows, images
+    if res["kind"] == "sweep":
+        header = [names[0], names[1], "CLIP score"] + [f"share {n}" for n in names]
+        rows = []
+        for c in res["map"].to_dict()["cells"]:
+            w = c.get("weights", {})
+            sh = c.get("shares") or {}
+            rows.append([w.get(names[0]), w.get(names[1]), c.get("clip_score")] + [sh.get(n) for n in names])
+        files = res["files"]
+        images = [(files["grid"], "images"), (files["map"], "style shares"),
+                  (files["clash"], "clash map: where the two LoRAs' updates oppose (cosine)")]
+        md = (f"Weight sweep of {names[0]} x {names[1]} at {res['values']}"
+              + (" — **demo values (tiny CLIP)**" if res["is_demo"] else "") + "  \n" + clash_summary(res["clash"]))
+        return md, header, rows, images
+    result = res["balance"]  # balance
+    header = ["step"] + [f"w {n}" for n in names] + [f"share {n}" for n in names] + ["CLIP score", "error"]
+    rows = [[i] + [round(p.weights.get(n, 0.0), 3) for n in names] + [round(p.shares.get(n, 0.0), 3) for n in names]
+            + [None if p.clip_score is None else round(p.clip_score, 4), round(p.error, 3)]
+            for i, p in enumerate(result.path)]
+    images = [(res["files"]["map"], "style shares with the search path")] if res["files"] else []
+    best = ", ".join(f"{n} {result.best.weights.get(n, 0):.2f}" for n in names)
+    naive = ", ".join(f"{n} {result.naive.weights.get(n, 0):.2f}" for n in names)
+    md = (f"Best weights: **{best}** (largest share error {result.best.error:.3f}; naive {naive}: "
+          f"{result.naive.error:.3f}). {'Reached' if result.reached else 'Did not reach'} the targets "
+          f"in {result.evaluations} search previews ({result.generations} generations in all).")
+    return md, header, rows, images
+
+
+def clash_summary(clash) -> str:
+    overall = "n/a" if clash.overall is None else f"{clash.overall:+.2f}"
+    worst = ", ".join(f"{b} {c:+.2f}" for b, c in clash.worst_blocks(3))
+    return (f"Clash map: overall cosine {overall} between the two LoRAs' weight updates; most opposed blocks: "
+            f"{worst or 'none'} (negative = the styles fight there; turn one down with per-block weights).")
+
+
 def build_experiments_tab(service: StyleMixService, tiny: bool) -> ExperimentsTab:
     """Lay out the tab (inside `gr.Tab`); its events are wired by `wire_experiments_tab`."""
     with gr.Row():
@@ -69,10 +113,10 @@ def wire_experiments_tab(tab: ExperimentsTab, service: StyleMixService, owner: g
         res = service.run_experiment(who, kind, list(loras or []), str(prompts_text).splitlines(), seeds,
                                      int(steps_), int(size_), values,
                                      progress=lambda d, t, m: progress((d, max(t, 1)), desc=m))
-        header, rows = res["table"]
+        md, header, rows, images = experiment_view(res)
         import pandas as pd
 
-        return res["markdown"], pd.DataFrame(rows, columns=header), res["images"]
+        return md, pd.DataFrame(rows, columns=header), images
 
     tab.run.click(experiment_fn, inputs=[tab.kind, tab.loras, tab.prompts, tab.seeds, tab.values, tab.steps,
                                          tab.size, owner], outputs=[tab.summary, tab.table, tab.gallery],
