@@ -20,6 +20,7 @@ COPY requirements.txt pyproject.toml README.md ./
 RUN pip install -r requirements.txt
 COPY stylemix ./stylemix
 COPY trainers ./trainers
+COPY ui ./ui
 COPY assets ./assets
 COPY app.py ./
 RUN pip install --no-deps . && mkdir -p /home/app/stylemix /home/app/.cache/huggingface \

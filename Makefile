@@ -1,10 +1,11 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 # Both create .venv once; stamp files stop a second run from reinstalling anything.
+# Benchmarks are run one by one (`python -m bench.bench_<name>`, see bench/README.md).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test bench examples clean
+.PHONY: run test examples clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,9 +23,6 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
-
-bench: $(VENV)/.installed
-	$(PY) -m bench.run_all
 
 clean:
 	rm -rf $(VENV) .pytest_cache

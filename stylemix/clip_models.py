@@ -151,14 +151,6 @@ def load_scorer_or_reason(*args, **kwargs) -> tuple[Scorer | None, str | None]:
         return None, str(e)
 
 
-def scorer_for_model(loaded, clip_model: str = DEFAULT_CLIP_MODEL, pretrained: str = DEFAULT_PRETRAINED
-                     ) -> tuple[Scorer | None, str | None]:
-    """The scorer that goes with a `stylemix.models.LoadedModel`: same device; the tiny demo CLIP for `tiny`."""
-    if loaded.is_tiny:
-        return load_scorer_or_reason(device=loaded.device, tiny=True)
-    return load_scorer_or_reason(clip_model, pretrained, device=loaded.device)
-
-
 def clear_scorer_cache() -> None:
     with _cache_lock:
         _cache.clear()

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import uuid
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +33,8 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
 from stylemix.errors import StyleMixError
-from stylemix.paths import atomic_write_text, check_name, inside
+from stylemix.images import ImageRejected, is_image_name, untrusted_image
+from stylemix.paths import atomic_write_text, check_name, inside, read_json_object
 from stylemix.uploads import Intake, UploadLimits, collect_upload, remove_tree
 
 logger = logging.getLogger("stylemix")
@@ -44,6 +44,7 @@ Progress = Callable[[int, int, str], None]  # (done, total, message)
 METADATA_NAME = "metadata.jsonl"
 REPORT_NAME = "report.json"
 DATASET_NAME = "dataset.json"
+MAX_CAPTION_CHARS = 2000  # a caption longer than this is a pasted document, not a caption
 ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF"}  # MPO: multi-picture JPEG from cameras
 
 
@@ -184,7 +185,12 @@ def check_trigger_word(word: str) -> TriggerCheck:
 
 
 def with_trigger(trigger: str, caption: str) -> str:
-    """`trigger, caption` with the trigger exactly once, first."""
+    """`trigger, caption` with the trigger exactly once, first; no trigger leaves the caption as it is.
+
+    The one rule for both the dataset step and the trainer, so training captions match the dataset's.
+    """
+    if not trigger:
+        return caption
     words = caption.strip()
     pattern = re.compile(rf"^\s*{re.escape(trigger)}\b[\s,:;.-]*", re.IGNORECASE)
     words = pattern.sub("", words).strip()
@@ -272,39 +278,24 @@ class _Rejected(Exception):
 
 
 def decode(path: Path, config: DatasetConfig) -> tuple[Image.Image, tuple[int, int]]:
-    """Open safely: header size checked before decoding, first frame only, EXIF-oriented."""
+    """Open safely (stylemix.images.untrusted_image: header checked before decoding), first frame only,
+    EXIF-oriented."""
     try:
-        with warnings.catch_warnings():
-            # PIL warns (not raises) on images a bit above its own bomb limit: make it an error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise _Rejected("decompression_bomb", f"its header claims an absurd size ({e})") from e
-    except Image.DecompressionBombWarning as e:
-        raise _Rejected("decompression_bomb", f"its header claims a huge size ({e})") from e
-    except Image.UnidentifiedImageError as e:
-        raise _Rejected("not_an_image", "the file is not an image PIL can identify") from e
-    except OSError as e:
-        raise _Rejected("unreadable", f"could not be opened ({e})") from e
-    with im:
-        w, h = im.size
-        if im.format not in ALLOWED_FORMATS:
-            raise _Rejected("not_an_image", f"format {im.format} is not PNG, JPEG, WEBP, BMP or GIF")
-        if w * h > config.max_image_pixels:
-            raise _Rejected("decompression_bomb",
-                            f"its header claims {w}x{h} = {w * h} pixels, more than "
-                            f"max_image_pixels={config.max_image_pixels}", original_size=[w, h])
-        try:
-            im.seek(0)  # GIF / animated WEBP: the first frame
-            im.load()
-            out = ImageOps.exif_transpose(im)
-            if out is im:
-                out = im.copy()
-        except OSError as e:
-            reason = "truncated" if "truncat" in str(e).lower() or "broken" in str(e).lower() else "unreadable"
-            raise _Rejected(reason, f"the image data is damaged ({e})", original_size=[w, h]) from e
-        except (ValueError, SyntaxError, EOFError) as e:
-            raise _Rejected("unreadable", f"the image data is damaged ({e})", original_size=[w, h]) from e
+        with untrusted_image(path, config.max_image_pixels, ALLOWED_FORMATS) as im:
+            w, h = im.size
+            try:
+                im.seek(0)  # GIF / animated WEBP: the first frame
+                im.load()
+                out = ImageOps.exif_transpose(im)
+                if out is im:
+                    out = im.copy()
+            except OSError as e:
+                reason = "truncated" if "truncat" in str(e).lower() or "broken" in str(e).lower() else "unreadable"
+                raise _Rejected(reason, f"the image data is damaged ({e})", original_size=[w, h]) from e
+            except (ValueError, SyntaxError, EOFError) as e:
+                raise _Rejected("unreadable", f"the image data is damaged ({e})", original_size=[w, h]) from e
+    except ImageRejected as e:
+        raise _Rejected(e.reason, e.detail, **({"original_size": list(e.size)} if e.size else {})) from e
     return out, (w, h)
 
 
@@ -481,21 +472,33 @@ def _move_into_place(build: Path, final: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------- caption editing
 
 
+def read_metadata(meta_path: Path) -> list[tuple[int, str, str]]:
+    """(line number, file_name, text) for each record of a metadata.jsonl, or StyleMixError naming the bad line.
+
+    The one parser of the dataset format; `load_captions` (caption editing) and
+    `load_dataset_folder` (training) differ only in what they check on top of it.
+    """
+    rows = []
+    for n, line in enumerate(meta_path.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StyleMixError(f"{meta_path.name} line {n}: not valid JSON ({e.msg}).") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
+            raise StyleMixError(f"{meta_path.name} line {n}: expected {{\"file_name\": str, \"text\": str}}, "
+                                f"got {line[:120]!r}.")
+        rows.append((n, row["file_name"], row["text"]))
+    return rows
+
+
 def load_captions(dataset_dir: str | os.PathLike) -> dict[str, str]:
     """{file_name: caption} from a dataset's metadata.jsonl, in file order."""
     path = Path(dataset_dir) / METADATA_NAME
     if not path.is_file():
         raise StyleMixError(f"No {METADATA_NAME} in {str(dataset_dir)!r}: is it a StyleMix dataset folder?")
-    out: dict[str, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            out[row["file_name"]] = row["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise StyleMixError(f"{path} line {n} is not a {{file_name, text}} record: {line[:80]!r}") from e
-    return out
+    return {file_name: text for _, file_name, text in read_metadata(path)}
 
 
 def save_captions(dataset_dir: str | os.PathLike, captions: dict[str, str], keep_trigger: bool = True) -> dict[str, str]:
@@ -521,3 +524,64 @@ def save_captions(dataset_dir: str | os.PathLike, captions: dict[str, str], keep
     lines = [json.dumps({"file_name": f, "text": t}, ensure_ascii=False) for f, t in current.items()]
     atomic_write_text(dataset_dir / METADATA_NAME, "\n".join(lines) + "\n")
     return current
+
+
+# --------------------------------------------------------------------------- reading a dataset for training
+
+
+@dataclass
+class DatasetInfo:
+    """A validated dataset folder: image paths with their captions, plus the folder's summary."""
+
+    root: Path
+    files: list[Path]
+    captions: list[str]
+    trigger_word: str
+    summary: dict = field(default_factory=dict)  # dataset.json content (+ what we counted)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def load_dataset_folder(data_dir: str | Path) -> DatasetInfo:
+    """Validate `data_dir` and return its images and captions, or raise StyleMixError naming the problem.
+
+    Everything is checked before any model is loaded, so a bad folder fails in a second with a
+    message naming the bad file or line, not after minutes of model loading.
+    """
+    from PIL import UnidentifiedImageError
+
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise StyleMixError(f"Dataset folder {str(data_dir)!r} does not exist or is not a folder.")
+    meta_path = root / METADATA_NAME
+    if not meta_path.is_file():
+        images = [p.name for p in root.iterdir() if is_image_name(p)]
+        hint = (f"it has {len(images)} images but no captions; run `stylemix preprocess` on it first"
+                if images else "it is empty; run `stylemix preprocess` on a folder of images first")
+        raise StyleMixError(f"Dataset folder {str(root)!r} has no {METADATA_NAME}: {hint}.")
+    info: dict = {}
+    info_path = root / DATASET_NAME
+    if info_path.is_file():
+        info = read_json_object(info_path)
+    files, captions = [], []
+    for n, file_name, text in read_metadata(meta_path):
+        if len(text) > MAX_CAPTION_CHARS:
+            raise StyleMixError(f"{meta_path.name} line {n}: caption longer than {MAX_CAPTION_CHARS} characters.")
+        path = inside(root, file_name)  # refuses '../x.png' and symlinks out of the folder
+        if not is_image_name(path) or not path.is_file():
+            raise StyleMixError(f"{meta_path.name} line {n}: image {file_name!r} is missing or not an image file.")
+        try:
+            with Image.open(path) as im:
+                im.verify()  # header + structure; cheap, no full decode
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise StyleMixError(f"{meta_path.name} line {n}: {file_name!r} is not a readable image ({e}).") from None
+        files.append(path)
+        captions.append(text.strip())
+    if not files:
+        raise StyleMixError(f"Dataset folder {str(root)!r} has no images listed in {METADATA_NAME}: nothing to train on.")
+    trigger = info.get("trigger_word") or ""
+    if not isinstance(trigger, str):
+        raise StyleMixError(f"{info_path}: trigger_word must be a string.")
+    summary = {**info, "count": len(files), "folder": root.name}
+    return DatasetInfo(root=root, files=files, captions=captions, trigger_word=trigger, summary=summary)

@@ -218,7 +218,7 @@ def resolve_styles(config: ProtocolConfig, library, overrides: dict[str, str] | 
 
 
 @dataclass
-class Job:
+class ProtocolImage:
     config: Configuration
     prompt_index: int
     prompt: str
@@ -275,6 +275,15 @@ class ProtocolResult:
     files: dict[str, str]  # summary files written
     mapping: dict[str, str]
     is_demo: bool
+    summary: list[dict] = field(default_factory=list)  # summary.csv's rows, as data (empty on non-main processes)
+    markdown: str = ""  # summary.md's text
+
+    def summary_table(self) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of summary.csv, cells written exactly as in the file (without CSV quoting)."""
+        if not self.summary:
+            return [], []
+        cols = list(self.summary[0])
+        return cols, [[_cell_text(r[k]) for k in cols] for r in self.summary]
 
 
 def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, overrides: dict[str, str] | None = None,
@@ -282,7 +291,7 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
     """Run (or resume) the protocol into `out_dir`; returns what was done and the files written."""
     from stylemix.recipe import save_png
     from stylemix.scoring import mix_shares, open_image
-    from stylemix.weight_maps import StyleJudge
+    from stylemix.judge import StyleJudge
 
     out = Path(out_dir)
     mapping = resolve_styles(config, mixer.library, overrides)
@@ -329,13 +338,13 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
                 done_rows[(r["config"], int(r["prompt_index"]), int(r["seed"]))] = r
             except (KeyError, ValueError):
                 continue
-    jobs = [Job(c, i, p, s) for c in configs for i, p in enumerate(config.prompts) for s in config.seeds]
+    jobs = [ProtocolImage(c, i, p, s) for c in configs for i, p in enumerate(config.prompts) for s in config.seeds]
     done = {j.key for j in jobs if j.key in done_rows and (out / j.rel_path).is_file()}
     todo = [j for j in jobs if j.key not in done]
     counts = {"generated": 0, "rescored": 0, "done": len(done)}
     base_recipe = Recipe(prompt="", **settings)
 
-    def do(job: Job) -> None:
+    def do(job: ProtocolImage) -> None:
         path = out / job.rel_path
         recipe = base_recipe.with_(prompt=job.prompt, seed=job.seed, loras=dict(job.config.loras))
         if path.is_file():
@@ -348,7 +357,7 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
                      extra={"protocol": {"config": job.config.id, "styles": job.config.styles}})
             counts["generated"] += 1
         base = None
-        base_path = out / Job(configs[0], job.prompt_index, job.prompt, job.seed).rel_path
+        base_path = out / ProtocolImage(configs[0], job.prompt_index, job.prompt, job.seed).rel_path
         if job.config.kind != "base" and base_path.is_file():
             base = [open_image(base_path)]
         s = judge.score([image], job.prompt, base_images=base)[0]
@@ -381,13 +390,13 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
                 for job in mine:
                     do(job)
             state.wait_for_everyone()
-    files = {}
+    files, summary, markdown = {}, [], ""
     if state is None or state.is_main_process:
         if state is not None:
             _merge_parts(out, results, columns)
-        files = write_summaries(out, config, configs, styles, judge.scorer.is_demo, run_info)
+        files, summary, markdown = write_summaries(out, config, configs, styles, judge.scorer.is_demo, run_info)
     return ProtocolResult(out, len(jobs), counts["generated"], counts["rescored"], files, mapping,
-                          judge.scorer.is_demo)
+                          judge.scorer.is_demo, summary, markdown)
 
 
 def _merge_parts(out: Path, results: Path, columns: list[str]) -> None:
@@ -445,7 +454,8 @@ def summarise(rows: list[dict], configs: list[Configuration], styles: list[str])
 
 
 def write_summaries(out: Path, config: ProtocolConfig, configs: list[Configuration], styles: list[str],
-                    is_demo: bool, run_info: dict) -> dict[str, str]:
+                    is_demo: bool, run_info: dict) -> tuple[dict[str, str], list[dict], str]:
+    """Write summary.csv/.md, the plot and the contact sheets; returns (files, summary rows, markdown)."""
     # a row redone after its PNG went missing appears twice: the last one counts
     rows = list({(r.get("config"), r.get("prompt_index"), r.get("seed")): r
                  for r in _read_rows(out / "results.csv")}.values())
@@ -455,7 +465,8 @@ def write_summaries(out: Path, config: ProtocolConfig, configs: list[Configurati
     for r in summary:
         lines.append(",".join(_csv_cell(r[k]) for k in cols))
     atomic_write_text(out / "summary.csv", "\n".join(lines) + "\n")
-    atomic_write_text(out / "summary.md", _markdown(summary, styles, is_demo, run_info))
+    markdown = _markdown(summary, styles, is_demo, run_info)
+    atomic_write_text(out / "summary.md", markdown)
     files = {"results": str(out / "results.csv"), "summary_csv": str(out / "summary.csv"),
              "summary_md": str(out / "summary.md"), "plot": str(out / "plot.png")}
     draw_scatter(rows, summary, configs).save(out / "plot.png")
@@ -463,15 +474,20 @@ def write_summaries(out: Path, config: ProtocolConfig, configs: list[Configurati
         p = out / f"contact_p{i}.png"
         draw_contact_sheet(out, configs, i, prompt, config.seeds).save(p)
         files[f"contact_p{i}"] = str(p)
-    return files
+    return files, summary, markdown
 
 
-def _csv_cell(v) -> str:
+def _cell_text(v) -> str:
+    """A summary value as text: "" for none, floats to 6 places."""
     if v is None:
         return ""
     if isinstance(v, float):
         return f"{v:.6f}"
-    s = str(v)
+    return str(v)
+
+
+def _csv_cell(v) -> str:
+    s = _cell_text(v)
     return f'"{s}"' if "," in s or '"' in s else s
 
 
@@ -514,7 +530,7 @@ def draw_contact_sheet(out: Path, configs: list[Configuration], prompt_index: in
     for r, c in enumerate(configs):
         d.text((4, top + r * thumb + thumb // 2 - 5), c.id[:32], fill="black")
         for k, seed in enumerate(seeds):
-            p = out / Job(c, prompt_index, prompt, seed).rel_path
+            p = out / ProtocolImage(c, prompt_index, prompt, seed).rel_path
             if p.is_file():
                 sheet.paste(open_image(p).resize((thumb, thumb)), (label_w + k * thumb, top + r * thumb))
     return sheet

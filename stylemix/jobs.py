@@ -17,6 +17,7 @@ running.  So jobs survive an app restart, and a job killed with its machine is m
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
 import logging
 import os
@@ -26,15 +27,17 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace, atomic_write_text, check_name, inside
+
+if TYPE_CHECKING:
+    from stylemix.training.config import TrainConfig
 
 logger = logging.getLogger("stylemix.jobs")
 
@@ -44,16 +47,17 @@ HEARTBEAT_S = 5.0  # the job process refreshes its heartbeat this often, even in
 STALE_S = 120.0  # no heartbeat for this long: the process is gone (or hung, or its pid was reused)
 CANCEL_FILE = "cancel.request"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # so `-m trainers.lora` imports without installation
+TRAINER_MODULE = "trainers.lora"  # the job process: `python -m trainers.lora --job-dir DIR` runs `run_job(DIR)`
 
 _children: dict[int, subprocess.Popen] = {}  # processes this process started: polled so they never linger as zombies
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
-class Job:
+class TrainingJob:
     id: str
     dir: Path
     config: dict  # config.json: {"train": TrainConfig fields, "owner", "loras_dir", "created"}
@@ -83,22 +87,22 @@ class Job:
 # --------------------------------------------------------------------------- files
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
 
-def _write_status(job_dir: Path, status: dict) -> None:
+def write_status(job_dir: Path, status: dict) -> None:
     atomic_write_text(job_dir / "status.json", json.dumps(status, indent=1))
 
 
-def _load(job_dir: Path) -> Job | None:
-    config = _read_json(job_dir / "config.json")
+def load_job(job_dir: Path) -> TrainingJob | None:
+    config = read_json(job_dir / "config.json")
     if not config.get("train"):
         return None  # not a job folder (or one still being created)
-    return Job(job_dir.name, job_dir, config, _read_json(job_dir / "status.json"))
+    return TrainingJob(job_dir.name, job_dir, config, read_json(job_dir / "status.json"))
 
 
 @contextmanager
@@ -133,7 +137,7 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def is_alive(job: Job) -> bool:
+def is_alive(job: TrainingJob) -> bool:
     """The job's process exists and has sent a heartbeat recently."""
     pid, beat = job.status.get("pid"), job.status.get("heartbeat")
     if job.state != RUNNING or not isinstance(pid, int) or not _pid_alive(pid):
@@ -141,15 +145,15 @@ def is_alive(job: Job) -> bool:
     return isinstance(beat, (int, float)) and time.time() - beat < STALE_S
 
 
-def _reconcile(job: Job) -> Job:
+def _reconcile(job: TrainingJob) -> TrainingJob:
     """A `running` job whose process is gone ended without saying so: mark it failed (resumable)."""
     if job.state == RUNNING and not is_alive(job):
-        fresh = _read_json(job.dir / "status.json")  # it may have just finished properly
+        fresh = read_json(job.dir / "status.json")  # it may have just finished properly
         if fresh.get("state") == RUNNING:
-            fresh.update(state=FAILED, finished=_now(), pid=None,
+            fresh.update(state=FAILED, finished=utc_now(), pid=None,
                          error="The training process ended unexpectedly (killed, crashed or the machine restarted); "
                                f"see train.log. Resume with `stylemix jobs resume {job.id}`.")
-            _write_status(job.dir, fresh)
+            write_status(job.dir, fresh)
         job.status = fresh
     return job
 
@@ -157,20 +161,20 @@ def _reconcile(job: Job) -> Job:
 # --------------------------------------------------------------------------- public API
 
 
-def list_jobs(workspace: Workspace, owner: str | None = None) -> list[Job]:
+def list_jobs(workspace: Workspace, owner: str | None = None) -> list[TrainingJob]:
     """All jobs (of `owner`, when given), newest first; dead `running` jobs are marked failed."""
     if not workspace.jobs.is_dir():
         return []
     jobs = [j for d in workspace.jobs.iterdir() if d.is_dir() and not d.name.startswith(".")
-            if (j := _load(d)) is not None and (owner is None or j.owner == owner)]
+            if (j := load_job(d)) is not None and (owner is None or j.owner == owner)]
     return sorted((_reconcile(j) for j in jobs), key=lambda j: j.config.get("created", ""), reverse=True)
 
 
-def get_job(workspace: Workspace, job_id: str, owner: str | None = None) -> Job:
+def get_job(workspace: Workspace, job_id: str, owner: str | None = None) -> TrainingJob:
     """One job; another owner's job is reported as not found, exactly like a missing one."""
     check_name(job_id, "job id")
     d = inside(workspace.jobs, job_id)
-    job = _load(d) if d.is_dir() else None
+    job = load_job(d) if d.is_dir() else None
     if job is None or (owner is not None and job.owner != owner):
         raise StyleMixError(f"No training job {job_id!r}.")
     return _reconcile(job)
@@ -196,12 +200,12 @@ def follow(workspace: Workspace, job_id: str, owner: str | None = None, interval
         time.sleep(interval)
 
 
-def submit(config, workspace: Workspace, owner: str | None = None, start: bool = True) -> Job:
-    """Queue a training job (config: trainers.lora.TrainConfig) and start it if the GPU is free.
+def submit(config: "TrainConfig", workspace: Workspace, owner: str | None = None, start: bool = True) -> TrainingJob:
+    """Queue a training job and start it if the GPU is free.
 
     The dataset and the LoRA name are checked now, so a bad request fails here, not in the job.
     """
-    from trainers.data import load_dataset_folder
+    from stylemix.dataset import load_dataset_folder
 
     config.loras_dir = str(Path(config.loras_dir or workspace.loras).resolve())
     config.data_dir = str(Path(config.data_dir).expanduser().resolve())
@@ -218,17 +222,17 @@ def submit(config, workspace: Workspace, owner: str | None = None, start: bool =
         job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         d = workspace.jobs / job_id
         d.mkdir(parents=True)
-        _write_status(d, {"state": QUEUED, "step": 0, "total_steps": None, "lora_name": config.name,
-                          "owner": owner, "queued": _now(), "error": None, "samples": []})
+        write_status(d, {"state": QUEUED, "step": 0, "total_steps": None, "lora_name": config.name,
+                          "owner": owner, "queued": utc_now(), "error": None, "samples": []})
         atomic_write_text(d / "config.json", json.dumps(
-            {"train": asdict(config), "owner": owner, "created": _now(),
+            {"train": asdict(config), "owner": owner, "created": utc_now(),
              "workspace": {k: str(Path(v).resolve()) for k, v in asdict(workspace).items()}}, indent=1))
     if start:
         ensure_queue_running(workspace)
     return get_job(workspace, job_id)
 
 
-def ensure_queue_running(workspace: Workspace) -> Job | None:
+def ensure_queue_running(workspace: Workspace) -> TrainingJob | None:
     """Start the oldest queued job if no job is running.  Safe to call any time, from anywhere."""
     with _queue_lock(workspace):
         jobs = list_jobs(workspace)  # also marks dead `running` jobs failed
@@ -240,25 +244,25 @@ def ensure_queue_running(workspace: Workspace) -> Job | None:
         return _launch(queued[0])
 
 
-def _launch(job: Job) -> Job:
+def _launch(job: TrainingJob) -> TrainingJob:
     log = open(job.dir / "train.log", "ab")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "trainers.lora", "--job-dir", str(job.dir)],
+        proc = subprocess.Popen([sys.executable, "-m", TRAINER_MODULE, "--job-dir", str(job.dir)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=str(PROJECT_ROOT), start_new_session=True)
     finally:
         log.close()
     _children[proc.pid] = proc
-    job.status.update(state=RUNNING, pid=proc.pid, own_session=True, heartbeat=time.time(), started=_now(),
+    job.status.update(state=RUNNING, pid=proc.pid, own_session=True, heartbeat=time.time(), started=utc_now(),
                       error=None)
-    _write_status(job.dir, job.status)
+    write_status(job.dir, job.status)
     logger.info("Started job %s (pid %d).", job.id, proc.pid)
     return job
 
 
-def cancel(workspace: Workspace, job_id: str, owner: str | None = None, timeout: float = 60.0) -> Job:
+def cancel(workspace: Workspace, job_id: str, owner: str | None = None, timeout: float = 60.0) -> TrainingJob:
     """Stop a job: a queued one never starts; a running one saves a checkpoint and ends.
 
     SIGTERM first (the trainer finishes its step, checkpoints, exits); after `timeout` seconds
@@ -269,10 +273,10 @@ def cancel(workspace: Workspace, job_id: str, owner: str | None = None, timeout:
         if job.state in TERMINAL:
             raise StyleMixError(f"Job {job_id} is already {job.state}.")
         if job.state == QUEUED:
-            job.status.update(state=CANCELLED, finished=_now(), error=None)
-            _write_status(job.dir, job.status)
+            job.status.update(state=CANCELLED, finished=utc_now(), error=None)
+            write_status(job.dir, job.status)
             return job
-        (job.dir / CANCEL_FILE).write_text(_now())
+        (job.dir / CANCEL_FILE).write_text(utc_now())
         pid = job.status["pid"]
         _signal(pid, signal.SIGTERM, job.status.get("own_session", False))
     deadline = time.time() + timeout
@@ -284,10 +288,10 @@ def cancel(workspace: Workspace, job_id: str, owner: str | None = None, timeout:
         while _pid_alive(pid) and time.time() < deadline + 10:
             time.sleep(0.2)
     with _queue_lock(workspace):
-        status = _read_json(job.dir / "status.json")
+        status = read_json(job.dir / "status.json")
         if status.get("state") not in TERMINAL:
-            status.update(state=CANCELLED, finished=_now(), pid=None, error=None)
-            _write_status(job.dir, status)
+            status.update(state=CANCELLED, finished=utc_now(), pid=None, error=None)
+            write_status(job.dir, status)
     ensure_queue_running(workspace)
     return get_job(workspace, job_id, owner)
 
@@ -302,23 +306,23 @@ def _signal(pid: int, sig: int, own_session: bool) -> None:
         pass
 
 
-def resume(workspace: Workspace, job_id: str, owner: str | None = None, start: bool = True) -> Job:
+def resume(workspace: Workspace, job_id: str, owner: str | None = None, start: bool = True) -> TrainingJob:
     """Queue a failed or cancelled job again; it continues from its latest complete checkpoint."""
     with _queue_lock(workspace):
         job = get_job(workspace, job_id, owner)
         if job.state not in (FAILED, CANCELLED):
             raise StyleMixError(f"Job {job_id} is {job.state}; only failed or cancelled jobs can be resumed.")
         (job.dir / CANCEL_FILE).unlink(missing_ok=True)
-        job.status.update(state=QUEUED, queued=_now(), error=None, pid=None, finished=None,
+        job.status.update(state=QUEUED, queued=utc_now(), error=None, pid=None, finished=None,
                           resumes=job.status.get("resumes", 0) + 1)
-        _write_status(job.dir, job.status)
+        write_status(job.dir, job.status)
     if start:
         ensure_queue_running(workspace)
     return get_job(workspace, job_id, owner)
 
 
-def run_foreground(config, workspace: Workspace, owner: str | None = None,
-                   progress: Callable[[dict], None] | None = None, job_id: str | None = None) -> Job:
+def run_foreground(config: "TrainConfig", workspace: Workspace, owner: str | None = None,
+                   progress: Callable[[dict], None] | None = None, job_id: str | None = None) -> TrainingJob:
     """Run a job in this process (CLI without --background), still recorded, cancellable and resumable."""
     with _queue_lock(workspace):
         running = [j for j in list_jobs(workspace) if j.state == RUNNING]
@@ -330,87 +334,31 @@ def run_foreground(config, workspace: Workspace, owner: str | None = None,
     else:
         job = resume(workspace, job_id, owner, start=False)
     with _queue_lock(workspace):
-        job.status.update(state=RUNNING, pid=os.getpid(), own_session=False, heartbeat=time.time(), started=_now())
-        _write_status(job.dir, job.status)
-    run_job(job.dir, progress=progress, handle_signals=False)
+        job.status.update(state=RUNNING, pid=os.getpid(), own_session=False, heartbeat=time.time(), started=utc_now())
+        write_status(job.dir, job.status)
+    # By module name, as the queue starts `python -m trainers.lora`: trainers/ imports stylemix, never the
+    # reverse, and this in-process run keeps the progress callback a subprocess could not call.
+    trainer = importlib.import_module(TRAINER_MODULE)
+    trainer.run_job(job.dir, progress=progress, handle_signals=False)
     return get_job(workspace, job.id)
 
 
-# --------------------------------------------------------------------------- inside the job process
+# --------------------------------------------------------------------------- inside the job process (trainers.lora.run_job)
 
 
-class _StatusWriter:
+class StatusWriter:
     """The job process's view of status.json: updated by the loop, refreshed by a heartbeat thread."""
 
-    def __init__(self, job_dir: Path):
+    def __init__(self, job_dir: Path) -> None:
         self.dir, self.lock = job_dir, threading.Lock()
-        self.status = _read_json(job_dir / "status.json")
+        self.status = read_json(job_dir / "status.json")
         self.stop = threading.Event()
 
     def update(self, **fields) -> None:
         with self.lock:
             self.status.update(fields, heartbeat=time.time())
-            _write_status(self.dir, self.status)
+            write_status(self.dir, self.status)
 
     def beat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
             self.update()
-
-
-def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handle_signals: bool = True) -> int:
-    """Run the job in `job_dir` in this process: status updates, SIGTERM = cancel, then next in queue."""
-    from trainers.lora import TrainConfig, latest_checkpoint, train
-
-    job_dir = Path(job_dir).resolve()
-    job = _load(job_dir)
-    if job is None:
-        raise StyleMixError(f"{job_dir} is not a job folder.")
-    workspace = Workspace(**{k: Path(v) for k, v in job.config["workspace"].items()})
-    writer = _StatusWriter(job_dir)
-    writer.update(state=RUNNING, pid=os.getpid(), error=None)
-    stop = threading.Event()
-    if handle_signals:
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    beat = threading.Thread(target=writer.beat, daemon=True)
-    beat.start()
-
-    def on_progress(info: dict) -> None:
-        fields = {k: v for k, v in info.items() if k != "samples"}
-        if info.get("samples"):
-            fields["samples"] = info["samples"]
-        writer.update(**fields)
-        if progress:
-            progress(info)
-
-    def should_stop(step: int) -> bool:
-        return stop.is_set() or (job_dir / CANCEL_FILE).exists()
-
-    code = 0
-    try:
-        config = TrainConfig.from_dict(job.config["train"])
-        result = train(config, job_dir, resume=latest_checkpoint(job_dir) is not None, progress=on_progress,
-                       should_stop=should_stop)
-        if result.cancelled:
-            writer.update(state=CANCELLED, finished=_now(), pid=None)
-        else:
-            writer.update(state=COMPLETED, finished=_now(), pid=None, lora_dir=str(result.lora_dir), eta_s=0)
-    except StyleMixError as e:
-        logger.error("%s", e)
-        writer.update(state=FAILED, finished=_now(), pid=None, error=str(e))
-        code = 1
-    except BaseException as e:  # noqa: BLE001  (a job must always end with a state, whatever happened)
-        traceback.print_exc()
-        msg = f"{type(e).__name__}: {e}".strip()
-        if "out of memory" in str(e).lower() or isinstance(e, MemoryError):
-            msg = ("Out of memory: try a smaller batch size, a lower resolution, or --gradient-checkpointing. "
-                   f"({msg[:300]})")
-        writer.update(state=FAILED, finished=_now(), pid=None, error=msg[:2000])
-        code = 1
-    finally:
-        writer.stop.set()
-        beat.join(timeout=HEARTBEAT_S + 1)
-    try:
-        ensure_queue_running(workspace)  # hand the GPU to the next queued job
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
-    return code

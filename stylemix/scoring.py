@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import re
-import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,14 +29,13 @@ import torch
 
 from stylemix.clip_models import Scorer
 from stylemix.errors import StyleMixError
+from stylemix.images import IMAGE_EXTENSIONS, open_image, is_image_name  # noqa: F401  (open_image: re-exported)
 from stylemix.paths import atomic_write_bytes
 
 logger = logging.getLogger("stylemix")
 
 CENTROID_FILE = "style_centroid.safetensors"
 CENTROID_FORMAT = "stylemix-style-centroid"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 8192^2: far above any SD image; larger files are refused, not decoded
 DEMO_LABEL = "demo values (tiny random CLIP, not a real measurement)"
 
 
@@ -311,36 +309,12 @@ def score_images(scorer: Scorer, images: Sequence, prompt: str | None, styles: M
 # --------------------------------------------------------------------------- images from disk
 
 
-def open_image(path: str | Path):
-    """Open an untrusted image file as RGB, fully decoded, or raise StyleMixError naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise StyleMixError(f"Image not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise StyleMixError(f"{path}: {im.width}x{im.height} is too large to score "
-                                        f"(limit {MAX_IMAGE_PIXELS} pixels).")
-                im.load()  # first frame of an animation; decoding errors surface here, not later
-                return im.convert("RGB")
-    except StyleMixError:
-        raise
-    except UnidentifiedImageError:
-        raise StyleMixError(f"{path}: not an image file PIL can read.") from None
-    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise StyleMixError(f"{path}: unreadable image ({type(e).__name__}: {e}).") from None
-
-
 def images_in_folder(folder: str | Path) -> list:
     """Every image file directly in `folder` (sorted by name), opened with `open_image`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise StyleMixError(f"Image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.iterdir() if is_image_name(p) and p.is_file())
     if not files:
-        raise StyleMixError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {folder}.")
+        raise StyleMixError(f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}.")
     return [open_image(p) for p in files]

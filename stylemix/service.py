@@ -1,13 +1,15 @@
 """What the web app does, as plain Python: one shared model and mixer, per-user files.
 
-`app.py` only lays out the page and calls these methods; everything here is testable without
-gradio.  One `StyleMixService` exists per running app (created in `app.main`, never at import
-time); all users share its pipeline and its lock, and each user's files live under a folder
-named by their owner token, which only the server chooses.
+`app.py` and `ui/` lay out the page, format what it shows, and call these methods; everything
+here is testable without gradio.  This module dispatches and enforces ownership and quotas.
+One `StyleMixService` exists per running app (created in `app.main`, never at import time); all
+users share its pipeline and its lock, and each user's files live under a folder named by their owner
+token, which only the server chooses.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,20 +17,20 @@ import re
 import secrets
 import shutil
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylemix import access, gpu_queue
 from stylemix.errors import StyleMixError
+from stylemix.images import is_image_name
 from stylemix.lora.library import LoraEntry, LoraLibrary, model_targets
 from stylemix.mixer import Mixer, MixResult
 from stylemix.preview import PreviewConfig, Previewer, PreviewResult
 from stylemix.models import ModelLoadError, load_model
 from stylemix.paths import Workspace, check_name, inside
 from stylemix.quotas import Quotas, folder_bytes
-from stylemix.recipe import Recipe, save_png
-from stylemix.scoring_service import base_recipe, score_result, wants_base_images
+from stylemix.compose import BaseImageCache, ComposeOutput, compose, score_mix
+from stylemix.recipe import Recipe
 
 logger = logging.getLogger("stylemix")
 
@@ -50,23 +52,13 @@ def check_owner_token(token: str) -> str:
 
 
 @dataclass
-class ComposeOutput:
-    image_paths: list[Path]
-    result: MixResult
-    scores: dict | None = None  # {"images": [...], "clip_model": ..., "is_demo": ...} or {"unavailable": why}
-    recipe_path: Path | None = None
-
-
-@dataclass
 class StyleMixService:
     mixer: Mixer
     workspace: Workspace
     banner: str  # what model runs and what that means, shown on every page
     fallback_reason: str | None = None  # set when the requested model failed and tiny runs instead
     scorer_cache: dict = field(default_factory=dict)
-    # Base-model images by recipe, the low anchor of calibrated similarity: made once per prompt,
-    # seed and settings, then reused while the sliders move.
-    base_images: OrderedDict = field(default_factory=OrderedDict)
+    base_images: BaseImageCache = field(default_factory=BaseImageCache)  # the calibration anchors, reused
     previewer: Previewer | None = None  # live previews while sliders move; None: exact renders only
     quotas: Quotas = field(default_factory=Quotas.from_env)  # per-user limits (STYLEMIX_MAX_* variables)
 
@@ -215,22 +207,16 @@ class StyleMixService:
     def compose(self, owner: str, recipe: Recipe, progress=None, score: bool = True) -> ComposeOutput:
         for name in recipe.loras:
             self.visible_entry(owner, name)  # another user's private LoRA cannot be used, even by name
+        generate = None
         if self.previewer is not None:  # the exact image: this owner's running previews stop for it
-            result = self.previewer.render_exact(recipe, owner, progress=progress)
-        else:
-            result = self.mixer.generate(recipe, progress=progress)
-        scores = self.score(result) if score else None
+            generate = functools.partial(self.previewer.render_exact, channel=owner)
         out_dir = self.user_dir(owner, "outputs")
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{secrets.token_hex(3)}"
-        paths = []
-        for i, img in enumerate(result.images):
-            extra = {"scores": scores["images"][i]} if scores and scores.get("images") else None
-            paths.append(save_png(img, out_dir / f"{stamp}-{result.seeds[i]}.png",
-                                  result.recipe.with_(seed=result.seeds[i], batch_size=1), result.prompt_used, extra))
-        recipe_path = out_dir / f"{stamp}-recipe.json"
-        recipe_path.write_text(json.dumps(result.recipe.to_dict(), indent=2))
+        out = compose(self.mixer, recipe, lambda result: [out_dir / f"{stamp}-{s}.png" for s in result.seeds],
+                      generate=generate, progress=progress, score=score, base_cache=self.base_images,
+                      cache=self.scorer_cache, recipe_path=out_dir / f"{stamp}-recipe.json")
         self.trim_outputs(owner)
-        return ComposeOutput(image_paths=paths, result=result, scores=scores, recipe_path=recipe_path)
+        return out
 
     def preview(self, owner: str, recipe: Recipe) -> PreviewResult | None:
         """A fast preview of `recipe` for a moving slider; None when a newer request made it pointless.
@@ -268,16 +254,7 @@ class StyleMixService:
         return oldest
 
     def score(self, result: MixResult) -> dict:
-        base = None
-        if wants_base_images(self.mixer, result):
-            key = json.dumps(base_recipe(result.recipe).with_(model=None).to_dict(), sort_keys=True)
-            if key not in self.base_images:
-                self.base_images[key] = self.mixer.generate(base_recipe(result.recipe)).images
-                while len(self.base_images) > 16:
-                    self.base_images.popitem(last=False)
-            self.base_images.move_to_end(key)
-            base = self.base_images[key]
-        return score_result(self.mixer, result, cache=self.scorer_cache, base_images=base)
+        return score_mix(self.mixer, result, base_cache=self.base_images, cache=self.scorer_cache)
 
     # ================================================================ the other tabs
     # Everything below takes the caller's `owner` (the server-chosen session id) and only ever
@@ -322,7 +299,7 @@ class StyleMixService:
         dest.mkdir(parents=True, exist_ok=True)
         files = []
         for f in sorted((EXAMPLES / name).iterdir()):
-            if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and f.is_file() and not f.is_symlink():
+            if is_image_name(f) and f.is_file() and not f.is_symlink():
                 shutil.copyfile(f, dest / f.name)
                 files.append(dest / f.name)
         return files
@@ -398,7 +375,7 @@ class StyleMixService:
         overwrite=True retrains one of the owner's own LoRAs under its name; nobody else's.
         """
         from stylemix import jobs
-        from trainers.lora import TrainConfig
+        from stylemix.training.config import TrainConfig
 
         if zero_gpu():
             raise StyleMixError("Training is switched off on ZeroGPU Spaces: a training run needs a GPU for "
@@ -480,14 +457,9 @@ class StyleMixService:
                                       if (entry.folder / r).is_file()]
             except StyleMixError:
                 pass
-        eta = s.get("eta_s")
-        text = (f"{job.state}: step {step}/{total or '?'} ({pct}%)"
-                + (f", loss {s['loss']:.4f}" if isinstance(s.get("loss"), (int, float)) else "")
-                + (f", about {eta:.0f}s left" if isinstance(eta, (int, float)) and job.state == jobs.RUNNING else ""))
         return {"id": job.id, "state": job.state, "lora_name": job.lora_name, "step": step, "total_steps": total,
-                "percent": pct, "loss": s.get("loss"), "lr": s.get("lr"), "eta_s": eta, "error": s.get("error"),
-                "samples": samples, "loss_curve": curve, "text": text,
-                "done": job.state in jobs.TERMINAL}
+                "percent": pct, "loss": s.get("loss"), "lr": s.get("lr"), "eta_s": s.get("eta_s"),
+                "error": s.get("error"), "samples": samples, "loss_curve": curve, "done": job.state in jobs.TERMINAL}
 
     def cancel_job(self, owner: str, job_id: str):
         from stylemix import jobs
@@ -513,23 +485,9 @@ class StyleMixService:
 
     # ---------------------------------------------------------------- library
 
-    def library_rows(self, viewer: str | None = None) -> list[list]:
-        """One row per LoRA `viewer` may see, for the Library table (the owner is shown as you/another user)."""
-        rows = []
-        for e in self.library.visible_to(viewer):
-            m = e.meta
-            train = m.get("training") or {}
-            s = e.summary()
-            rows.append([e.name, e.trigger_word or "", ", ".join(map(str, s["ranks"])), m.get("alpha"),
-                         "yes" if (e.folder / "style_centroid.safetensors").is_file() else
-                         (m.get("style") or {}).get("status", "no"),
-                         "ok" if e.compatible else f"incompatible: {e.problem}",
-                         ", ".join(f"{k}={train[k]}" for k in ("max_steps", "learning_rate", "resolution", "model")
-                                   if k in train),
-                         len(m.get("samples") or []), (m.get("created") or "")[:19],
-                         access.owner_label(m, viewer), e.visibility,
-                         s["kind"], " + ".join(s["covers"]), s["made_for"] or ""])
-        return rows
+    def visible_loras(self, viewer: str | None = None) -> list[LoraEntry]:
+        """Every LoRA `viewer` may see (the Library table's rows are formatted in ui/library_tab.py)."""
+        return list(self.library.visible_to(viewer))
 
     def lora_samples(self, owner: str | None, name: str) -> list[str]:
         entry = self.visible_entry(owner, name)
@@ -605,7 +563,10 @@ class StyleMixService:
                        progress=None) -> dict:
         """Run the seed protocol ("protocol") or a 2-LoRA weight sweep ("sweep") into outputs/<owner>/.
 
-        Returns {"kind", "out_dir", "table" (header, rows), "images" [(path, caption)], "markdown"}.
+        Returns data, formatted for the page by ui/experiments_tab.py: {"kind", "out_dir", "names",
+        "is_demo"} and "protocol" (experiments.ProtocolResult), or "map" (weight_maps.WeightMap), "values",
+        "files" and "clash" (clash.ClashMap) for a sweep, or "balance" (balance.BalanceResult) and "files"
+        (the share map with the search path, two LoRAs only).
         Only LoRAs the owner may see; at most `quotas.max_experiment_images` images, checked first.
         """
         names = [check_name(n, "LoRA name") for n in (loras or [])]
@@ -629,7 +590,8 @@ class StyleMixService:
         from stylemix.balance import BalanceConfig, balance_mix
         from stylemix.clash import clash_map, draw_heatmap
         from stylemix.experiments import ProtocolConfig, run_protocol
-        from stylemix.weight_maps import StyleJudge, weight_map_2d, write_map
+        from stylemix.judge import StyleJudge
+        from stylemix.weight_maps import weight_map_2d, write_map
 
         out = inside(self.user_dir(owner, "outputs"), "experiments",
                      f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
@@ -642,13 +604,7 @@ class StyleMixService:
             config = ProtocolConfig(name="app-protocol", styles={n: n for n in names}, prompts=prompts,
                                     seeds=[int(s) for s in seeds], mixes=mixes, generation=gen).validate("experiment")
             result = run_protocol(self.mixer, config, out, progress=say)
-            summary = (out / "summary.csv").read_text().splitlines()
-            header = summary[0].split(",")
-            rows = [r.split(",") for r in summary[1:]]
-            images = [(result.files["plot"], "CLIP score vs style similarity")]
-            images += [(p, k) for k, p in result.files.items() if k.startswith("contact_")]
-            return {"kind": kind, "out_dir": str(out), "table": (header, rows), "images": images,
-                    "markdown": (out / "summary.md").read_text(), "is_demo": result.is_demo}
+            return {"kind": kind, "out_dir": str(out), "names": names, "protocol": result, "is_demo": result.is_demo}
         if kind == "sweep":
             if len(names) != 2:
                 raise StyleMixError(f"A weight sweep needs exactly two LoRAs; {len(names)} chosen.")
@@ -662,18 +618,9 @@ class StyleMixService:
             files = write_map(wmap, out)
             clash = clash_map(self.library, names[0], names[1])
             draw_heatmap(clash, out / "clash.png")
-            header = [names[0], names[1], "CLIP score"] + [f"share {n}" for n in names]
-            rows = []
-            for c in wmap.to_dict()["cells"]:
-                w = c.get("weights", {})
-                sh = c.get("shares") or {}
-                rows.append([w.get(names[0]), w.get(names[1]), c.get("clip_score")] + [sh.get(n) for n in names])
-            return {"kind": kind, "out_dir": str(out), "table": (header, rows),
-                    "images": [(files["grid"], "images"), (files["map"], "style shares"),
-                               (str(out / "clash.png"), "clash map: where the two LoRAs' updates oppose (cosine)")],
-                    "markdown": f"Weight sweep of {names[0]} x {names[1]} at {values}"
-                                + (" — **demo values (tiny CLIP)**" if wmap.is_demo else "") + "  \n"
-                                + _clash_summary(clash), "is_demo": wmap.is_demo}
+            files["clash"] = str(out / "clash.png")
+            return {"kind": kind, "out_dir": str(out), "names": names, "values": values, "map": wmap,
+                    "files": files, "clash": clash, "is_demo": wmap.is_demo}
         if kind == "balance":
             if not 2 <= len(names) <= 4:
                 raise StyleMixError(f"Balancing needs two to four LoRAs; {len(names)} chosen.")
@@ -685,12 +632,7 @@ class StyleMixService:
             result = balance_mix(self.mixer, recipe, dict(zip(names, targets)),
                                  BalanceConfig(preview_size=min(size, 256), preview_steps=min(int(steps), 8)),
                                  progress=say)
-            header = ["step"] + [f"w {n}" for n in names] + [f"share {n}" for n in names] + ["CLIP score", "error"]
-            rows = [[i] + [round(p.weights.get(n, 0.0), 3) for n in names] + [round(p.shares.get(n, 0.0), 3)
-                                                                               for n in names]
-                    + [None if p.clip_score is None else round(p.clip_score, 4), round(p.error, 3)]
-                    for i, p in enumerate(result.path)]
-            images = []
+            files = {}
             if len(names) == 2:  # the path drawn on the two LoRAs' weight map
                 judge = StyleJudge.for_mixer(self.mixer, names)
                 top = max([1.0] + [p.weights.get(n, 0.0) for p in result.path for n in names])
@@ -698,13 +640,7 @@ class StyleMixService:
                 wmap = weight_map_2d(self.mixer, recipe.with_(steps=min(int(steps), 8)), names[0], names[1],
                                      grid, judge=judge)
                 files = write_map(wmap, out, path_points=[p.weights for p in result.path])
-                images = [(files["map"], "style shares with the search path")]
-            best = ", ".join(f"{n} {result.best.weights.get(n, 0):.2f}" for n in names)
-            naive = ", ".join(f"{n} {result.naive.weights.get(n, 0):.2f}" for n in names)
-            md = (f"Best weights: **{best}** (largest share error {result.best.error:.3f}; naive {naive}: "
-                  f"{result.naive.error:.3f}). {'Reached' if result.reached else 'Did not reach'} the targets "
-                  f"in {result.evaluations} search previews ({result.generations} generations in all).")
-            return {"kind": kind, "out_dir": str(out), "table": (header, rows), "images": images, "markdown": md,
+            return {"kind": kind, "out_dir": str(out), "names": names, "balance": result, "files": files,
                     "is_demo": self.mixer.loaded.is_tiny}
         raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol, sweep or balance.")
 
@@ -748,10 +684,3 @@ def _job_file(base: Path, rel) -> Path | None:
     except StyleMixError:
         return None
     return p if p.is_file() else None
-
-
-def _clash_summary(clash) -> str:
-    overall = "n/a" if clash.overall is None else f"{clash.overall:+.2f}"
-    worst = ", ".join(f"{b} {c:+.2f}" for b, c in clash.worst_blocks(3))
-    return (f"Clash map: overall cosine {overall} between the two LoRAs' weight updates; most opposed blocks: "
-            f"{worst or 'none'} (negative = the styles fight there; turn one down with per-block weights).")

@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 from stylemix.errors import StyleMixError
+from stylemix.images import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 CAPTION_EXTENSION = ".txt"  # kohya's sidecar convention: cat.png + cat.txt
 ARCHIVE_EXTENSIONS = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst", ".lz", ".lzma", ".cab"}
 # Files an OS drops next to pictures: not the user's images, reported as ignored.

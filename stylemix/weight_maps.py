@@ -19,62 +19,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from stylemix.errors import StyleMixError
+from stylemix.judge import StyleJudge  # noqa: F401  (the judge every sweep scores with)
 from stylemix.recipe import Recipe
 
 logger = logging.getLogger("stylemix")
 
 PALETTE = [(220, 60, 60), (50, 110, 220), (40, 170, 80), (230, 160, 30), (150, 70, 190), (30, 170, 180)]
 MAX_CELLS = 400
-
-
-# --------------------------------------------------------------------------- scoring helper
-
-
-@dataclass
-class StyleJudge:
-    """A CLIP scorer with the style centroids of a fixed set of LoRAs: scores any image for all of them."""
-
-    scorer: object  # clip_models.Scorer
-    centroids: dict  # LoRA name -> scoring.StyleCentroid
-    triggers: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # LoRAs without a centroid for this CLIP model
-
-    @classmethod
-    def for_mixer(cls, mixer, names: Sequence[str], clip_model: str | None = None, pretrained: str = "openai",
-                  require: bool = False) -> "StyleJudge":
-        """The judge for `names` on the mixer's device (tiny random CLIP for the tiny model, loudly)."""
-        from stylemix.clip_models import DEFAULT_CLIP_MODEL, load_scorer
-        from stylemix.scoring import centroid_models, load_centroid
-
-        if mixer.loaded.is_tiny or clip_model == "tiny":
-            scorer = load_scorer(device=mixer.loaded.device, tiny=True)
-        else:
-            scorer = load_scorer(clip_model or DEFAULT_CLIP_MODEL, pretrained, device=mixer.loaded.device)
-        centroids, triggers, missing = {}, [], []
-        for name in names:
-            entry = mixer.library.get(name)
-            if entry.trigger_word:
-                triggers.append(entry.trigger_word)
-            c = load_centroid(entry.folder, scorer.name)
-            if c is None:
-                if require:
-                    have = ", ".join(centroid_models(entry.folder)) or "none"
-                    raise StyleMixError(
-                        f"LoRA {name!r} has no style centroid for CLIP {scorer.name} (has: {have}), so its share "
-                        f"cannot be measured. Compute one with `stylemix score REFERENCE_IMAGES... --save-centroid {name}`.")
-                missing.append(name)
-            else:
-                centroids[name] = c
-        if missing:
-            logger.warning("No style centroid for %s: their similarity and shares are not measured.", ", ".join(missing))
-        return cls(scorer, centroids, triggers, missing)
-
-    def score(self, images: Sequence, prompt: str, base_images: Sequence | None = None) -> list:
-        """scoring.ImageScores per image (base_images: base-model images paired one to one, for calibration)."""
-        from stylemix.scoring import score_images
-
-        return score_images(self.scorer, images, prompt, self.centroids, trigger_words=self.triggers,
-                            base_images=base_images)
 
 
 # --------------------------------------------------------------------------- sweeps

@@ -16,6 +16,7 @@ from stylemix import access, gpu_queue, jobs
 from stylemix.errors import StyleMixError
 from stylemix.recipe import Recipe
 from stylemix.service import StyleMixService, new_owner_token
+from ui.library_tab import library_rows
 
 ANN, BOB, STRANGER = new_owner_token(), new_owner_token(), new_owner_token()
 
@@ -43,8 +44,8 @@ def test_private_lora_is_invisible_and_untouchable_for_others(service, tmp_path)
     assert entry["visibility"] == "private"
     meta = json.loads((service.workspace.loras / "annstyle" / "stylemix.json").read_text())
     assert meta["owner"] == access.owner_key(ANN) and ANN not in json.dumps(meta)  # a hash, never the token
-    assert "annstyle" in names(service.library_rows(ANN))
-    assert "annstyle" not in names(service.library_rows(BOB)) and "annstyle" not in names(service.library_rows(None))
+    assert "annstyle" in names(library_rows(service, ANN))
+    assert "annstyle" not in names(library_rows(service, BOB)) and "annstyle" not in names(library_rows(service, None))
     assert "annstyle" not in [e["name"] for e in service.usable_loras(BOB)]
     before = snapshot(service, "annstyle")
     # for bob it reads exactly like a missing LoRA, whatever he tries
@@ -71,9 +72,9 @@ def test_shared_lora_is_usable_by_all_and_changed_by_its_owner_only(service, tmp
     service.import_lora(ANN, str(src), "annstyle", "annword")
     assert service.set_visibility(ANN, "annstyle", "shared")["visibility"] == "shared"
     assert "annstyle" in [e["name"] for e in service.usable_loras(BOB)]
-    row = {r[0]: r for r in service.library_rows(BOB)}["annstyle"]
+    row = {r[0]: r for r in library_rows(service, BOB)}["annstyle"]
     assert row[-2:] == ["another user", "shared"]
-    assert {r[0]: r for r in service.library_rows(ANN)}["annstyle"][-2:] == ["you", "shared"]
+    assert {r[0]: r for r in library_rows(service, ANN)}["annstyle"][-2:] == ["you", "shared"]
     out = service.compose(BOB, Recipe("a cat", loras={"annstyle": 1.0}, steps=1, width=64, height=64), score=False)
     assert out.result.weights_used == {"annstyle": 1.0}
     before = snapshot(service, "annstyle")
@@ -95,12 +96,12 @@ def test_shared_lora_is_usable_by_all_and_changed_by_its_owner_only(service, tmp
     assert replaced["sha256"] != before[1] and replaced["visibility"] == "shared"
     assert service.rename_lora(ANN, "annstyle", "annstyle2")["name"] == "annstyle2"
     service.delete_lora(ANN, "annstyle2")
-    assert "annstyle2" not in names(service.library_rows(ANN))
+    assert "annstyle2" not in names(library_rows(service, ANN))
 
 
 def test_builtin_loras_are_shared_and_read_only(service):
-    assert "builtin" in names(service.library_rows(STRANGER))
-    assert {r[0]: r for r in service.library_rows(STRANGER)}["builtin"][-2:] == ["built-in", "shared"]
+    assert "builtin" in names(library_rows(service, STRANGER))
+    assert {r[0]: r for r in library_rows(service, STRANGER)}["builtin"][-2:] == ["built-in", "shared"]
     before = snapshot(service, "builtin")
     for attempt in (lambda: service.delete_lora(ANN, "builtin"), lambda: service.rename_lora(ANN, "builtin", "x"),
                     lambda: service.set_visibility(ANN, "builtin", "private"),

@@ -345,7 +345,7 @@ def test_score_result_of_a_mix(tmp_path, monkeypatch, scorer):
     from stylemix.mixer import Mixer
     from stylemix.models import LoadedModel, tiny_pipeline
     from stylemix.recipe import Recipe
-    from stylemix.scoring_service import score_result
+    from stylemix.compose import score_result
 
     root = tmp_path / "loras"
     for i, name in enumerate(["stripes", "blobs", "plain"]):

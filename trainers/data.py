@@ -1,96 +1,14 @@
-"""Training data: read and validate a dataset folder, then cache its VAE latents once.
+"""Training data: pixels from a validated dataset folder, and their VAE latents cached once.
 
-A dataset folder is Hugging Face imagefolder layout (what `stylemix preprocess` writes):
-images + `metadata.jsonl` lines `{"file_name": ..., "text": caption}` + `dataset.json`
-(`style`, `trigger_word`, `size`, `count`).  `load_dataset_folder` checks all of it before any
-model is loaded, so a bad folder fails in a second with a message naming the bad file/line,
-not after minutes of model loading.
+The dataset format (imagefolder layout: images + `metadata.jsonl` + `dataset.json`) is read and
+checked by `stylemix.dataset.load_dataset_folder`, the one reader of that format.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from stylemix.errors import StyleMixError
-from stylemix.paths import inside, read_json_object
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-MAX_CAPTION_CHARS = 2000
-
-
-@dataclass
-class DatasetInfo:
-    """A validated dataset folder: image paths with their captions, plus the folder's summary."""
-
-    root: Path
-    files: list[Path]
-    captions: list[str]
-    trigger_word: str
-    summary: dict = field(default_factory=dict)  # dataset.json content (+ what we counted)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-
-def load_dataset_folder(data_dir: str | Path) -> DatasetInfo:
-    """Validate `data_dir` and return its images and captions, or raise StyleMixError naming the problem."""
-    from PIL import Image, UnidentifiedImageError
-
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise StyleMixError(f"Dataset folder {str(data_dir)!r} does not exist or is not a folder.")
-    meta_path = root / "metadata.jsonl"
-    if not meta_path.is_file():
-        images = [p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTS]
-        hint = (f"it has {len(images)} images but no captions; run `stylemix preprocess` on it first"
-                if images else "it is empty; run `stylemix preprocess` on a folder of images first")
-        raise StyleMixError(f"Dataset folder {str(root)!r} has no metadata.jsonl: {hint}.")
-    info: dict = {}
-    info_path = root / "dataset.json"
-    if info_path.is_file():
-        info = read_json_object(info_path)
-    files, captions = [], []
-    for n, line in enumerate(meta_path.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StyleMixError(f"{meta_path.name} line {n}: not valid JSON ({e.msg}).") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
-            raise StyleMixError(f"{meta_path.name} line {n}: expected {{\"file_name\": str, \"text\": str}}, got {line[:120]!r}.")
-        if len(row["text"]) > MAX_CAPTION_CHARS:
-            raise StyleMixError(f"{meta_path.name} line {n}: caption longer than {MAX_CAPTION_CHARS} characters.")
-        path = inside(root, row["file_name"])  # refuses '../x.png' and symlinks out of the folder
-        if path.suffix.lower() not in IMAGE_EXTS or not path.is_file():
-            raise StyleMixError(f"{meta_path.name} line {n}: image {row['file_name']!r} is missing or not an image file.")
-        try:
-            with Image.open(path) as im:
-                im.verify()  # header + structure; cheap, no full decode
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise StyleMixError(f"{meta_path.name} line {n}: {row['file_name']!r} is not a readable image ({e}).") from None
-        files.append(path)
-        captions.append(row["text"].strip())
-    if not files:
-        raise StyleMixError(f"Dataset folder {str(root)!r} has no images listed in metadata.jsonl: nothing to train on.")
-    trigger = info.get("trigger_word") or ""
-    if not isinstance(trigger, str):
-        raise StyleMixError(f"{info_path}: trigger_word must be a string.")
-    summary = {**info, "count": len(files), "folder": root.name}
-    return DatasetInfo(root=root, files=files, captions=captions, trigger_word=trigger, summary=summary)
-
-
-def with_trigger(caption: str, trigger: str) -> str:
-    """The caption the model trains on: the trigger word leads, once (the style's handle at inference)."""
-    if not trigger:
-        return caption
-    from stylemix.dataset import with_trigger as lead  # the dataset step's own rule, so both agree
-
-    return lead(trigger, caption)
 
 
 def load_pixels(path: Path, resolution: int) -> torch.Tensor:

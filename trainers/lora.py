@@ -16,16 +16,18 @@ The loop is diffusers' `train_text_to_image_lora.py` with four changes that matt
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+import traceback
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -33,12 +35,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from stylemix import jobs
+from stylemix.dataset import DatasetInfo, load_dataset_folder, with_trigger
 from stylemix.errors import StyleMixError
-from stylemix.lora.library import sha256_file
-from stylemix.lora.files import TEXT_TARGETS, UNET_TARGETS, WEIGHTS_NAME, save_lora_weights, write_safetensors
+from stylemix.lora.files import adapter_state, write_safetensors
+from stylemix.lora.library import LoraLibrary
 from stylemix.models import DEFAULT_MODEL, TINY, ModelLoadError, quiet_library_logs, tiny_components
-from stylemix.paths import atomic_write_text, check_name, replace_folder
-from trainers.data import DatasetInfo, LatentCache, load_dataset_folder, load_pixels, with_trigger
+from stylemix.paths import Workspace, atomic_write_text, check_name
+# TrainConfig and its options live in the library (the app and the queue build configs without this module);
+# re-exported here, where the training code and its tests have always found them.
+from stylemix.training.config import HELP, TrainConfig, add_config_arguments, config_from_args  # noqa: F401
+from trainers.data import LatentCache, load_pixels
 
 logger = logging.getLogger("stylemix.train")
 
@@ -46,90 +53,6 @@ ADAPTER = "default"
 CHECKPOINT_MARKER = "COMPLETE"  # written last, before the rename: a folder without it is never used
 DIE_DURING_SAVE_ENV = "STYLEMIX_TEST_DIE_DURING_CHECKPOINT"  # test hook: os._exit mid-save at this step
 
-
-@dataclass
-class TrainConfig:
-    """Every training setting.  Defaults are the seed report's settings for SD1.5 style LoRAs."""
-
-    data_dir: str = ""  # dataset folder (imagefolder layout with metadata.jsonl + dataset.json)
-    name: str = ""  # the LoRA's name in the library: loras/<name>/
-    loras_dir: str | None = None  # library folder; None = $STYLEMIX_LORAS or ./loras
-    model: str = DEFAULT_MODEL  # hub id, local diffusers folder, SD1.5 .safetensors file, or "tiny" (offline demo)
-    device: str | None = None  # None picks cuda > mps > cpu (accelerate's choice)
-    overwrite: bool = False  # replace an existing LoRA of the same name at the end
-    owner: str | None = None  # the app user's owner key (stylemix.access.owner_key), recorded in stylemix.json
-
-    # --- LoRA
-    rank: int = 32  # LoRA rank r
-    alpha: float = 16.0  # lora_alpha; the update is scaled by alpha / rank = 0.5
-    unet_targets: list[str] = field(default_factory=lambda: list(UNET_TARGETS))  # attention projections
-    text_targets: list[str] = field(default_factory=lambda: list(TEXT_TARGETS))
-    train_text_encoder: bool = True  # off: text embeddings are cached once and only the UNet learns
-
-    # --- optimisation
-    learning_rate: float = 1e-4  # AdamW lr for UNet and text-encoder LoRA
-    epochs: int = 20  # passes over the data (ignored when max_steps is set)
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    batch_size: int = 2  # images per step per device
-    grad_accumulation: int = 1  # micro-batches per optimizer step
-    optimizer: str = "adamw"  # only AdamW: what the seed report used
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "cosine"  # any diffusers get_scheduler name: cosine, constant, linear, ...
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # gradient clipping (a stabiliser, always on)
-    min_snr_gamma: float | None = None  # min-SNR loss weighting (5.0 is usual); off by default
-    noise_offset: float = 0.0  # offset noise (0.05-0.1 is usual); off by default
-    seed: int = 42
-
-    # --- data and speed
-    resolution: int = 512  # training size; images are resized + centre-cropped to it
-    random_flip: bool = True  # mirror images at random (both views are latent-cached)
-    cache_latents: bool = True  # encode each image once; off = VAE every step (as diffusers' script)
-    gradient_checkpointing: bool = False  # less memory, ~30% slower
-    mixed_precision: str = "auto"  # auto: bf16 where supported, else fp16 on GPU, fp32 (no) on CPU
-
-    # --- robustness, checkpoints, samples
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    checkpoint_every: int = 500  # steps; a checkpoint is also written at the end and on cancel
-    keep_checkpoints: int = 2  # older complete checkpoints are deleted
-    sample_every: int = 250  # steps between sample images (0: only at the end)
-    sample_prompts: list[str] = field(default_factory=lambda: [
-        "{trigger}, a portrait of a woman", "{trigger}, a mountain landscape", "{trigger}, a bowl of fruit"])
-    sample_seed: int = 1234  # fixed, so samples at different steps are comparable
-    sample_steps: int = 25  # inference steps per sample
-    sample_guidance: float = 7.5
-
-    # --- test/debug only: inject a NaN into the batch of these steps (1-based)
-    debug_nan_at_steps: list[int] = field(default_factory=list)
-
-    def validate(self) -> "TrainConfig":
-        check_name(self.name, "LoRA name")
-        checks = [("rank", self.rank >= 1), ("alpha", self.alpha > 0), ("learning_rate", 0 < self.learning_rate < 1),
-                  ("epochs", self.epochs >= 1), ("max_steps", self.max_steps is None or self.max_steps >= 1),
-                  ("batch_size", self.batch_size >= 1), ("grad_accumulation", self.grad_accumulation >= 1),
-                  ("resolution", self.resolution >= 8 and self.resolution % 8 == 0),
-                  ("max_grad_norm", self.max_grad_norm > 0), ("noise_offset", 0 <= self.noise_offset < 1),
-                  ("min_snr_gamma", self.min_snr_gamma is None or self.min_snr_gamma > 0),
-                  ("checkpoint_every", self.checkpoint_every >= 1), ("keep_checkpoints", self.keep_checkpoints >= 1),
-                  ("sample_every", self.sample_every >= 0), ("max_bad_steps", self.max_bad_steps >= 1),
-                  ("optimizer", self.optimizer == "adamw"),
-                  ("mixed_precision", self.mixed_precision in ("auto", "no", "fp16", "bf16")),
-                  ("unet_targets", bool(self.unet_targets))]
-        for name, ok in checks:
-            if not ok:
-                raise StyleMixError(f"Invalid training setting {name}={getattr(self, name)!r}.")
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise StyleMixError(f"Unknown training setting(s): {', '.join(unknown)}.")
-        return cls(**d)
 
 
 # Settings that change the optimisation: a checkpoint may only be resumed with the same values.
@@ -386,7 +309,7 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
         m.train()
 
     # ---- the data, encoded once
-    captions = [with_trigger(c, data.trigger_word) for c in data.captions]
+    captions = [with_trigger(data.trigger_word, c) for c in data.captions]
     input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                           return_tensors="pt").input_ids
     pixels = [load_pixels(p, config.resolution) for p in data.files]
@@ -581,8 +504,6 @@ def _device_hint(config: TrainConfig) -> torch.device:
 
 
 def _default_loras_dir() -> Path:
-    from stylemix.paths import Workspace
-
     return Workspace.default().loras
 
 
@@ -636,48 +557,37 @@ def _read_meta_file(path: Path) -> dict:
 def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, loras_dir: Path, work_dir: Path,
                        loss_curve: list, samples: list[str], mixed_precision: str, device: str, skipped: int,
                        steps: int) -> Path:
-    """loras/<name>/: weights + stylemix.json + samples/, built in a temp folder then renamed in."""
-    loras_dir.mkdir(parents=True, exist_ok=True)
+    """loras/<name>/: weights + stylemix.json + samples/, written by the library (`LoraLibrary.add`:
+    a temp folder renamed in, so a failure never leaves half a LoRA or loses the old one)."""
     final = loras_dir / config.name
     if final.exists() and not config.overwrite:
         raise StyleMixError(f"A LoRA named {config.name!r} appeared in {loras_dir} while training; the trained "
                             "weights are in the last checkpoint: resume with --overwrite or another name.")
-    tmp = loras_dir / f".tmp-{config.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_lora_weights(tmp / WEIGHTS_NAME, models["unet"], models.get("text_encoder"), ADAPTER)
-        (tmp / "samples").mkdir()
-        for rel in samples:
-            if (work_dir / rel).is_file():
-                shutil.copy2(work_dir / rel, tmp / "samples" / Path(rel).name)
-        settings = {k: v for k, v in asdict(config).items()
-                    if k not in ("data_dir", "name", "loras_dir", "overwrite", "debug_nan_at_steps", "owner")}
-        meta = {
-            "name": config.name,
-            "trigger_word": data.trigger_word,
-            "base_model": config.model,
-            "rank": config.rank,
-            "alpha": config.alpha,
-            "target_modules": {"unet": list(config.unet_targets),
-                               "text_encoder": list(config.text_targets) if config.train_text_encoder else []},
-            "training": {**settings, "steps": steps, "skipped_steps": skipped, "mixed_precision_used": mixed_precision,
-                         "device": device, "tiny_model": config.model == TINY},
-            "dataset": data.summary,
-            "loss_curve": loss_curve,
-            "samples": [f"samples/{Path(r).name}" for r in samples],
-            "sha256": sha256_file(tmp / WEIGHTS_NAME),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        if config.owner:
-            # a new LoRA starts private; retraining one's own LoRA keeps the visibility it had
-            old = _read_meta_file(final / "stylemix.json")
-            meta["owner"] = config.owner
-            meta["visibility"] = old.get("visibility", "private") if old.get("owner") == config.owner else "private"
-        atomic_write_text(tmp / "stylemix.json", json.dumps(meta, indent=1))
-        replace_folder(tmp, final)  # overwrite: the old one is moved aside first, so a failure never loses both
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    state, header = adapter_state(models["unet"], models.get("text_encoder"), ADAPTER)
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("data_dir", "name", "loras_dir", "overwrite", "debug_nan_at_steps", "owner")}
+    meta = {
+        "name": config.name,
+        "trigger_word": data.trigger_word,
+        "base_model": config.model,
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "target_modules": {"unet": list(config.unet_targets),
+                           "text_encoder": list(config.text_targets) if config.train_text_encoder else []},
+        "training": {**settings, "steps": steps, "skipped_steps": skipped, "mixed_precision_used": mixed_precision,
+                     "device": device, "tiny_model": config.model == TINY},
+        "dataset": data.summary,
+        "loss_curve": loss_curve,
+        "samples": [f"samples/{Path(r).name}" for r in samples],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if config.owner:
+        # a new LoRA starts private; retraining one's own LoRA keeps the visibility it had
+        old = _read_meta_file(final / "stylemix.json")
+        meta["owner"] = config.owner
+        meta["visibility"] = old.get("visibility", "private") if old.get("owner") == config.owner else "private"
+    extra = {f"samples/{Path(rel).name}": work_dir / rel for rel in samples if (work_dir / rel).is_file()}
+    LoraLibrary(loras_dir).add(config.name, state, header, meta, overwrite=True, extra_files=extra)
     return final
 
 
@@ -689,14 +599,10 @@ def finalize_lora(lora_dir: Path, config: TrainConfig) -> None:
     is still complete: stylemix.json records why there is no centroid, and one can be added later
     with `stylemix score --save-centroid NAME IMAGES...`.
     """
-    from stylemix.clip_models import load_scorer_or_reason
+    from stylemix.judge import pick_scorer_or_reason
     from stylemix.scoring import CENTROID_FILE, compute_centroid, images_in_folder, save_centroid
 
-    device = _device_hint(config)
-    if config.model == TINY:
-        scorer, why = load_scorer_or_reason(device=device, tiny=True)
-    else:
-        scorer, why = load_scorer_or_reason(device=device)
+    scorer, why = pick_scorer_or_reason(config.model == TINY, _device_hint(config))
     style: dict
     if scorer is None:
         logger.warning("No style centroid for %s: %s", config.name, why)
@@ -715,51 +621,78 @@ def finalize_lora(lora_dir: Path, config: TrainConfig) -> None:
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
 
 
-# --------------------------------------------------------------------------- command line
-
-_HELP = {
-    "data_dir": "dataset folder (made by `stylemix preprocess`)",
-    "name": "LoRA name in the library",
-    "max_steps": "optimizer steps (overrides --epochs)",
-    "train_text_encoder": "train text-encoder LoRA too (--no-train-text-encoder: UNet only, embeddings cached)",
-    "cache_latents": "encode each image once (--no-cache-latents: VAE every step, as diffusers' script)",
-    "mixed_precision": "auto, no, fp16 or bf16",
-    "debug_nan_at_steps": "TEST/DEBUG ONLY: inject NaN into these steps' batches",
-}
-_SKIP_ARGS = {"data_dir", "name", "loras_dir", "model", "device", "owner"}  # positional, global or app-only
+# --------------------------------------------------------------------------- a queued job
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, skip: set[str] = _SKIP_ARGS) -> None:
-    """One --option per TrainConfig field (defaults left None, so only what the user typed overrides)."""
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
-            continue
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f"{_HELP.get(f.name, '')} (default: {default})".strip()
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif isinstance(default, list):
-            kind = int if f.name == "debug_nan_at_steps" else str
-            parser.add_argument(flag, dest=f.name, nargs="+", type=kind, default=None, help=help_)
+def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handle_signals: bool = True) -> int:
+    """Run the queued job in `job_dir` in this process: status updates, SIGTERM = cancel, then next in queue.
+
+    The queue (stylemix.jobs) starts this as `python -m trainers.lora --job-dir DIR`.
+    """
+    job_dir = Path(job_dir).resolve()
+    job = jobs.load_job(job_dir)
+    if job is None:
+        raise StyleMixError(f"{job_dir} is not a job folder.")
+    workspace = Workspace(**{k: Path(v) for k, v in job.config["workspace"].items()})
+    writer = jobs.StatusWriter(job_dir)
+    writer.update(state=jobs.RUNNING, pid=os.getpid(), error=None)
+    stop = threading.Event()
+    if handle_signals:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    beat = threading.Thread(target=writer.beat, daemon=True)
+    beat.start()
+
+    def on_progress(info: dict) -> None:
+        fields = {k: v for k, v in info.items() if k != "samples"}
+        if info.get("samples"):
+            fields["samples"] = info["samples"]
+        writer.update(**fields)
+        if progress:
+            progress(info)
+
+    def should_stop(step: int) -> bool:
+        return stop.is_set() or (job_dir / jobs.CANCEL_FILE).exists()
+
+    code = 0
+    try:
+        config = TrainConfig.from_dict(job.config["train"])
+        result = train(config, job_dir, resume=latest_checkpoint(job_dir) is not None, progress=on_progress,
+                       should_stop=should_stop)
+        if result.cancelled:
+            writer.update(state=jobs.CANCELLED, finished=jobs.utc_now(), pid=None)
         else:
-            kind = {"max_steps": int, "min_snr_gamma": float}.get(f.name, type(default))
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_)
+            writer.update(state=jobs.COMPLETED, finished=jobs.utc_now(), pid=None, lora_dir=str(result.lora_dir), eta_s=0)
+    except StyleMixError as e:
+        logger.error("%s", e)
+        writer.update(state=jobs.FAILED, finished=jobs.utc_now(), pid=None, error=str(e))
+        code = 1
+    except BaseException as e:  # noqa: BLE001  (a job must always end with a state, whatever happened)
+        traceback.print_exc()
+        msg = f"{type(e).__name__}: {e}".strip()
+        if "out of memory" in str(e).lower() or isinstance(e, MemoryError):
+            msg = ("Out of memory: try a smaller batch size, a lower resolution, or --gradient-checkpointing. "
+                   f"({msg[:300]})")
+        writer.update(state=jobs.FAILED, finished=jobs.utc_now(), pid=None, error=msg[:2000])
+        code = 1
+    finally:
+        writer.stop.set()
+        beat.join(timeout=jobs.HEARTBEAT_S + 1)
+    try:
+        jobs.ensure_queue_running(workspace)  # hand the GPU to the next queued job
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    return code
 
 
-def config_from_args(args: argparse.Namespace, **base) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    return TrainConfig(**{**base, **given})
+# --------------------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(max(1, int(os.environ.get("STYLEMIX_THREADS", torch.get_num_threads()))))
     p = argparse.ArgumentParser(prog="python -m trainers.lora", description="Train a style LoRA for SD1.5.")
-    p.add_argument("data_dir", nargs="?", help=_HELP["data_dir"])
-    p.add_argument("--name", help=_HELP["name"])
+    p.add_argument("data_dir", nargs="?", help=HELP["data_dir"])
+    p.add_argument("--name", help=HELP["name"])
     p.add_argument("--model", default=None, help="hub id, diffusers folder, SD1.5 .safetensors file, or 'tiny'")
     p.add_argument("--device", default=None)
     p.add_argument("--loras-dir", dest="loras_dir", default=None)
@@ -770,8 +703,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.job_dir:
-            from stylemix.jobs import run_job
-
             return run_job(Path(args.job_dir))
         if not args.data_dir or not args.name:
             p.error("DATA_DIR and --name are required (or --job-dir)")

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from stylemix.errors import StyleMixError
-from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, parse_block_weights, read_recipe, save_png
+from stylemix.compose import compose, read_recipe_file
+from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, parse_block_weights
 
 
 def register(sub) -> None:
@@ -64,14 +65,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def build_recipe(args) -> Recipe:
     if args.from_file:
-        path = Path(args.from_file)
-        if path.suffix.lower() == ".json":
-            try:
-                recipe = Recipe.from_dict(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as e:
-                raise StyleMixError(f"{path}: not a readable recipe JSON ({e}).") from None
-        else:
-            recipe = read_recipe(path)
+        recipe = read_recipe_file(args.from_file)
     else:
         if not args.prompt:
             raise StyleMixError("Give a prompt, or --from a PNG/JSON recipe.")
@@ -99,27 +93,20 @@ def run(args) -> int:
     from stylemix.cli.common import open_mixer, tqdm_progress, workspace
 
     recipe = build_recipe(args)
-    mixer = open_mixer(args)
-    bar, progress = tqdm_progress(recipe.steps, "generating", disable=args.json)
-    with bar:
-        result = mixer.generate(recipe, progress=progress)
-    scores = None
-    if not args.no_score:
-        from stylemix.scoring_service import base_recipe, score_result, wants_base_images
-
-        base = None
-        if not args.no_base_calibration and wants_base_images(mixer, result):
-            base = mixer.generate(base_recipe(result.recipe)).images
-        scores = score_result(mixer, result, clip_model=args.clip_model, base_images=base)
     out = Path(args.out) if args.out else workspace(args).outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{recipe.seed}.png"
     if out.suffix.lower() != ".png":
         raise StyleMixError(f"--out {out}: StyleMix writes PNG files (the recipe lives in PNG text chunks).")
-    paths = []
-    for i, img in enumerate(result.images):
-        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
-        extra = {"scores": scores["images"][i]} if scores and scores.get("images") else None
-        save_png(img, path, result.recipe.with_(seed=result.seeds[i], batch_size=1), result.prompt_used, extra)
-        paths.append(str(path))
+    mixer = open_mixer(args)
+
+    def image_paths(result) -> list[Path]:
+        n = len(result.images)
+        return [out if n == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
+
+    bar, progress = tqdm_progress(recipe.steps, "generating", disable=args.json)
+    with bar:
+        composed = compose(mixer, recipe, image_paths, progress=progress, score=not args.no_score,
+                           clip_model=args.clip_model, calibrate=not args.no_base_calibration)
+    result, scores, paths = composed.result, composed.scores, [str(p) for p in composed.image_paths]
     if args.json:
         print(json.dumps({"images": paths, "recipe": result.recipe.to_dict(), "prompt_used": result.prompt_used,
                           "weights_used": result.weights_used, "seeds": result.seeds,

@@ -165,7 +165,8 @@ def _progress(label):
 
 def run_map(args) -> int:
     from stylemix.cli.common import open_mixer
-    from stylemix.weight_maps import StyleJudge, weight_map_2d, weight_map_lines, write_map
+    from stylemix.judge import StyleJudge
+    from stylemix.weight_maps import weight_map_2d, weight_map_lines, write_map
 
     recipe = _recipe(args)
     if args.line and args.lora:
@@ -218,7 +219,7 @@ def run_balance(args) -> int:
             a, b = list(target)
             vals = _values(args.map_values)
             small = recipe.with_(steps=cfg.preview_steps, width=cfg.preview_size, height=cfg.preview_size)
-            from stylemix.weight_maps import StyleJudge
+            from stylemix.judge import StyleJudge
 
             wmap = weight_map_2d(mixer, small, a, b, vals, vals, judge=StyleJudge.for_mixer(mixer, [a, b]))
             write_map(wmap, out, path_points=[s.weights for s in res.path])

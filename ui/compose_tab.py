@@ -1,0 +1,215 @@
+"""The Compose tab: one slider per style, live previews while dragging, the exact render on release."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import gradio as gr
+
+from stylemix.errors import StyleMixError
+from stylemix.compose import read_recipe_file
+from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, format_block_weights, parse_block_weights
+from stylemix.service import StyleMixService
+from ui.common import GPU, PREVIEW, gpu, owner_of, readable_errors
+
+SIZES = ["512x512", "512x768", "768x512", "640x640", "256x256", "128x128", "64x64"]
+
+
+def format_scores(scores: dict | None) -> tuple[str, dict | None]:
+    """The scores as the page's Markdown, and the style shares for the label (None: no shares)."""
+    if not scores:
+        return "", None
+    if scores.get("unavailable"):
+        return f"Scores unavailable: {scores['unavailable']}", None
+    s = scores["images"][0]
+    if s.get("clip_score") is None:
+        lines = [f"**CLIP score** n/a (the prompt is only trigger words) with `{s['clip_model']}`"]
+    else:
+        lines = [f"**CLIP score** {s['clip_score']:.4f} (×100 scale: {s['clip_score_100']:.1f}) "
+                 f"with `{s['clip_model']}`"]
+    for name, sim in (s.get("similarity") or {}).items():
+        cal = (s.get("calibrated") or {}).get(name)
+        lines.append(f"- **{name}** similarity {sim:.4f}" + (f", calibrated {cal:.2f}" if cal is not None else ""))
+    if s.get("shares") and s.get("shares_basis") != "calibrated":
+        lines.append("\n*Shares use raw similarities: not every style in the mix could be calibrated (it needs a "
+                     "base-model anchor, and the style's own images must sit closer to its centroid than that).*")
+    if scores.get("missing_centroids"):
+        lines.append(f"\nNo style centroid yet for: {', '.join(scores['missing_centroids'])} "
+                     "(train here or give reference images in the Library tab).")
+    if s.get("is_demo"):
+        lines.append("\n*Demo values: computed with a tiny random CLIP, not a real measurement.*")
+    return "\n".join(lines), (s.get("shares") or None)
+
+
+def compose_recipe(prompt_, negative_, weights_json, seed_value: int, steps_, size_, sampler_, guidance_,
+                   strength_, triggers_, blocks_) -> Recipe:
+    """The Compose tab's inputs as a validated recipe (for the exact render and for previews)."""
+    weights = json.loads(weights_json or "{}")
+    if not isinstance(weights, dict):
+        raise ValueError("weights must be a JSON object of LoRA name -> weight")
+    w, h = (int(x) for x in str(size_).lower().split("x"))
+    return Recipe(prompt=prompt_, negative_prompt=negative_ or "", loras=weights, seed=seed_value,
+                  steps=int(steps_), width=w, height=h, sampler=sampler_, guidance=float(guidance_),
+                  total_strength=float(strength_) if strength_ else None, add_trigger_words=bool(triggers_),
+                  block_weights=parse_block_weights(blocks_ or "")).validate()
+
+
+def _exact_shown():
+    """After an exact render: the image is the recipe's own again, not a preview."""
+    return gr.update(label="Image"), "**Exact render** of the recipe (the same pixels as `stylemix generate`)."
+
+
+def build_compose_tab(service: StyleMixService, tiny: bool, demo: gr.Blocks, owner: gr.BrowserState,
+                      lora_names: gr.State, recipe_version: gr.State) -> None:
+    """Lay out the tab (inside `gr.Tab`) and wire it: it only reads the shared LoRA names and owner,
+    and bumps `recipe_version` when a recipe (or a prompt's <lora:...> tags) moves the sliders."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox(label="Prompt", value="a cat sitting by a window", lines=2, elem_id="cp-prompt")
+            negative = gr.Textbox(label="Negative prompt", value="", elem_id="cp-negative")
+            weights_box = gr.Textbox(label="Weights (JSON)", value="{}", visible=False)
+
+            # Re-drawn when the library changes or a recipe is loaded, from the weights last
+            # sent (so a library change keeps the mix, and a loaded recipe moves the sliders).
+            @gr.render(inputs=[lora_names, weights_box], triggers=[demo.load, lora_names.change, recipe_version.change])
+            def render_sliders(names, weights_json):
+                if not names:
+                    gr.Markdown("No LoRAs in the library yet: train one or import one.")
+                    return
+                try:
+                    current = json.loads(weights_json or "{}")
+                except ValueError:
+                    current = {}
+                current = current if isinstance(current, dict) else {}
+                sliders = [gr.Slider(-2, 2, value=current.get(n, 0), step=0.05, label=n, key=f"w-{n}",
+                                     elem_id=f"w-{n}", preserved_by_key=None) for n in names]
+
+                def collect(*values):
+                    return json.dumps(dict(zip(names, values)))
+
+                for s in sliders:
+                    wire_live_slider(s, collect, sliders)
+
+            with gr.Row():
+                seed = gr.Number(label="Seed", value=1, precision=0, elem_id="cp-seed")
+                lock = gr.Checkbox(label="Lock seed", value=True, elem_id="cp-lock")
+            with gr.Accordion("Settings", open=False):
+                steps = gr.Slider(1, 100, value=4 if tiny else 25, step=1, label="Steps", elem_id="cp-steps")
+                size = gr.Dropdown(SIZES, value="64x64" if tiny else "512x512", label="Size",
+                                   allow_custom_value=True, elem_id="cp-size")
+                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="cp-sampler")
+                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="CFG scale")
+                strength = gr.Number(label="Keep total strength at (0 = off)", value=0)
+                triggers = gr.Checkbox(label="Put trigger words in front of the prompt", value=True)
+                blocks = gr.Textbox(label="Per-block weights (advanced)", value="",
+                                    placeholder="anime:up=0.5, pixelart:down.1=0",
+                                    info="LORA:BLOCK=MULTIPLIER; blocks: down, down.0-3, mid, up, up.0-3, "
+                                         "text_encoder, A1111's IN01-OUT11/M00/BASE or LORA:lbw=OUTD "
+                                         "(the most specific wins). The Experiments tab's "
+                                         "clash map shows where two styles fight.",
+                                    elem_id="cp-blocks")
+            go = gr.Button("Generate", variant="primary", elem_id="cp-generate")
+        with gr.Column(scale=1):
+            live = gr.Markdown(elem_id="cp-live")  # says whether the image is a preview or the exact render
+            image = gr.Image(label="Image", type="filepath", format="png", interactive=False, elem_id="cp-image")
+            shares = gr.Label(label="Style shares", elem_id="cp-shares")
+            scores_md = gr.Markdown(elem_id="cp-scores")
+            used = gr.Markdown(elem_id="cp-used")
+            with gr.Row():
+                png_file = gr.File(label="Download: PNG with its recipe", elem_id="cp-png")
+                recipe_file = gr.File(label="Recipe JSON", elem_id="cp-recipe")
+            recipe_in = gr.File(label="Load a recipe: drop a StyleMix PNG or recipe JSON",
+                                file_types=[".png", ".json"], type="filepath", elem_id="cp-recipe-in")
+
+    compose_inputs = [prompt, negative, weights_box, seed, lock, steps, size, sampler, guidance, strength,
+                      triggers, blocks, owner]
+    # the last four move the sliders when the prompt held <lora:name:w> tags (see compose_fn)
+    compose_outputs = [image, scores_md, shares, seed, png_file, recipe_file, used,
+                       prompt, weights_box, blocks, recipe_version]
+
+    @gpu(duration=60)
+    def compose_fn(prompt_, negative_, weights_json, seed_, lock_, steps_, size_, sampler_, guidance_,
+                   strength_, triggers_, blocks_, owner_, request: gr.Request, progress=gr.Progress()):
+        try:
+            who = owner_of(owner_, request)
+            seed_value = int(seed_) if lock_ and seed_ is not None else random.randrange(2**32)
+            recipe = compose_recipe(prompt_, negative_, weights_json, seed_value, steps_, size_, sampler_,
+                                    guidance_, strength_, triggers_, blocks_)
+            out = service.compose(who, recipe, progress=lambda d, t: progress((d, t), desc="denoising"))
+        except (StyleMixError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        md, share = format_scores(out.scores)
+        used_md = f"Prompt used: `{out.result.prompt_used}`  \nWeights used: " + (
+            ", ".join(f"{n} {v:.3g}" for n, v in out.result.weights_used.items() if v) or "none (base model)")
+        path = str(out.image_paths[0])
+        if recipe.prompt != prompt_:
+            # The prompt held <lora:...> tags (Recipe.validate took them): their weights and lbw= move to
+            # the sliders and the per-block box, so the tag is not re-applied over a slider moved later.
+            tagged = (recipe.prompt, json.dumps(recipe.loras), format_block_weights(recipe.block_weights),
+                      time.time_ns())  # a new recipe_version redraws the sliders
+        else:
+            tagged = (gr.update(),) * 4
+        return (path, md, share, seed_value, path, str(out.recipe_path), used_md) + tagged
+
+    go.click(compose_fn, inputs=compose_inputs, outputs=compose_outputs, api_name="compose",
+             trigger_mode="always_last", **GPU).success(_exact_shown, outputs=[image, live], queue=False)
+
+    # ------------------------------------------------------------ live previews while a slider moves
+    preview_outputs = [image, live]
+
+    @gpu(duration=20)
+    @readable_errors
+    def preview_fn(prompt_, negative_, weights_json, seed_, lock_, steps_, size_, sampler_, guidance_,
+                   strength_, triggers_, blocks_, owner_, request: gr.Request):
+        """A fast preview of the weights being dragged, with the seed box's seed (so only the mix
+        changes); skipped (no update) when a newer request or the exact render made it pointless."""
+        recipe = compose_recipe(prompt_, negative_, weights_json, int(seed_ or 0), steps_, size_, sampler_,
+                                guidance_, strength_, triggers_, blocks_)
+        out = service.preview(owner_of(owner_, request), recipe)
+        if out is None:
+            return gr.skip(), gr.skip()
+        note = (f"**{out.label}** — the exact image renders when you release the slider "
+                "(scores come with it).")
+        return gr.update(value=out.image, label=out.label), note
+
+    def wire_live_slider(slider, collect, sliders):
+        """`.input` (every move) -> a preview; `.release` -> the exact render, which replaces it.
+
+        Previews have their own queue: they never wait behind a full render in Gradio's queue,
+        and a full render never waits for them (it stops them, stylemix/preview.py).  always_last:
+        while one preview of this slider runs, only the newest value waits to be sent.
+        """
+        slider.input(collect, inputs=sliders, outputs=weights_box, queue=False,
+                     trigger_mode="always_last").then(
+            preview_fn, inputs=compose_inputs, outputs=preview_outputs, trigger_mode="always_last",
+            show_progress="hidden", **PREVIEW)
+        # the newest release wins: queued older requests are dropped (always_last)
+        slider.release(collect, inputs=sliders, outputs=weights_box, queue=False).then(
+            compose_fn, inputs=compose_inputs, outputs=compose_outputs,
+            trigger_mode="always_last", **GPU).success(_exact_shown, outputs=[image, live], queue=False)
+
+    api_preview = gr.Button(visible=False)  # API only: POST /preview with the compose inputs
+    api_preview.click(preview_fn, inputs=compose_inputs, outputs=preview_outputs, api_name="preview", **PREVIEW)
+
+    recipe_outputs = [prompt, negative, weights_box, seed, lock, steps, size, sampler, guidance, blocks,
+                      recipe_version]
+
+    def load_recipe(path, names, version):
+        try:
+            if not path:
+                return [gr.update()] * len(recipe_outputs)
+            r = read_recipe_file(path)
+        except (StyleMixError, ValueError, OSError) as e:
+            raise gr.Error(f"Could not read that recipe: {e}") from None
+        # a LoRA this page cannot use, or whose file is not the one the recipe recorded, is left out
+        weights, notes = service.check_recipe_loras(None, r.loras, r.lora_hashes, names=list(names or []))
+        if notes:
+            gr.Warning("Left out of the mix: " + "; ".join(notes) + ".")
+        block_text = format_block_weights(r.block_weights, names)
+        return (r.prompt, r.negative_prompt, json.dumps(weights), r.seed, True, r.steps,
+                f"{r.width}x{r.height}", r.sampler, r.guidance, block_text, (version or 0) + 1)
+
+    recipe_in.upload(load_recipe, inputs=[recipe_in, lora_names, recipe_version], outputs=recipe_outputs,
+                     api_name="load_recipe")
