@@ -13,7 +13,7 @@ from stylemix.service import StyleMixService
 from ui.common import owner_of, readable_errors
 
 LIBRARY_COLUMNS = ["name", "trigger word", "rank", "alpha", "centroid", "fits model", "training", "samples", "created",
-                   "owner", "visibility", "kind", "covers", "made for"]
+                   "kind", "covers", "made for", "owner", "visibility"]
 LIBRARY_POLL_S = 2.0  # how often each page checks whether the shared library changed (a few stat calls)
 
 
@@ -53,8 +53,8 @@ def library_rows(service: StyleMixService, viewer: str | None = None) -> list[li
                      ", ".join(f"{k}={train[k]}" for k in ("max_steps", "learning_rate", "resolution", "model")
                                if k in train),
                      len(m.get("samples") or []), (m.get("created") or "")[:19],
-                     access.owner_label(m, viewer), e.visibility,
-                     s["kind"], " + ".join(s["covers"]), s["made_for"] or ""])
+                     s["kind"], " + ".join(s["covers"]), s["made_for"] or "",
+                     access.owner_label(m, viewer), e.visibility])
     return rows
 
 
