@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from stylemix.captioning import load_captioner  # noqa: E402
-from stylemix.dataset import DatasetConfig, prepare_dataset  # noqa: E402
+from stylemix.datasets.captioning import load_captioner  # noqa: E402
+from stylemix.datasets.prepare import DatasetConfig, prepare_dataset  # noqa: E402
 from trainers.lora import TrainConfig, train  # noqa: E402
 
 EXAMPLES = ROOT / "assets" / "examples"

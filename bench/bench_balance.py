@@ -28,7 +28,7 @@ import torch
 
 
 def synthetic(trials: int, seed: int = 0) -> dict:
-    from stylemix.balance import BalanceConfig, balance
+    from stylemix.experiments.balance import BalanceConfig, balance
 
     rng = random.Random(seed)
     out = {}
@@ -64,13 +64,13 @@ def tiny(targets: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from helpers import make_library_lora
 
-    from stylemix.balance import BalanceConfig, balance_mix
-    from stylemix.clip_models import load_scorer
+    from stylemix.experiments.balance import BalanceConfig, balance_mix
+    from stylemix.scores.clip_models import load_scorer
     from stylemix.lora.library import LoraLibrary
     from stylemix.mixer import Mixer
     from stylemix.models import LoadedModel, tiny_pipeline
     from stylemix.recipe import Recipe
-    from stylemix.scoring import compute_centroid, save_centroid
+    from stylemix.scores.scoring import compute_centroid, save_centroid
 
     root = Path(tempfile.mkdtemp()) / "loras"
     names = ["watercolor", "pixelart", "anime"]

@@ -2,7 +2,7 @@
 
 Generation: full-size SD1.5 (860M-parameter UNet, real configs, random weights), 512x512,
 classifier-free guidance, PNDM, `--steps` steps.  Scoring: full-size open_clip ViT-B-32 (random
-weights, QuickGELU as the OpenAI weights use) through `stylemix.scoring.score_images`: image
+weights, QuickGELU as the OpenAI weights use) through `stylemix.scores.scoring.score_images`: image
 preprocessing, image and prompt embeddings, CLIP score and two style centroids.  Random weights
 cost exactly what trained ones do.  Goal: scoring under 5% of generation per image.
 
@@ -43,7 +43,7 @@ def full_scorer(clip_model: str, device: torch.device):
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from stylemix.clip_models import Scorer
+    from stylemix.scores.clip_models import Scorer
 
     torch.manual_seed(0)
     model = open_clip.create_model(clip_model, pretrained=None, force_quick_gelu=True, device=device).eval()
@@ -69,7 +69,7 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
 
     from stylemix.models import pick_dtype, quiet_library_logs, tiny_components
-    from stylemix.scoring import StyleCentroid, score_images
+    from stylemix.scores.scoring import StyleCentroid, score_images
 
     quiet_library_logs()
     device = torch.device(args.device)

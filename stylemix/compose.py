@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from stylemix.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PRETRAINED
+from stylemix.scores.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PRETRAINED
 from stylemix.errors import StyleMixError
-from stylemix.judge import load_styles, pick_scorer_or_reason
+from stylemix.scores.judge import load_styles, pick_scorer_or_reason
 from stylemix.recipe import Recipe, read_recipe, save_png
-from stylemix.scoring import CENTROID_FILE, DEMO_LABEL, score_images
+from stylemix.scores.scoring import CENTROID_FILE, DEMO_LABEL, score_images
 
 logger = logging.getLogger("stylemix")
 

@@ -205,7 +205,7 @@ def submit(config: "TrainConfig", workspace: Workspace, owner: str | None = None
 
     The dataset and the LoRA name are checked now, so a bad request fails here, not in the job.
     """
-    from stylemix.dataset import load_dataset_folder
+    from stylemix.datasets.prepare import load_dataset_folder
 
     config.loras_dir = str(Path(config.loras_dir or workspace.loras).resolve())
     config.data_dir = str(Path(config.data_dir).expanduser().resolve())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stylemix import access, gpu_queue
 from stylemix.errors import StyleMixError
-from stylemix.images import is_image_name
+from stylemix.datasets.images import is_image_name
 from stylemix.lora.library import LoraEntry, LoraLibrary, model_targets
 from stylemix.mixer import Mixer, MixResult
 from stylemix.preview import PreviewConfig, Previewer, PreviewResult
@@ -307,7 +307,7 @@ class StyleMixService:
     def captioner(self):
         """The captioner for datasets: the tiny BLIP with the tiny model, BLIP (or a loud fallback) otherwise."""
         if "captioner" not in self.scorer_cache:
-            from stylemix.captioning import load_captioner
+            from stylemix.datasets.captioning import load_captioner
 
             self.scorer_cache["captioner"] = load_captioner("tiny" if self.mixer.loaded.is_tiny else None)
         return self.scorer_cache["captioner"]
@@ -316,7 +316,7 @@ class StyleMixService:
                         pixel_art: str = "auto", blur_threshold: float = 100.0, overwrite: bool = False,
                         progress=None):
         """Build data/<owner>/<style>/ from uploaded files (images, zips).  Returns a DatasetResult."""
-        from stylemix.dataset import DatasetConfig, prepare_dataset
+        from stylemix.datasets.prepare import DatasetConfig, prepare_dataset
 
         check_name(style or "", "style name")
         files = [Path(f) for f in (files or [])]
@@ -342,7 +342,7 @@ class StyleMixService:
 
     def dataset_view(self, owner: str, style: str) -> dict:
         """What the Dataset tab shows: kept images with captions, rejected inputs with reasons, summary."""
-        from stylemix.dataset import load_captions
+        from stylemix.datasets.prepare import load_captions
 
         path = self.dataset_dir(owner, style)
         captions = load_captions(path)
@@ -357,7 +357,7 @@ class StyleMixService:
                 "captioner": info.get("captioner"), "captioner_is_fallback": info.get("captioner_is_fallback")}
 
     def save_captions(self, owner: str, style: str, rows: list[list[str]]) -> dict[str, str]:
-        from stylemix.dataset import save_captions
+        from stylemix.datasets.prepare import save_captions
 
         captions = {}
         for row in rows or []:
@@ -587,11 +587,11 @@ class StyleMixService:
 
     def _run_experiment(self, owner: str, kind: str, names: list[str], prompts: list[str], seeds: list[int],
                         steps: int, size: int, values: list[float] | None, progress) -> dict:
-        from stylemix.balance import BalanceConfig, balance_mix
-        from stylemix.clash import clash_map, draw_heatmap
-        from stylemix.experiments import ProtocolConfig, run_protocol
-        from stylemix.judge import StyleJudge
-        from stylemix.weight_maps import weight_map_2d, write_map
+        from stylemix.experiments.balance import BalanceConfig, balance_mix
+        from stylemix.experiments.clash import clash_map, draw_heatmap
+        from stylemix.experiments.protocol import ProtocolConfig, run_protocol
+        from stylemix.scores.judge import StyleJudge
+        from stylemix.experiments.weight_maps import weight_map_2d, write_map
 
         out = inside(self.user_dir(owner, "outputs"), "experiments",
                      f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
@@ -657,7 +657,7 @@ def experiment_images(kind: str, loras: int, prompts: int, seeds: int, values: l
     if kind == "sweep":
         return len(values or [0.0, 0.5, 1.0]) ** 2 + 1
     if kind == "balance":
-        from stylemix.balance import BalanceConfig
+        from stylemix.experiments.balance import BalanceConfig
 
         c = BalanceConfig()
         return (1 + loras + c.max_evaluations) * len(c.preview_seeds) + (17 if loras == 2 else 0)

@@ -46,9 +46,9 @@ def make_library_lora(loras_dir: Path, name: str, seed: int, trigger: str | None
 
 def add_own_centroids(service, names, images_per_style: int) -> None:
     """Give each named library LoRA a style centroid (tiny CLIP) from images it generates alone."""
-    from stylemix.clip_models import tiny_scorer
+    from stylemix.scores.clip_models import tiny_scorer
     from stylemix.recipe import Recipe
-    from stylemix.scoring import compute_centroid, save_centroid
+    from stylemix.scores.scoring import compute_centroid, save_centroid
 
     scorer = tiny_scorer()
     for name in names:

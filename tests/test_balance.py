@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from helpers import make_library_lora
-from stylemix.balance import BalanceConfig, balance, balance_mix
+from stylemix.experiments.balance import BalanceConfig, balance, balance_mix
 from stylemix.errors import StyleMixError
 from stylemix.lora.library import LoraLibrary
 from stylemix.mixer import Mixer
 from stylemix.models import LoadedModel, tiny_pipeline
 from stylemix.recipe import Recipe
-from stylemix.weight_maps import (StyleJudge, draw_share_map, line_points, weight_map_2d, weight_map_lines,
+from stylemix.experiments.weight_maps import (StyleJudge, draw_share_map, line_points, weight_map_2d, weight_map_lines,
                                   write_map)
 
 
@@ -75,8 +75,8 @@ RECIPE = Recipe(prompt="a cat by a window", steps=2, width=64, height=64, seed=1
 
 @pytest.fixture(scope="module")
 def mixer(tmp_path_factory):
-    from stylemix.clip_models import load_scorer
-    from stylemix.scoring import compute_centroid, save_centroid
+    from stylemix.scores.clip_models import load_scorer
+    from stylemix.scores.scoring import compute_centroid, save_centroid
 
     root = tmp_path_factory.mktemp("loras")
     for i, name in enumerate(STYLES):

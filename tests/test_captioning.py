@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stylemix.captioning import (FALLBACK_CAPTION, BlipCaptioner, FallbackCaptioner, _TINY_WORDS, load_captioner,
+from stylemix.datasets.captioning import (FALLBACK_CAPTION, BlipCaptioner, FallbackCaptioner, _TINY_WORDS, load_captioner,
                                  tiny_blip_captioner)
-from stylemix.dataset import DatasetConfig, load_captions, prepare_dataset
+from stylemix.datasets.prepare import DatasetConfig, load_captions, prepare_dataset
 from stylemix.errors import StyleMixError
 
 

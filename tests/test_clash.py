@@ -7,7 +7,7 @@ import torch
 
 from helpers import make_library_lora
 from stylemix.lora import files as lora_files
-from stylemix.clash import clash_map, clash_states, delta_inner, draw_heatmap
+from stylemix.experiments.clash import clash_map, clash_states, delta_inner, draw_heatmap
 from stylemix.errors import StyleMixError
 from stylemix.lora.library import LoraLibrary
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from stylemix.cli import main
-from stylemix.dataset import (DatasetConfig, EmptyDatasetError, blur_score, check_trigger_word, decode,
+from stylemix.datasets.prepare import (DatasetConfig, EmptyDatasetError, blur_score, check_trigger_word, decode,
                               load_captions, prepare_dataset, save_captions)
 from stylemix.errors import StyleMixError
 

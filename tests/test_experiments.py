@@ -8,7 +8,7 @@ import torch
 
 from helpers import make_library_lora
 from stylemix.errors import StyleMixError
-from stylemix.experiments import ProtocolConfig, mean_ci, resolve_styles, run_protocol
+from stylemix.experiments.protocol import ProtocolConfig, mean_ci, resolve_styles, run_protocol
 from stylemix.lora.library import LoraLibrary
 from stylemix.mixer import Mixer
 from stylemix.models import LoadedModel, tiny_pipeline
@@ -47,8 +47,8 @@ class Counting(Mixer):
 
 @pytest.fixture(scope="module")
 def mixer(tmp_path_factory):
-    from stylemix.clip_models import load_scorer
-    from stylemix.scoring import compute_centroid, save_centroid
+    from stylemix.scores.clip_models import load_scorer
+    from stylemix.scores.scoring import compute_centroid, save_centroid
 
     root = tmp_path_factory.mktemp("loras")
     make_library_lora(root, "my_anime", seed=1, trigger="anistyle")  # found by trigger word

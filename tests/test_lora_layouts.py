@@ -305,8 +305,8 @@ def test_diffusers_kohya_export_with_lora_te1_names_imports_as_sd15(tmp_path):
 def test_mix_export_and_clash_map_of_conv_layouts(tmp_path):
     """A mix of a LoCon and a LoHa exports as one LoRA that reproduces the live mix exactly, and the clash
     map reads their conv layers."""
-    from stylemix.clash import clash_map
-    from stylemix.mix_export import export_mix, write_mix
+    from stylemix.experiments.clash import clash_map
+    from stylemix.experiments.mix_export import export_mix, write_mix
 
     pipe, lib, mixer = setup(tmp_path)
     f1, m1 = kohya_lora(tmp_path / "locon.safetensors", pipe, seed=12, rank=3, alpha=2.0, conv=True, cp=True)

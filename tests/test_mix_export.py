@@ -11,7 +11,7 @@ from stylemix.lora import files as lora_files
 from stylemix.lora.layouts import layout
 from stylemix.errors import StyleMixError
 from stylemix.lora.library import LoraLibrary
-from stylemix.mix_export import add_mix_to_library, compress, export_mix, mix_lora_states, write_mix
+from stylemix.experiments.mix_export import add_mix_to_library, compress, export_mix, mix_lora_states, write_mix
 from stylemix.mixer import Mixer
 from stylemix.models import LoadedModel, tiny_pipeline
 from stylemix.recipe import Recipe

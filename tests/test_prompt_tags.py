@@ -10,7 +10,7 @@ from helpers import make_library_lora, tiny_mixer
 from stylemix.a1111 import (LBW_IDS, LBW_IDS_17, LBW_IDS_26, LBW_PRESETS, lbw_block, lbw_text, lbw_weights,
                             parse_prompt_tags)
 from stylemix.cli import build_parser, main
-from stylemix.mix_export import block_multiplier
+from stylemix.experiments.mix_export import block_multiplier
 from stylemix.mixer import block_of
 from stylemix.models import tiny_components
 from stylemix.recipe import (Recipe, a1111_parameters, format_block_weights, parse_a1111_parameters,

@@ -51,11 +51,11 @@ def test_real_sd15_mix_relations(real_model, tmp_path):
 
 
 def test_real_clip_scores_are_on_the_reports_scale(real_model):
-    from stylemix.clip_models import load_scorer_or_reason
+    from stylemix.scores.clip_models import load_scorer_or_reason
     from stylemix.mixer import Mixer
     from stylemix.lora.library import LoraLibrary
     from stylemix.recipe import Recipe
-    from stylemix.scoring import clip_scores
+    from stylemix.scores.scoring import clip_scores
 
     scorer, why = load_scorer_or_reason(device=real_model.device)
     if scorer is None:

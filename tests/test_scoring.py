@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from stylemix.clip_models import (TINY_CLIP_NAME, Scorer, ScorerUnavailable, clear_scorer_cache, load_scorer,
+from stylemix.scores.clip_models import (TINY_CLIP_NAME, Scorer, ScorerUnavailable, clear_scorer_cache, load_scorer,
                                   load_scorer_or_reason, tiny_scorer)
 from stylemix.errors import StyleMixError
-from stylemix.scoring import (CENTROID_FILE, StyleCentroid, calibrate, centroid_models, clip_score_100, clip_scores,
+from stylemix.scores.scoring import (CENTROID_FILE, StyleCentroid, calibrate, centroid_models, clip_score_100, clip_scores,
                               compute_centroid, leave_one_out_similarity, load_centroid, mix_shares, open_image,
                               save_centroid, score_images, strip_trigger_words)
 

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 
 from stylemix.compose import MAX_RECIPE_JSON_BYTES, read_recipe_file
-from stylemix.dataset import load_captions, load_dataset_folder, with_trigger
+from stylemix.datasets.prepare import load_captions, load_dataset_folder, with_trigger
 from stylemix.errors import StyleMixError
-from stylemix.experiments import ProtocolResult
-from stylemix.images import IMAGE_EXTENSIONS, is_image_name
-from stylemix.judge import load_styles
+from stylemix.experiments.protocol import ProtocolResult
+from stylemix.datasets.images import IMAGE_EXTENSIONS, is_image_name
+from stylemix.scores.judge import load_styles
 
 
 def test_experiment_summary_comes_back_as_data_even_with_commas():

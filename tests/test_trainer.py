@@ -67,8 +67,8 @@ def test_overfit_lora_in_library_loads_in_plain_diffusers_and_mixer(tmp_path, da
     assert meta["sha256"] == hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
     assert latest_checkpoint(tmp_path / "job").name == "step-000060"
     # its style centroid, from the training images, with the CLIP the tiny model's scores use
-    from stylemix.clip_models import tiny_scorer
-    from stylemix.scoring import load_centroid
+    from stylemix.scores.clip_models import tiny_scorer
+    from stylemix.scores.scoring import load_centroid
 
     assert meta["style"]["status"] == "ok" and meta["style"]["n_images"] == 4
     centroid = load_centroid(folder, tiny_scorer().name)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from stylemix.errors import StyleMixError
-from stylemix.uploads import UploadLimits, collect_upload
+from stylemix.datasets.uploads import UploadLimits, collect_upload
 
 
 def png_bytes(size=(32, 32), color=(200, 30, 30)) -> bytes:

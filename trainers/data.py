@@ -1,7 +1,7 @@
 """Training data: pixels from a validated dataset folder, and their VAE latents cached once.
 
 The dataset format (imagefolder layout: images + `metadata.jsonl` + `dataset.json`) is read and
-checked by `stylemix.dataset.load_dataset_folder`, the one reader of that format.
+checked by `stylemix.datasets.prepare.load_dataset_folder`, the one reader of that format.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from stylemix import jobs
-from stylemix.dataset import DatasetInfo, load_dataset_folder, with_trigger
+from stylemix.datasets.prepare import DatasetInfo, load_dataset_folder, with_trigger
 from stylemix.errors import StyleMixError
 from stylemix.lora.files import adapter_state, write_safetensors
 from stylemix.lora.library import LoraLibrary
@@ -599,8 +599,8 @@ def finalize_lora(lora_dir: Path, config: TrainConfig) -> None:
     is still complete: stylemix.json records why there is no centroid, and one can be added later
     with `stylemix score --save-centroid NAME IMAGES...`.
     """
-    from stylemix.judge import pick_scorer_or_reason
-    from stylemix.scoring import CENTROID_FILE, compute_centroid, images_in_folder, save_centroid
+    from stylemix.scores.judge import pick_scorer_or_reason
+    from stylemix.scores.scoring import CENTROID_FILE, compute_centroid, images_in_folder, save_centroid
 
     scorer, why = pick_scorer_or_reason(config.model == TINY, _device_hint(config))
     style: dict

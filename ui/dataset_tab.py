@@ -85,7 +85,7 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
     @readable_errors
     def prepare_fn(files, style, trigger, size_, pixel, blur, overwrite, owner_, request: gr.Request,
                    progress=gr.Progress()):
-        from stylemix.dataset import EmptyDatasetError
+        from stylemix.datasets.prepare import EmptyDatasetError
 
         who = owner_of(owner_, request)
         paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]

@@ -8,7 +8,7 @@ import gradio as gr
 
 from stylemix import access
 from stylemix.errors import StyleMixError
-from stylemix.scoring import CENTROID_FILE
+from stylemix.scores.scoring import CENTROID_FILE
 from stylemix.service import StyleMixService
 from ui.common import owner_of, readable_errors
 

@@ -40,7 +40,7 @@ def parse_map(items: list[str]) -> dict[str, str]:
 
 def run(args) -> int:
     from stylemix.cli.common import open_mixer, tqdm_progress, workspace
-    from stylemix.experiments import ProtocolConfig, resolve_styles, run_protocol
+    from stylemix.experiments.protocol import ProtocolConfig, resolve_styles, run_protocol
 
     config = ProtocolConfig.load(args.config)  # a bad file fails before any model loads
     overrides = parse_map(args.map)

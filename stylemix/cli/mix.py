@@ -128,7 +128,7 @@ def _library(args):
 
 
 def run_export(args) -> int:
-    from stylemix.mix_export import add_mix_to_library, export_mix, mix_trigger_words, write_mix
+    from stylemix.experiments.mix_export import add_mix_to_library, export_mix, mix_trigger_words, write_mix
 
     if not args.out and not args.add:
         raise StyleMixError("Say where the mix goes: --out FILE.safetensors and/or --add NAME.")
@@ -165,8 +165,8 @@ def _progress(label):
 
 def run_map(args) -> int:
     from stylemix.cli.common import open_mixer
-    from stylemix.judge import StyleJudge
-    from stylemix.weight_maps import weight_map_2d, weight_map_lines, write_map
+    from stylemix.scores.judge import StyleJudge
+    from stylemix.experiments.weight_maps import weight_map_2d, weight_map_lines, write_map
 
     recipe = _recipe(args)
     if args.line and args.lora:
@@ -196,7 +196,7 @@ def run_map(args) -> int:
 
 
 def run_balance(args) -> int:
-    from stylemix.balance import BalanceConfig, balance_mix
+    from stylemix.experiments.balance import BalanceConfig, balance_mix
     from stylemix.cli.common import open_mixer
 
     target = _weights(args.target, "--target")
@@ -214,12 +214,12 @@ def run_balance(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "balance.json", json.dumps(info, indent=2))
         if args.map_values and len(target) == 2:
-            from stylemix.weight_maps import weight_map_2d, write_map
+            from stylemix.experiments.weight_maps import weight_map_2d, write_map
 
             a, b = list(target)
             vals = _values(args.map_values)
             small = recipe.with_(steps=cfg.preview_steps, width=cfg.preview_size, height=cfg.preview_size)
-            from stylemix.judge import StyleJudge
+            from stylemix.scores.judge import StyleJudge
 
             wmap = weight_map_2d(mixer, small, a, b, vals, vals, judge=StyleJudge.for_mixer(mixer, [a, b]))
             write_map(wmap, out, path_points=[s.weights for s in res.path])
@@ -236,7 +236,7 @@ def run_balance(args) -> int:
 
 
 def run_clash(args) -> int:
-    from stylemix.clash import clash_map, draw_heatmap
+    from stylemix.experiments.clash import clash_map, draw_heatmap
 
     if args.out and not args.out.endswith(".png"):
         raise StyleMixError(f"--out {args.out!r} must end in .png.")

@@ -34,8 +34,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from stylemix.captioning import load_captioner
-    from stylemix.dataset import DatasetConfig, check_trigger_word, prepare_dataset
+    from stylemix.datasets.captioning import load_captioner
+    from stylemix.datasets.prepare import DatasetConfig, check_trigger_word, prepare_dataset
     from stylemix.paths import Workspace
 
     config = DatasetConfig(size=args.size, blur_threshold=args.blur_threshold, pixel_art=args.pixel_art,

@@ -51,8 +51,8 @@ def _lora_meta(lora_dir: Path) -> dict:
 
 
 def run(args) -> int:
-    from stylemix.clip_models import ScorerUnavailable, load_scorer
-    from stylemix.scoring import (CENTROID_FILE, centroid_models, compute_centroid, load_centroid, open_image,
+    from stylemix.scores.clip_models import ScorerUnavailable, load_scorer
+    from stylemix.scores.scoring import (CENTROID_FILE, centroid_models, compute_centroid, load_centroid, open_image,
                                   save_centroid, score_images)
 
     images = [open_image(p) for p in args.images]  # every file checked before any model loads

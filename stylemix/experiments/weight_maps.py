@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from stylemix.errors import StyleMixError
-from stylemix.judge import StyleJudge  # noqa: F401  (the judge every sweep scores with)
+from stylemix.scores.judge import StyleJudge  # noqa: F401  (the judge every sweep scores with)
 from stylemix.recipe import Recipe
 
 logger = logging.getLogger("stylemix")

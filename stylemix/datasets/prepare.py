@@ -33,9 +33,9 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
 from stylemix.errors import StyleMixError
-from stylemix.images import ImageRejected, is_image_name, untrusted_image
+from stylemix.datasets.images import ImageRejected, is_image_name, untrusted_image
 from stylemix.paths import atomic_write_text, check_name, inside, read_json_object
-from stylemix.uploads import Intake, UploadLimits, collect_upload, remove_tree
+from stylemix.datasets.uploads import Intake, UploadLimits, collect_upload, remove_tree
 
 logger = logging.getLogger("stylemix")
 
@@ -278,7 +278,7 @@ class _Rejected(Exception):
 
 
 def decode(path: Path, config: DatasetConfig) -> tuple[Image.Image, tuple[int, int]]:
-    """Open safely (stylemix.images.untrusted_image: header checked before decoding), first frame only,
+    """Open safely (stylemix.datasets.images.untrusted_image: header checked before decoding), first frame only,
     EXIF-oriented."""
     try:
         with untrusted_image(path, config.max_image_pixels, ALLOWED_FORMATS) as im:
@@ -322,12 +322,12 @@ def prepare_dataset(sources: Iterable[str | os.PathLike], style: str, trigger_wo
                     overwrite: bool = False) -> DatasetResult:
     """Build `out_root/<style>/` from images, folders and zip archives.
 
-    captioner: an object with `.caption(list[PIL.Image]) -> list[str]` (see stylemix.captioning);
+    captioner: an object with `.caption(list[PIL.Image]) -> list[str]` (see stylemix.datasets.captioning);
     None gives the neutral fallback caption (loudly).  progress(done, total, message) is called
     as images are processed.  Raises StyleMixError for a bad style/trigger, an existing set
     without `overwrite`, an empty upload, and EmptyDatasetError when every input is rejected.
     """
-    from stylemix.captioning import FallbackCaptioner
+    from stylemix.datasets.captioning import FallbackCaptioner
 
     config = config or DatasetConfig()
     check_name(style, "style name")
@@ -444,7 +444,7 @@ def _caption(items: list[ItemResult], kept_images: dict[int, Image.Image], intak
         try:
             texts = captioner.caption([kept_images[i] for i in chunk])
         except Exception as e:  # a captioner crash must not lose the set: neutral caption, loudly
-            from stylemix.captioning import FALLBACK_CAPTION
+            from stylemix.datasets.captioning import FALLBACK_CAPTION
 
             logger.warning("Captioner failed (%s: %s); using the neutral caption for %d images.",
                            type(e).__name__, e, len(chunk))

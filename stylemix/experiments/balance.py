@@ -147,7 +147,7 @@ def balance_mix(mixer, recipe: Recipe, target: dict[str, float], config: Balance
     Needs every LoRA's style centroid (for shares).  Generations: 1 base image and one per single
     LoRA (the CLIP reference), then one per search step, each of len(preview_seeds) images.
     """
-    from stylemix.judge import StyleJudge
+    from stylemix.scores.judge import StyleJudge
 
     cfg = config or BalanceConfig()
     target = _check_target(target)

@@ -40,7 +40,7 @@ from stylemix.recipe import DEFAULT_SAMPLER, Recipe
 
 logger = logging.getLogger("stylemix")
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "seed_protocol.toml"
+DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "seed_protocol.toml"
 GENERATION_KEYS = {"steps", "sampler", "guidance", "width", "height", "negative_prompt", "add_trigger_words"}
 MAX_IMAGES = 20000
 # two-sided 95% Student t quantiles by degrees of freedom (normal beyond 30)
@@ -290,8 +290,8 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
                  progress: Callable[[int, int, str], None] | None = None, judge=None) -> ProtocolResult:
     """Run (or resume) the protocol into `out_dir`; returns what was done and the files written."""
     from stylemix.recipe import save_png
-    from stylemix.scoring import mix_shares, open_image
-    from stylemix.judge import StyleJudge
+    from stylemix.scores.scoring import mix_shares, open_image
+    from stylemix.scores.judge import StyleJudge
 
     out = Path(out_dir)
     mapping = resolve_styles(config, mixer.library, overrides)
@@ -521,7 +521,7 @@ def draw_contact_sheet(out: Path, configs: list[Configuration], prompt_index: in
     """One prompt: a row per configuration, a column per seed, labelled."""
     from PIL import Image, ImageDraw
 
-    from stylemix.scoring import open_image
+    from stylemix.scores.scoring import open_image
 
     label_w, top = 200, 20
     sheet = Image.new("RGB", (label_w + len(seeds) * thumb, top + len(configs) * thumb), "white")
@@ -540,7 +540,7 @@ def draw_scatter(rows: list[dict], summary: list[dict], configs: list[Configurat
     """CLIP score (y) against style similarity (x): small dots per image, labelled large dots per configuration."""
     from PIL import Image, ImageDraw
 
-    from stylemix.weight_maps import PALETTE
+    from stylemix.experiments.weight_maps import PALETTE
 
     kinds = {c.id: c for c in configs}
     pts = []

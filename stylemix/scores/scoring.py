@@ -27,9 +27,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from stylemix.clip_models import Scorer
+from stylemix.scores.clip_models import Scorer
 from stylemix.errors import StyleMixError
-from stylemix.images import IMAGE_EXTENSIONS, open_image, is_image_name  # noqa: F401  (open_image: re-exported)
+from stylemix.datasets.images import IMAGE_EXTENSIONS, open_image, is_image_name  # noqa: F401  (open_image: re-exported)
 from stylemix.paths import atomic_write_bytes
 
 logger = logging.getLogger("stylemix")

@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
-from stylemix.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PRETRAINED, Scorer, ScorerUnavailable, load_scorer
+from stylemix.scores.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PRETRAINED, Scorer, ScorerUnavailable, load_scorer
 from stylemix.errors import StyleMixError
-from stylemix.scoring import CENTROID_FILE, StyleCentroid, centroid_models, load_centroid, score_images
+from stylemix.scores.scoring import CENTROID_FILE, StyleCentroid, centroid_models, load_centroid, score_images
 
 logger = logging.getLogger("stylemix")
 

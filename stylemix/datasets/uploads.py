@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 from stylemix.errors import StyleMixError
-from stylemix.images import IMAGE_EXTENSIONS
+from stylemix.datasets.images import IMAGE_EXTENSIONS
 
 CAPTION_EXTENSION = ".txt"  # kohya's sidecar convention: cat.png + cat.txt
 ARCHIVE_EXTENSIONS = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst", ".lz", ".lzma", ".cab"}
