@@ -86,7 +86,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
             return (token, ds, ds) + shown
 
         demo.load(on_load, inputs=[owner, lora_names], outputs=[owner, dataset.select, train.dataset] + train_outputs,
-                  api_name=False)
+                  api_visibility="private")
     return demo
 
 

@@ -154,7 +154,8 @@ def build_compose_tab(service: StyleMixService, tiny: bool, demo: gr.Blocks, own
         return (path, md, share, seed_value, path, str(out.recipe_path), used_md) + tagged
 
     go.click(compose_fn, inputs=compose_inputs, outputs=compose_outputs, api_name="compose",
-             trigger_mode="always_last", **GPU).success(_exact_shown, outputs=[image, live], queue=False)
+             trigger_mode="always_last", **GPU).success(_exact_shown, outputs=[image, live], queue=False,
+                                                         api_visibility="private")
 
     # ------------------------------------------------------------ live previews while a slider moves
     preview_outputs = [image, live]
@@ -182,13 +183,15 @@ def build_compose_tab(service: StyleMixService, tiny: bool, demo: gr.Blocks, own
         while one preview of this slider runs, only the newest value waits to be sent.
         """
         slider.input(collect, inputs=sliders, outputs=weights_box, queue=False,
-                     trigger_mode="always_last").then(
+                     trigger_mode="always_last", api_visibility="private").then(
             preview_fn, inputs=compose_inputs, outputs=preview_outputs, trigger_mode="always_last",
             show_progress="hidden", **PREVIEW)
         # the newest release wins: queued older requests are dropped (always_last)
-        slider.release(collect, inputs=sliders, outputs=weights_box, queue=False).then(
+        slider.release(collect, inputs=sliders, outputs=weights_box, queue=False,
+                       api_visibility="private").then(
             compose_fn, inputs=compose_inputs, outputs=compose_outputs,
-            trigger_mode="always_last", **GPU).success(_exact_shown, outputs=[image, live], queue=False)
+            trigger_mode="always_last", **GPU).success(_exact_shown, outputs=[image, live], queue=False,
+                                                         api_visibility="private")
 
     api_preview = gr.Button(visible=False)  # API only: POST /preview with the compose inputs
     api_preview.click(preview_fn, inputs=compose_inputs, outputs=preview_outputs, api_name="preview", **PREVIEW)

@@ -233,4 +233,4 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
 
     lib_timer.tick(library_poll_fn, inputs=[library_version, lora_names, tab.select, owner],
                    outputs=library_outputs + [library_version], show_progress="hidden",
-                   concurrency_limit=None, api_name=False)
+                   concurrency_limit=None, api_visibility="private")

@@ -148,7 +148,7 @@ def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserSta
 
     # the poll is cheap (reads status.json), so it never waits in the GPU queue
     tab.timer.tick(status_fn, inputs=[tab.job_id, tab.loss_history, lora_names, last_shown, owner],
-                   outputs=outputs + [last_shown], show_progress="hidden", concurrency_limit=None, api_name=False)
+                   outputs=outputs + [last_shown], show_progress="hidden", concurrency_limit=None, api_visibility="private")
 
     @readable_errors
     def job_status_api(jid, owner_, request: gr.Request):
