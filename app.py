@@ -111,7 +111,7 @@ def main(model: str | None = None, device: str | None = None, dtype: str | None 
          share: bool = False, auth: str | None = None, compile: bool | None = None,
          preview: dict | None = None) -> None:
     """preview: PreviewConfig fields from the command line (None values: the STYLEMIX_PREVIEW_* environment)."""
-    from stylemix import jobs
+    from stylemix.training import jobs
     from stylemix.models import TINY
     from stylemix.preview import PreviewConfig
 

@@ -374,7 +374,7 @@ class StyleMixService:
 
         overwrite=True retrains one of the owner's own LoRAs under its name; nobody else's.
         """
-        from stylemix import jobs
+        from stylemix.training import jobs
         from stylemix.training.config import TrainConfig
 
         if zero_gpu():
@@ -421,13 +421,13 @@ class StyleMixService:
         return jobs.submit(config, self.workspace, owner=owner)
 
     def _active_jobs(self, owner: str) -> list:
-        from stylemix import jobs
+        from stylemix.training import jobs
 
         return [j for j in jobs.list_jobs(self.workspace, owner) if j.state in (jobs.QUEUED, jobs.RUNNING)]
 
     def latest_job(self, owner: str):
         """The owner's running job, else queued, else their newest one (None if they have none)."""
-        from stylemix import jobs
+        from stylemix.training import jobs
 
         mine = jobs.list_jobs(self.workspace, owner)
         for state in (jobs.RUNNING, jobs.QUEUED):
@@ -438,7 +438,7 @@ class StyleMixService:
 
     def job_view(self, owner: str, job_id: str | None = None) -> dict | None:
         """The Train tab's view of a job: progress, loss, samples (paths), error.  None: the owner has no job."""
-        from stylemix import jobs
+        from stylemix.training import jobs
 
         jobs.ensure_queue_running(self.workspace)
         job = jobs.get_job(self.workspace, job_id, owner) if job_id else self.latest_job(owner)
@@ -462,12 +462,12 @@ class StyleMixService:
                 "error": s.get("error"), "samples": samples, "loss_curve": curve, "done": job.state in jobs.TERMINAL}
 
     def cancel_job(self, owner: str, job_id: str):
-        from stylemix import jobs
+        from stylemix.training import jobs
 
         return jobs.cancel(self.workspace, check_name(job_id or "", "job id"), owner, timeout=30)
 
     def resume_job(self, owner: str, job_id: str):
-        from stylemix import jobs
+        from stylemix.training import jobs
 
         if zero_gpu():
             raise StyleMixError("Training is switched off on ZeroGPU Spaces.")
@@ -550,7 +550,7 @@ class StyleMixService:
         return self.library.set_access(name, visibility=visibility).summary()
 
     def _check_not_training(self, name: str) -> None:
-        from stylemix import jobs
+        from stylemix.training import jobs
 
         for j in jobs.list_jobs(self.workspace):
             if j.lora_name == name and j.state in (jobs.QUEUED, jobs.RUNNING):

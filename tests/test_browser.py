@@ -65,7 +65,7 @@ def server(tmp_path_factory):
         yield demo.local_url, ws, service
     finally:
         demo.close()
-        from stylemix import jobs
+        from stylemix.training import jobs
 
         for job in jobs.list_jobs(ws):  # a failed test must not leave a training process behind
             if job.state in (jobs.RUNNING, jobs.QUEUED):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stylemix import jobs
+from stylemix.training import jobs
 from stylemix.errors import StyleMixError
 from trainers.lora import TrainConfig, latest_checkpoint
 from trainers.lora import DIE_DURING_SAVE_ENV

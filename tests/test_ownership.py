@@ -12,7 +12,8 @@ import time
 import pytest
 
 from helpers import make_library_lora, make_lora_file
-from stylemix import access, gpu_queue, jobs
+from stylemix import access, gpu_queue
+from stylemix.training import jobs
 from stylemix.errors import StyleMixError
 from stylemix.recipe import Recipe
 from stylemix.service import StyleMixService, new_owner_token

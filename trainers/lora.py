@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from stylemix import jobs
+from stylemix.training import jobs
 from stylemix.datasets.prepare import DatasetInfo, load_dataset_folder, with_trigger
 from stylemix.errors import StyleMixError
 from stylemix.lora.files import adapter_state, write_safetensors
@@ -627,7 +627,7 @@ def finalize_lora(lora_dir: Path, config: TrainConfig) -> None:
 def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handle_signals: bool = True) -> int:
     """Run the queued job in `job_dir` in this process: status updates, SIGTERM = cancel, then next in queue.
 
-    The queue (stylemix.jobs) starts this as `python -m trainers.lora --job-dir DIR`.
+    The queue (stylemix.training.jobs) starts this as `python -m trainers.lora --job-dir DIR`.
     """
     job_dir = Path(job_dir).resolve()
     job = jobs.load_job(job_dir)
@@ -698,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loras-dir", dest="loras_dir", default=None)
     p.add_argument("--work-dir", default=None, help="checkpoints and samples (default: ./runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    p.add_argument("--job-dir", default=None, help="run the background job in this folder (used by stylemix.jobs)")
+    p.add_argument("--job-dir", default=None, help="run the background job in this folder (used by stylemix.training.jobs)")
     add_config_arguments(p)
     args = p.parse_args(argv)
     try:

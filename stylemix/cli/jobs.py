@@ -42,7 +42,7 @@ def _line(status: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stylemix import jobs
+    from stylemix.training import jobs
 
     ws = Workspace.default(args.loras_dir)
     jobs.ensure_queue_running(ws)

@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stylemix import jobs
+    from stylemix.training import jobs
     from stylemix.training.config import config_from_args
 
     ws = Workspace.default(args.loras_dir)
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 def _foreground(config, ws: Workspace, job_id: str | None) -> int:
     from tqdm import tqdm
 
-    from stylemix import jobs
+    from stylemix.training import jobs
 
     bar = None
 

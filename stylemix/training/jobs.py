@@ -39,14 +39,14 @@ from stylemix.paths import Workspace, atomic_write_text, check_name, inside
 if TYPE_CHECKING:
     from stylemix.training.config import TrainConfig
 
-logger = logging.getLogger("stylemix.jobs")
+logger = logging.getLogger("stylemix.training.jobs")
 
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "running", "completed", "failed", "cancelled"
 TERMINAL = (COMPLETED, FAILED, CANCELLED)
 HEARTBEAT_S = 5.0  # the job process refreshes its heartbeat this often, even inside a long step
 STALE_S = 120.0  # no heartbeat for this long: the process is gone (or hung, or its pid was reused)
 CANCEL_FILE = "cancel.request"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]  # so `-m trainers.lora` imports without installation
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # so `-m trainers.lora` imports without installation
 TRAINER_MODULE = "trainers.lora"  # the job process: `python -m trainers.lora --job-dir DIR` runs `run_job(DIR)`
 
 _children: dict[int, subprocess.Popen] = {}  # processes this process started: polled so they never linger as zombies
