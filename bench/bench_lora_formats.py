@@ -89,7 +89,9 @@ def main(argv=None) -> int:
 
     from diffusers import StableDiffusionPipeline
 
-    from stylemix.lora.library import LoraLibrary, model_targets
+    from stylemix.lora.library import LoraLibrary
+
+    from stylemix.lora.names import pipeline_targets
     from stylemix.mixer import Mixer
     from stylemix.models import LoadedModel, pick_dtype, quiet_library_logs, tiny_components
 
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        lib = LoraLibrary(tmp / "loras", targets=model_targets(pipe))
+        lib = LoraLibrary(tmp / "loras", targets=pipeline_targets(pipe))
         files = {}
         for kind in ("locon", "attn"):
             for i in range(4):

@@ -27,7 +27,8 @@ import torch
 
 from stylemix.a1111 import lbw_block
 from stylemix.errors import StyleMixError
-from stylemix.lora.library import LoraLibrary, model_targets
+from stylemix.lora.library import LoraLibrary
+from stylemix.lora.names import pipeline_targets
 from stylemix.lora.files import WEIGHTS_NAME
 from stylemix.models import LoadedModel
 from stylemix.recipe import SAMPLERS, Recipe
@@ -122,7 +123,7 @@ class Mixer:
         self.library = library
         self.merge = merge
         if library.targets is None:
-            library.targets = model_targets(self.pipe)
+            library.targets = pipeline_targets(self.pipe)
         self.lock = loaded.lock  # one lock per pipeline: mixers sharing a cached pipeline take turns
         self._adapters: dict[str, tuple[str, str]] = {}  # LoRA name -> (adapter id, sha256)
         self._stats: dict[str, tuple[int, int]] = {}  # LoRA name -> (mtime_ns, size) of its file when loaded

@@ -23,7 +23,8 @@ from pathlib import Path
 from stylemix import access, gpu_queue
 from stylemix.errors import StyleMixError
 from stylemix.datasets.images import is_image_name
-from stylemix.lora.library import LoraEntry, LoraLibrary, model_targets
+from stylemix.lora.library import LoraEntry, LoraLibrary
+from stylemix.lora.names import pipeline_targets
 from stylemix.mixer import Mixer, MixResult
 from stylemix.preview import PreviewConfig, Previewer, PreviewResult
 from stylemix.models import ModelLoadError, load_model
@@ -78,7 +79,7 @@ class StyleMixService:
             reason = str(e)
             logger.error("%s -- starting on the built-in tiny model instead.", reason)
             loaded = load_model("tiny", device, dtype)
-        library = LoraLibrary(workspace.loras, targets=model_targets(loaded.pipe), base_model=loaded.model_id)
+        library = LoraLibrary(workspace.loras, targets=pipeline_targets(loaded.pipe), base_model=loaded.model_id)
         banner = f"**Model:** {loaded.description}."
         if reason:
             banner = f"⚠️ **The requested model could not be loaded:** {reason}  \n" + banner

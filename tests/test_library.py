@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers import make_library_lora, make_lora_file
 from stylemix.errors import StyleMixError
-from stylemix.lora.library import LoraLibrary, model_targets
+from stylemix.lora.library import LoraLibrary
+from stylemix.lora.names import pipeline_targets
 from stylemix.lora.files import WEIGHTS_NAME, read_lora_file
 from stylemix.mixer import Mixer
 from stylemix.models import LoadedModel, tiny_pipeline
@@ -22,7 +23,7 @@ RECIPE = Recipe(prompt="a cat", steps=2, width=64, height=64, seed=3, sampler="E
 
 @pytest.fixture(scope="module")
 def shapes():
-    return model_targets(tiny_pipeline())
+    return pipeline_targets(tiny_pipeline())
 
 
 def render(root, name, weight=1.0):

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from layout_files import LDM_NAMES, kohya_lora, layer_modules, lycoris_file, reference_deltas
 from stylemix.errors import StyleMixError
-from stylemix.lora.library import LoraLibrary, model_targets
-from stylemix.lora.names import ldm_to_diffusers, resolve_kohya, sd15_targets
+from stylemix.lora.library import LoraLibrary
+from stylemix.lora.names import pipeline_targets
+from stylemix.lora.names import kohya_names, ldm_to_diffusers, resolve_kohya, sd15_targets
 from stylemix.mixer import Mixer
 from stylemix.models import LoadedModel, tiny_pipeline
 from stylemix.recipe import Recipe
@@ -24,7 +25,7 @@ RECIPE = Recipe(prompt="a cat", steps=2, width=64, height=64, seed=3, sampler="E
 
 def setup(tmp_path):
     pipe = tiny_pipeline()
-    lib = LoraLibrary(tmp_path / "loras", targets=model_targets(pipe))
+    lib = LoraLibrary(tmp_path / "loras", targets=pipeline_targets(pipe))
     mixer = Mixer(LoadedModel(pipe, "tiny", torch.device("cpu"), torch.float32), lib)
     # the layers as plain modules, and their weights, before any LoRA touches them (peft wraps them later)
     modules = layer_modules(pipe, attn=True, conv=True, te=True)
@@ -233,10 +234,11 @@ def test_every_sd15_layer_has_one_kohya_and_one_ldm_name():
     """On the full-size SD1.5 architecture: each attention, resnet and sampler layer is reachable under its
     kohya name and its LDM name, and no two names meet on one layer."""
     targets = sd15_targets()
+    table = kohya_names(targets)
     unet = [k for k in targets if k.startswith("unet.") and (".attentions." in k or ".resnets." in k or "samplers" in k)]
     assert len(unet) > 250  # 16 attention blocks x 12 layers, 22 resnets, 6 samplers
     for key in unet:
-        assert resolve_kohya("lora_unet_" + key[len("unet."):].replace(".", "_"), targets) == key
+        assert resolve_kohya("lora_unet_" + key[len("unet."):].replace(".", "_"), table) == key
     from stylemix.lora.names import _all_ldm_names
 
     mapped = [ldm_to_diffusers(n) for n in _all_ldm_names()]
@@ -244,11 +246,11 @@ def test_every_sd15_layer_has_one_kohya_and_one_ldm_name():
     assert len(hits) == len(set(hits))
     assert set(unet) <= set(hits)
     for ldm, diff in LDM_NAMES.items():
-        assert resolve_kohya(f"lora_unet_{ldm}", targets) == f"unet.{diff}"
+        assert resolve_kohya(f"lora_unet_{ldm}", table) == f"unet.{diff}"
     # the text encoder under both transformers' module names
     te = "text_encoder.text_model.encoder.layers.11.mlp.fc2"
-    assert resolve_kohya("lora_te_text_model_encoder_layers_11_mlp_fc2", targets) == te
-    assert resolve_kohya("lora_te_encoder_layers_11_mlp_fc2", targets) == te
+    assert resolve_kohya("lora_te_text_model_encoder_layers_11_mlp_fc2", table) == te
+    assert resolve_kohya("lora_te_encoder_layers_11_mlp_fc2", table) == te
 
 
 def test_full_size_sd2_shapes_are_named(tmp_path):

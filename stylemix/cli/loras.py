@@ -37,7 +37,8 @@ def register(sub) -> None:
 
 def _library(args, check: bool):
     from stylemix.cli.common import workspace
-    from stylemix.lora.library import LoraLibrary, model_targets
+    from stylemix.lora.library import LoraLibrary
+    from stylemix.lora.names import pipeline_targets
 
     root = workspace(args).loras
     if not check:
@@ -45,7 +46,7 @@ def _library(args, check: bool):
     from stylemix.models import load_model
 
     loaded = load_model(args.model, args.device, args.dtype)
-    return LoraLibrary(root, targets=model_targets(loaded.pipe), base_model=loaded.model_id)
+    return LoraLibrary(root, targets=pipeline_targets(loaded.pipe), base_model=loaded.model_id)
 
 
 def run(args) -> int:

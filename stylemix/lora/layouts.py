@@ -17,7 +17,7 @@ import torch
 
 from stylemix.errors import StyleMixError
 from stylemix.lora import convert_diffusers, convert_kohya, convert_loha, convert_lokr, files
-from stylemix.lora.names import Target, resolve_kohya
+from stylemix.lora.names import Target, kohya_names, resolve_kohya
 from stylemix.lora.update import LayerUpdate
 
 # checked in order: the first whose marker suffix a layer has converts it
@@ -74,7 +74,7 @@ def group_kohya(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
 
 
 def kohya_layers(state: dict[str, torch.Tensor], targets: dict[str, Target]) -> list[LayerUpdate]:
-    out, seen = [], {}
+    out, seen, table = [], {}, kohya_names(targets)
     for module, tensors in group_kohya(state).items():
         bad = next((s for s in tensors if s in UNSUPPORTED), None)
         if bad == "dora_scale":
@@ -89,7 +89,7 @@ def kohya_layers(state: dict[str, torch.Tensor], targets: dict[str, Target]) -> 
         unknown = sorted(set(tensors) - converter.SUFFIXES)
         if unknown:
             raise StyleMixError(f"Layer {module!r} has keys {unknown} that a {converter.KIND} layer does not have.")
-        key = _resolve(module, targets)
+        key = _resolve(module, table)
         if key in seen:
             raise StyleMixError(f"Layers {seen[key]!r} and {module!r} both change {key!r}.")
         seen[key] = module
@@ -97,9 +97,9 @@ def kohya_layers(state: dict[str, torch.Tensor], targets: dict[str, Target]) -> 
     return out
 
 
-def _resolve(module: str, targets: dict[str, Target]) -> str:
+def _resolve(module: str, table: dict[str, str]) -> str:
     try:
-        return resolve_kohya(module, targets)
+        return resolve_kohya(module, table)
     except StyleMixError:
         # SDXL's LDM names: input blocks only go to 8 and its attentions hold up to 10 transformer blocks
         if re.search(r"transformer_blocks_[1-9]", module) or "label_emb" in module:

@@ -25,7 +25,7 @@ from stylemix import access
 from stylemix.lora import files as lora_files
 from stylemix.lora import layouts
 from stylemix.lora.canonical import canonical_state, describe, tag_counts, to_kohya
-from stylemix.lora.names import Target, pipeline_targets, sd15_targets
+from stylemix.lora.names import Target, sd15_targets
 from stylemix.lora.update import mismatch
 from stylemix.errors import StyleMixError
 from stylemix.paths import atomic_write_text, check_name, inside, read_json_object, replace_folder
@@ -113,11 +113,6 @@ class LoraEntry:
 # --------------------------------------------------------------------------- compatibility
 
 
-def model_targets(pipe) -> dict[str, Target]:
-    """Every layer of the loaded model a LoRA could change (Linear and Conv2d), by canonical key."""
-    return pipeline_targets(pipe)
-
-
 def check_compatible(state: dict[str, torch.Tensor], targets: dict[str, Target]) -> str | None:
     """None if every layer of a canonical LoRA exists in the base model with matching shapes, else the reason."""
     for mod, (a, b) in lora_files.lora_modules(state).items():
@@ -135,7 +130,7 @@ def check_compatible(state: dict[str, torch.Tensor], targets: dict[str, Target])
 
 
 class LoraLibrary:
-    """The LoRA folders under `root`; `targets` (the loaded model's layers, `model_targets`) enables
+    """The LoRA folders under `root`; `targets` (the loaded model's layers, `names.pipeline_targets`) enables
     compatibility checks and sizes imports."""
 
     def __init__(self, root: str | os.PathLike, targets: dict[str, Target] | None = None,

@@ -51,7 +51,7 @@ def canonical_text_encoder_key(key: str) -> str:
     return key
 
 
-def model_targets(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, Target]:
+def module_targets(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, Target]:
     """Every Linear and Conv2d of the UNet and text encoder, by canonical key (peft wrappers looked through)."""
     out: dict[str, Target] = {}
     for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
@@ -70,7 +70,8 @@ def model_targets(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -
 
 
 def pipeline_targets(pipe) -> dict[str, Target]:
-    return model_targets(pipe.unet, pipe.text_encoder)
+    """Every layer of a loaded pipeline a LoRA could change (what the library checks LoRAs against)."""
+    return module_targets(pipe.unet, pipe.text_encoder)
 
 
 @lru_cache(maxsize=1)
@@ -78,7 +79,7 @@ def sd15_targets() -> dict[str, Target]:
     """The targets of the full-size SD1.5 architecture (built on `meta`: names and shapes, no weights)."""
     from stylemix.architecture import full_size_meta_text_encoder, full_size_meta_unet
 
-    return model_targets(full_size_meta_unet(), full_size_meta_text_encoder())
+    return module_targets(full_size_meta_unet(), full_size_meta_text_encoder())
 
 
 # --------------------------------------------------------------------------- LDM (A1111) names
@@ -184,10 +185,15 @@ def _all_ldm_names() -> tuple[str, ...]:
     return tuple(out)
 
 
-def resolve_kohya(module: str, targets: dict[str, Target]) -> str:
-    """The canonical key of a kohya/LyCORIS/A1111 module name ('lora_unet_…', 'lora_te_…'), or raise."""
+def kohya_names(targets: dict[str, Target]) -> dict[str, str]:
+    """{kohya/LyCORIS/A1111 module name ('lora_unet_…', 'lora_te_…'): canonical key} for these targets."""
     names = tuple(sorted(targets))
-    key = _kohya_table(names).get(module) or _ldm_table(names).get(module)
+    return {**_ldm_table(names), **_kohya_table(names)}
+
+
+def resolve_kohya(module: str, table: dict[str, str]) -> str:
+    """The canonical key of a kohya-style module name (`table` from `kohya_names`), or raise naming it."""
+    key = table.get(module)
     if key is None:
         raise StyleMixError(f"LoRA layer {module!r} matches no layer of the SD1.5 UNet or text encoder "
                             "(a LoRA for another model, or a misspelt key).")
