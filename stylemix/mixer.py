@@ -95,9 +95,12 @@ class MixResult:
 class RenderOptions:
     """What a fast preview changes about `Mixer.generate` (stylemix/preview.py); full renders pass none.
 
-    extra_adapters: resident adapter id -> weight, merged into the same in-place weighted sum as the
-    recipe's LoRAs for this render only (a few-step LoRA); the next render without it restores the
-    layers exactly, as for any LoRA set to 0.
+    extra_adapters: resident adapter id -> weight, for this render only (a few-step LoRA).  They run
+    on peft's own unmerged path on top of the merged style mix, never written into the weights: a
+    few-step LoRA touches nearly every UNet layer (LCM-LoRA: its ResNet convs too), so merging it
+    would re-merge, and keep an original copy of, most of the UNet each time a preview follows a full
+    render (4-9 s on a CPU at full size), where its unmerged path costs a few per cent of a step at
+    preview sizes.  The next render without it just switches that path off.
     """
 
     extra_adapters: dict[str, float] = field(default_factory=dict)
@@ -242,7 +245,8 @@ class Mixer:
         """Set LoRA weights (0 = off) and optional per-block multipliers; loads what is missing.
 
         `extra_adapters` (adapter id -> weight) adds adapters loaded outside the library, such as the
-        preview's few-step LoRA; they are weighted exactly like library LoRAs, with no block multipliers.
+        preview's few-step LoRA: weighted like library LoRAs (no block multipliers) but always run
+        on peft's unmerged path (see `RenderOptions`).
 
         Cheap (milliseconds, no tensor math): it records each layer's adapters and peft scales.
         With merge=True the weighted sums are written into the layers by `apply()` (called by
@@ -253,7 +257,8 @@ class Mixer:
             self.ensure_loaded([n for n, w in weights.items() if w != 0])
             by_id = {self._adapters[n][0]: (w, block_weights.get(n, {}))
                      for n, w in weights.items() if w != 0 and n in self._adapters}
-            by_id.update({a: (float(w), {}) for a, w in (extra_adapters or {}).items() if w != 0})
+            extras = {a: float(w) for a, w in (extra_adapters or {}).items() if w != 0}
+            by_id.update({a: (w, {}) for a, w in extras.items()})
             key = (self.merge, tuple(sorted((a, w, tuple(sorted(b.items()))) for a, (w, b) in by_id.items())))
             if self.state.layers_owner is not self:  # another mixer on this pipeline set the layers
                 for layer in self._layers:
@@ -267,10 +272,12 @@ class Mixer:
                     w, blocks = by_id[a]
                     mult = next((blocks[b] for b in layer.blocks if b in blocks), 1.0)
                     layer.module.set_scale(a, w * mult)  # peft's own alpha/r (or rsLoRA) scaling
-                    want.append((a, layer.module.scaling[a]))
+                    if a not in extras:
+                        want.append((a, layer.module.scaling[a]))
                 layer.want = tuple(want)
                 if self.merge:
-                    active = ()  # the merged weight carries the LoRAs: peft's extra path stays off
+                    # the merged weight carries the library LoRAs; only extras stay on peft's path
+                    active = tuple(a for a in active if a in extras)
                 if not active:
                     if layer.active != () or not layer.module.disable_adapters:
                         layer.module.enable_adapters(False)

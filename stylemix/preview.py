@@ -2,17 +2,19 @@
 
 A preview is the recipe made cheaper: fewer steps at a smaller size (`PreviewConfig`), which works on
 any model with nothing extra.  Where the user has them (`STYLEMIX_PREVIEW_LORA`, `STYLEMIX_PREVIEW_TAESD`,
-see the README) a preview also merges a few-step LoRA (LCM-LoRA, Hyper-SD or TCD) into the same in-place
-weighted sum as the style LoRAs, with that LoRA's own scheduler and CFG, and decodes with TAESD
-(diffusers' `AutoencoderTiny`).  The tiny model gets random stand-ins for both, built here, so the whole
+see the README) a preview also adds a few-step LoRA (LCM-LoRA, Hyper-SD or TCD) to the style mix, with
+that LoRA's own scheduler and CFG, and decodes with TAESD (diffusers' `AutoencoderTiny`).  The style
+LoRAs stay merged in place as for any render; the few-step LoRA runs on peft's unmerged path on top
+(`RenderOptions`): merged, it would rewrite most of the UNet at every switch between a preview and a
+full render (bench/RESULTS.md).  The tiny model gets random stand-ins for both, built here, so the whole
 path runs offline.
 
 Only the newest request matters (`Previewer`): every request takes a ticket per channel (one browser
 session); a preview whose ticket is no longer the newest stops between denoising steps through the
 pipeline's own interrupt flag, so a preview never waits for an older one to finish.  An exact render
 (`Previewer.render_exact`) stops every running preview and is never interrupted itself.  It goes through
-plain `Mixer.generate` without options, so the few-step LoRA is not in its weights: `apply()` restores
-those layers from the kept originals, and the image is bit for bit what a pipeline that never previewed
+plain `Mixer.generate` without options: the few-step LoRA's path is switched off, the style layers are
+merged from their kept originals, and the image is bit for bit what a pipeline that never previewed
 makes (tests/test_preview.py).
 """
 

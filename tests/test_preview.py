@@ -1,7 +1,7 @@
 """Live previews (stylemix/preview.py) and compiled renders (stylemix/accel.py) on the real tiny model.
 
 The few-step LoRA and TAESD are the tiny model's random stand-ins, loaded and run exactly as real
-ones would be (peft adapters merged by the mixer, diffusers' AutoencoderTiny).  No timing assertions:
+ones would be (peft adapters, diffusers' AutoencoderTiny).  No timing assertions:
 speed is measured in bench/bench_live.py.
 """
 
@@ -89,22 +89,59 @@ def test_full_render_after_previews_is_bit_identical_to_never_previewed(previewe
     assert np.array_equal(pixels(after.images[0]), pixels(never.images[0]))
 
 
-def test_fewstep_lora_is_merged_during_previews_only(previewer):
+def test_fewstep_lora_runs_during_previews_only_and_never_touches_the_weights(previewer):
     mixer = previewer.mixer
     previewer.setup()
-    # a layer only the few-step LoRA touches (ResNet conv): its weight must be the base one outside previews
+    # a layer only the few-step LoRA touches (ResNet conv): it must run during previews and never be merged
     layer = next(l for l in mixer._layers if l.name.endswith("resnets.0.conv1") and l.component == "unet")
     assert layer.adapters == {FEWSTEP_ADAPTER}
     weight = layer.module.get_base_layer().weight
     base = weight.detach().clone()
+    fewstep_calls = count_calls(layer.module.lora_A[FEWSTEP_ADAPTER])
     seen = []
     mixer.pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(torch.equal(weight, base)))
     previewer.preview(RECIPE)
-    assert seen and not any(seen)  # every preview step ran with the few-step LoRA merged in
+    assert len(fewstep_calls) == len(seen) == 4  # every preview step ran the few-step LoRA ...
+    assert all(seen)  # ... on top of the base weight, never merged into it
     seen.clear()
+    fewstep_calls.clear()
     previewer.render_exact(RECIPE)
-    assert seen and all(seen)  # every exact step ran on the exact base weight
+    assert len(seen) == RECIPE.steps and fewstep_calls == []  # the exact render never runs it
+    # no kept copy of the layers only the few-step LoRA touches: it costs no memory beyond its own weights
+    assert layer.key not in mixer.state.original
     assert torch.equal(weight, base) and weight.data_ptr() == layer.module.get_base_layer().weight.data_ptr()
+
+
+def test_preview_is_what_diffusers_makes_with_the_same_adapters(previewer, library):
+    """The preview's mix (style LoRAs merged, few-step LoRA on peft's path) against plain diffusers
+    `set_adapters` with all three, the few-step LoRA's scheduler and no CFG, decoded by the same TAESD."""
+    from diffusers import LCMScheduler
+
+    from stylemix.lora.files import WEIGHTS_NAME
+    from stylemix.mixer import decode_latents
+    from stylemix.models import tiny_pipeline
+    from stylemix.preview import tiny_fewstep_lora
+
+    recipe = RECIPE.with_(loras={"ink": 0.8, "neon": -0.4})
+    shown = previewer.preview(recipe)
+    cheap = shown.recipe
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("ink", "neon"):
+        pipe.load_lora_weights(str(library / name / WEIGHTS_NAME), adapter_name=name)
+    pipe.load_lora_weights(str(tiny_fewstep_lora()), adapter_name="fewstep")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+
+    def plain(fewstep_weight: float):
+        pipe.set_adapters(["ink", "neon", "fewstep"], [0.8, -0.4, fewstep_weight])
+        latents = pipe(shown.result.prompt_used, num_inference_steps=cheap.steps, guidance_scale=1.0,
+                       width=cheap.width, height=cheap.height, output_type="latent",
+                       generator=[torch.Generator("cpu").manual_seed(cheap.seed)]).images
+        return pixels(decode_latents(pipe, latents, previewer._decoder)[0])
+
+    same, without = (np.abs(pixels(shown.image) - plain(w)).astype(float) for w in (1.0, 0.0))
+    assert same.max() <= 1  # merged vs unmerged style LoRAs: float rounding only (0 here)
+    assert without.max() > same.max() and without.mean() > 5 * same.mean()  # the few-step LoRA does act
 
 
 def test_newest_request_interrupts_an_older_preview_between_steps(previewer):
