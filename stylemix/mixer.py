@@ -107,6 +107,10 @@ class RenderOptions:
     scheduler: object | None = None  # replaces the recipe's sampler (the few-step LoRA's own scheduler)
     decoder: torch.nn.Module | None = None  # decodes the latents instead of the pipeline's VAE (TAESD)
     should_stop: Callable[[], bool] | None = None  # checked after each step: True interrupts the render
+    # Where the seed's noise is drawn.  Full renders draw it on the CPU, so a seed gives the same image
+    # on cuda, mps and cpu.  Previews draw it on the model's device: a stochastic sampler (LCM, TCD)
+    # draws noise every step, and a CPU draw copied to the GPU is a host sync inside the loop.
+    noise_on_device: bool = False
 
 
 class Mixer:
@@ -293,9 +297,10 @@ class Mixer:
     def apply(self) -> int:
         """merge=True: write each layer's weighted LoRA sum into its weight; returns layers rewritten.
 
-        Layers of one shape with the same active adapters are merged together in one batched
-        matmul (a few groups for SD1.5): a handful of kernels instead of a few per layer, so a
-        weight change costs milliseconds on a GPU, where each launch is the cost (bench/RESULTS.md).
+        On a GPU, layers of one shape with the same active adapters are merged together in one
+        batched matmul (a few groups for SD1.5): a handful of kernels instead of a few per layer, so a
+        weight change costs milliseconds, where each launch is the cost (bench/RESULTS.md).  On the
+        CPU each layer is merged into its own storage (`_merge_group`).
         """
         if not self.merge:
             return 0
@@ -320,7 +325,17 @@ class Mixer:
             return changed
 
     def _merge_group(self, layers: list[_Layer], ids: tuple, ranks: tuple) -> None:
-        """W_l = W_l(original) + B_l diag(s_l) A_l for every layer l of the group, as one baddbmm."""
+        """W_l = W_l(original) + B_l diag(s_l) A_l for every layer l of the group.
+
+        On a GPU (cuda, mps) one baddbmm for the whole group: there each kernel launch is the cost.
+        On the CPU one addmm per layer written straight into the weight: there memory traffic is the
+        cost, and the batched form stacks the originals and copies its result back (176 full-size
+        layers: 0.10 s against 0.33-0.68 s, bench/RESULTS.md).  Both give the same bits.
+        """
+        if self.loaded.device.type == "cpu":
+            for layer in layers:
+                self._merge_layer(layer, ids, ranks)
+            return
         key = tuple(layer.key for layer in layers) + (ids,)
         originals = [self.state.original[layer.key][1] for layer in layers]
         dtype, device = originals[0].dtype, originals[0].device
@@ -339,6 +354,26 @@ class Mixer:
         torch._foreach_copy_(targets, [m.reshape(t.shape) for m, t in zip(merged.unbind(0), targets)])
         for layer in layers:
             self.state.merged[layer.key] = layer.want
+
+    def _merge_layer(self, layer: _Layer, ids: tuple, ranks: tuple) -> None:
+        """W = W(original) + B diag(s) A for one layer, computed into W's own storage."""
+        original = self.state.original[layer.key][1]
+        key = (layer.key, ids)
+        if key not in self._stacks:  # the active adapters' A and B side by side, once per active set
+            self._stacks[key] = (
+                torch.cat([layer.module.lora_A[i].weight.reshape(r, -1) for i, r in zip(ids, ranks)]).to(original.dtype),
+                torch.cat([layer.module.lora_B[i].weight.reshape(-1, r) for i, r in zip(ids, ranks)],
+                          dim=1).to(original.dtype))
+        a, b = self._stacks[key]
+        scales = torch.tensor([s for (_, s), r in zip(layer.want, ranks) for _ in range(r)],
+                              dtype=original.dtype).to(original.device)
+        weight = layer.module.get_base_layer().weight
+        flat = original.reshape(original.shape[0], -1)
+        if weight.is_contiguous():
+            torch.addmm(flat, b * scales, a, out=weight.view(weight.shape[0], -1))
+        else:  # a channels_last conv weight (compiled): no flat view of it, so compute then copy in
+            weight.copy_(torch.addmm(flat, b * scales, a).view(weight.shape))
+        self.state.merged[layer.key] = layer.want
 
     @torch.no_grad()
     def restore_base_weights(self) -> None:
@@ -420,8 +455,9 @@ class Mixer:
             timings["encode_s"] = time.perf_counter() - t1
             self.pipe.scheduler = opts.scheduler or self._scheduler(recipe.sampler)
             seeds = [recipe.seed + i for i in range(recipe.batch_size)]
-            # CPU generators: the same seed gives the same image on cuda, mps and cpu
-            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            # CPU generators: the same seed gives the same image on cuda, mps and cpu (RenderOptions)
+            noise_device = self.loaded.device if opts.noise_on_device else torch.device("cpu")
+            gens = [torch.Generator(noise_device).manual_seed(s) for s in seeds]
             stopped = []
 
             def on_step(pipe, step, timestep, kwargs):

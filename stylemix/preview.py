@@ -275,7 +275,7 @@ class Previewer:
             changes["guidance"] = kind.guidance
         cheap = recipe.with_(**changes)
         options = RenderOptions(extra_adapters={FEWSTEP_ADAPTER: kind.weight} if kind else {},
-                                scheduler=self._scheduler, decoder=self._decoder)
+                                scheduler=self._scheduler, decoder=self._decoder, noise_on_device=True)
         extras = [x for x in (kind.label if kind else None, "TAESD" if self._decoder is not None else None) if x]
         label = f"Preview — {steps} steps, {cheap.width}×{cheap.height}" + (f" ({', '.join(extras)})" if extras else "")
         return cheap, options, label

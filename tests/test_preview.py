@@ -222,3 +222,36 @@ def test_weight_changes_cause_no_recompile(library):
     assert counter.frame_count == graphs  # no recompiles
     assert [w.data_ptr() for w in weights] == ptrs  # same storage: CUDA graphs would replay as recorded
     assert not torch.equal(out, before)  # and the compiled UNet does see the new weights
+
+
+def test_inductor_compiled_renders_match_eager_and_never_recompile(library, tmp_path, monkeypatch):
+    """The real backend, inductor (C++ on the CPU; CUDA graphs need a GPU, bench/bench_live.py):
+    compiled full renders and previews match the eager ones, and after one render of each shape
+    neither 20 weight changes nor switching between previews and full renders compiles anything."""
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("inductor on the CPU needs a C++ compiler")
+    from stylemix.accel import compile_counters, compile_pipeline
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # not the user's /tmp cache
+    recipe = RECIPE.with_(steps=4, width=64, height=64)
+    eager = Previewer(new_mixer(library), PreviewConfig.from_env(tiny_model=True, env={}))
+    compiled = Previewer(new_mixer(library), PreviewConfig.from_env(tiny_model=True, env={}))
+    compile_pipeline(compiled.mixer.pipe, mode=None)
+    first_preview, first_full = compiled.preview(recipe), compiled.render_exact(recipe)  # compiles both shapes
+    assert first_preview is not None
+    before = compile_counters()
+    assert before["graphs_compiled"] > 0  # dynamo did compile (a graph per shape and per path)
+    for i in range(20):
+        r = recipe.with_(loras={"ink": round(0.1 * i, 2), "neon": 0.3})
+        if i % 5 == 0:
+            shown, ref = compiled.preview(r), eager.preview(r)  # a drag's preview, then its release
+            assert np.abs(pixels(shown.image) - pixels(ref.image)).max() <= 2
+            full, ref = compiled.render_exact(r), eager.render_exact(r)
+            assert np.abs(pixels(full.images[0]) - pixels(ref.images[0])).max() <= 2
+        else:
+            compiled.mixer.set_weights(r.loras)
+            compiled.mixer.apply()
+    assert compile_counters()["graphs_compiled"] == before["graphs_compiled"]  # no recompile, either kind
+    assert not np.array_equal(pixels(full.images[0]), pixels(first_full.images[0]))  # the weights did reach it
