@@ -10,6 +10,10 @@ and the tests can check the claim over 100 changes.
 
 What still compiles: a new image size, batch or sampler timestep dtype (one graph each; `warm_up` does
 the default ones at start), and loading a LoRA onto layers not wrapped yet (the module tree changes).
+
+`fuse_qkv` (opt-in, `STYLEMIX_FUSE_QKV=1`) fuses each UNet attention's projections into one matmul
+and keeps LoRA mixing exact by making the old projections' weights views of the fused weight.  Off
+by default until bench/bench_live.py --fuse-qkv measures that it pays on a GPU.
 """
 
 from __future__ import annotations
@@ -44,6 +48,69 @@ def compile_wanted(device: torch.device, requested: bool | None = None) -> bool:
     if env:
         raise StyleMixError(f"STYLEMIX_COMPILE={env!r}: use 1 or 0 (or leave it unset for automatic).")
     return device.type == "cuda"
+
+
+def fuse_qkv_wanted(requested: bool | None = None) -> bool:
+    """--fuse-qkv, else $STYLEMIX_FUSE_QKV (1/0), else off: not yet measured to pay (bench/RESULTS.md)."""
+    if requested is not None:
+        return bool(requested)
+    env = os.environ.get("STYLEMIX_FUSE_QKV", "").strip().lower()
+    if env in ("", "0", "false", "off", "no"):
+        return False
+    if env in ("1", "true", "on", "yes"):
+        return True
+    raise StyleMixError(f"STYLEMIX_FUSE_QKV={env!r}: use 1 or 0.")
+
+
+def fuse_qkv(mixer) -> int:
+    """Fuse the UNet's attention projections (q, k, v of self-attention; k, v of cross-attention) into
+    one matmul each, with diffusers' `fuse_qkv_projections`; returns the attention modules fused.
+
+    The fused layer is a new weight that peft's LoRA layers on to_q/to_k/to_v never see.  So each of
+    those layers' weight becomes a view of its rows of the fused weight: the mixer's in-place merge
+    (`Mixer.apply`) then writes each LoRA sum straight into the fused weight's slices.  Adapters on
+    peft's unmerged path would be skipped there, so after fusing the mixer merges the preview's
+    few-step LoRA too (`_PipelineState.fused_qkv`), and a mixer that cannot merge is refused.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    pipe, state = mixer.pipe, mixer.state
+    if state.fused_qkv:
+        return 0
+    if not mixer.merge:
+        raise StyleMixError("Fused QKV needs merged LoRAs: a loaded LoRA here can only run unmerged "
+                            "(DoRA or an unusual layer); start without STYLEMIX_FUSE_QKV.")
+    with mixer.lock:
+        mixer.restore_base_weights()  # the fused weight is built from the base weights, not a mix
+        pipe.unet.fuse_qkv_projections()
+        fused, rebound = 0, []
+        for name, module in pipe.unet.named_modules():
+            if not isinstance(module, Attention):
+                continue
+            if getattr(module, "to_qkv", None) is not None and not module.is_cross_attention:
+                parts, target = ("to_q", "to_k", "to_v"), module.to_qkv
+            elif getattr(module, "to_kv", None) is not None:
+                parts, target = ("to_k", "to_v"), module.to_kv
+            else:
+                continue
+            row = 0
+            for part in parts:
+                proj = getattr(module, part)
+                base = proj.get_base_layer() if hasattr(proj, "get_base_layer") else proj
+                rows = base.weight.shape[0]
+                base.weight = torch.nn.Parameter(target.weight[row:row + rows], requires_grad=False)
+                if base.bias is not None:
+                    base.bias = torch.nn.Parameter(target.bias[row:row + rows], requires_grad=False)
+                row += rows
+                rebound.append(("unet", f"{name}.{part}"))
+            fused += 1
+        for key in rebound:  # kept originals of the replaced weights: taken again from the views
+            state.original.pop(key, None)
+            state.merged.pop(key, None)
+        state.fused_qkv = True
+        state.weights_key = None
+    logger.info("fused QKV projections in %d UNet attention modules", fused)
+    return fused
 
 
 def compile_pipeline(pipe, mode: str | None = DEFAULT_MODE, backend: str = "inductor", vae: bool = True) -> None:

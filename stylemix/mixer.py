@@ -78,6 +78,9 @@ class _PipelineState:
     layers_owner: object = None  # the mixer whose layer list set them
     original: dict = field(default_factory=dict)  # (component, layer) -> (weight, copy of its own value)
     merged: dict = field(default_factory=dict)  # (component, layer) -> the `want` merged into that weight
+    # UNet attention projections fused (stylemix.accel.fuse_qkv): peft's unmerged path would skip
+    # q/k/v there, so extra adapters are merged like library LoRAs
+    fused_qkv: bool = False
 
 
 @dataclass
@@ -100,7 +103,8 @@ class RenderOptions:
     few-step LoRA touches nearly every UNet layer (LCM-LoRA: its ResNet convs too), so merging it
     would re-merge, and keep an original copy of, most of the UNet each time a preview follows a full
     render (4-9 s on a CPU at full size), where its unmerged path costs a few per cent of a step at
-    preview sizes.  The next render without it just switches that path off.
+    preview sizes.  The next render without it just switches that path off.  (With the UNet's attention
+    projections fused, `stylemix.accel.fuse_qkv`, that path would skip q/k/v: extras are merged there.)
     """
 
     extra_adapters: dict[str, float] = field(default_factory=dict)
@@ -262,6 +266,7 @@ class Mixer:
             by_id = {self._adapters[n][0]: (w, block_weights.get(n, {}))
                      for n, w in weights.items() if w != 0 and n in self._adapters}
             extras = {a: float(w) for a, w in (extra_adapters or {}).items() if w != 0}
+            unmerged = set() if self.state.fused_qkv else set(extras)  # adapters left on peft's path
             by_id.update({a: (w, {}) for a, w in extras.items()})
             key = (self.merge, tuple(sorted((a, w, tuple(sorted(b.items()))) for a, (w, b) in by_id.items())))
             if self.state.layers_owner is not self:  # another mixer on this pipeline set the layers
@@ -276,12 +281,12 @@ class Mixer:
                     w, blocks = by_id[a]
                     mult = next((blocks[b] for b in layer.blocks if b in blocks), 1.0)
                     layer.module.set_scale(a, w * mult)  # peft's own alpha/r (or rsLoRA) scaling
-                    if a not in extras:
+                    if a not in unmerged:
                         want.append((a, layer.module.scaling[a]))
                 layer.want = tuple(want)
                 if self.merge:
                     # the merged weight carries the library LoRAs; only extras stay on peft's path
-                    active = tuple(a for a in active if a in extras)
+                    active = tuple(a for a in active if a in unmerged)
                 if not active:
                     if layer.active != () or not layer.module.disable_adapters:
                         layer.module.enable_adapters(False)

@@ -106,10 +106,12 @@ class StyleMixService:
         """Compile, then load the library's LoRAs and render the default shapes once: later weight
         changes and drags then never wait for a compile (a LoRA loaded later wraps new layers and
         compiles once)."""
-        from stylemix.accel import compile_pipeline, warm_up
+        from stylemix.accel import compile_pipeline, fuse_qkv, fuse_qkv_wanted, warm_up
 
         names = [e["name"] for e in self.usable_loras()][:16]
         self.mixer.ensure_loaded(names)  # peft wraps their layers now, before the graphs are captured
+        if fuse_qkv_wanted():
+            fuse_qkv(self.mixer)
         compile_pipeline(self.mixer.pipe)
         side = 64 if self.mixer.loaded.is_tiny else 512
         warm_up(self.mixer, [Recipe("warm-up", loras={n: 0.5 for n in names[:2]}, steps=2, width=side, height=side)],

@@ -21,11 +21,14 @@ def open_mixer(args):
     if loaded.is_tiny:
         print("stylemix: WARNING: running the built-in TINY model (random weights): "
               "images are not real pictures and scores are demo values.", file=sys.stderr)
+    mixer = Mixer(loaded, LoraLibrary(workspace(args).loras, base_model=loaded.model_id))
     if getattr(args, "compile", None):  # explicit only: for one image a compile costs more than it saves
-        from stylemix.accel import compile_pipeline
+        from stylemix.accel import compile_pipeline, fuse_qkv, fuse_qkv_wanted
 
+        if fuse_qkv_wanted():  # as the server does, so `--compile generate` gives the server's pixels
+            fuse_qkv(mixer)
         compile_pipeline(loaded.pipe)
-    return Mixer(loaded, LoraLibrary(workspace(args).loras, base_model=loaded.model_id))
+    return mixer
 
 
 def tqdm_progress(total: int, desc: str, disable: bool = False):
