@@ -15,7 +15,9 @@ LCM-LoRA's targets (LCMScheduler, no CFG) and a random TAESD (diffusers Autoenco
    (goal 0);
 6. a simulated drag: events every 50 ms for 2 s, each a preview in its own thread (the worst case: every
    event reaches the server), then the release's exact render; previews running at once (goal: at most 1)
-   and the time from release to the exact image vs one full render (goal <= 1.1x).
+   and the time from release to the exact image vs one full render (goal <= 1.1x);
+7. with --fuse-qkv, last: fused q/k/v projections vs the same pipeline unfused (full render, preview,
+   pixels, recompiles over 100 changes): whether they pay.
 
     python -m bench.bench_live --out bench/results-live-cpu-tiny.json                   # CPU, tiny model
     python -m bench.bench_live --full-size --size 256 --steps 8 --out bench/results-live-cpu-full.json
@@ -157,6 +159,27 @@ def bench_host_syncs(previewer, recipe, names) -> dict:
     return out
 
 
+def bench_fused(previewer, recipe, names, repeats: int, full_s: float, preview: dict) -> dict:
+    """Fuse the UNet's q/k/v projections (stylemix.accel.fuse_qkv) and measure again, against the
+    same pipeline unfused just before: full render, preview, pixels, recompiles over 100 changes."""
+    from stylemix.accel import fuse_qkv
+
+    mixer, dev = previewer.mixer, previewer.mixer.loaded.device
+    before = np.asarray(mixer.generate(recipe).images[0], dtype=np.int16)
+    modules = fuse_qkv(mixer)
+    t, _ = timed(dev, lambda: (mixer.generate(recipe), previewer.preview(recipe.with_(seed=9), "warm")))
+    full = bench_full(mixer, recipe, names, repeats)
+    prev = bench_preview(previewer, recipe, names, repeats * 2)
+    out = {"attention_modules_fused": modules, "warm_up_s": round(t, 1), "full_render": full, "preview": prev,
+           "full_fused_over_unfused": round(full["median_s"] / full_s, 4),
+           "preview_fused_over_unfused": round(prev["median_s"] / preview["median_s"], 4),
+           "max_pixel_diff_vs_unfused": int(np.abs(
+               np.asarray(mixer.generate(recipe).images[0], dtype=np.int16) - before).max())}
+    if getattr(mixer.pipe, "_stylemix_compiled", None):
+        out["recompiles_100_changes"] = bench_recompiles(mixer, recipe, names, 100)
+    return out
+
+
 def bench_drag(previewer, recipe, names, client: str, seconds: float = 2.0, rate: int = 20) -> dict:
     """Slider events every 1/rate s for `seconds`, then the release's exact render.
 
@@ -218,6 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode (default reduce-overhead)")
     p.add_argument("--repeats", type=int, default=None, help="default: 5 on cuda, 2 on cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fuse-qkv", action="store_true",
+                   help="finally, fuse the UNet's q/k/v projections and measure again (does it pay?)")
     p.add_argument("--drag-trials", type=int, default=3, help="simulated drags per client (the median is kept)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -302,6 +327,9 @@ def main(argv=None) -> int:
             res[f"drag_{client}"] = {**median, "pipeline": phase,
                                      "max_previews_at_once": max(d["max_previews_at_once"] for d in trials),
                                      "release_ratio_trials": [d["release_ratio"] for d in trials]}
+        if args.fuse_qkv:  # last, on the same compiled pipeline: do fused projections pay?
+            res["fused_qkv"] = bench_fused(previewer, recipe, names, repeats, full_s, res[f"preview_{phase}"])
+            logger.info("fused QKV: %s", res["fused_qkv"])
     res["total_s"] = round(time.perf_counter() - t_all, 1)
     rc = res.get("recompiles_100_changes", {})
     res["goals"] = {
@@ -341,6 +369,14 @@ def main(argv=None) -> int:
               f"once; release -> exact image {d['release_to_image_s']:.3f} s = {d['release_ratio']:.3f}x a full render "
               f"(median of {d['release_ratio_trials']})")
     print("goals:", ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in res["goals"].items()))
+    if "fused_qkv" in res:
+        f = res["fused_qkv"]
+        print(f"fused QKV ({f['attention_modules_fused']} modules): full render {f['full_render']['median_s']:.3f} s = "
+              f"{f['full_fused_over_unfused']:.3f}x unfused, preview {f['preview_fused_over_unfused']:.3f}x, max pixel "
+              f"diff {f['max_pixel_diff_vs_unfused']}" + (
+                  f", {f['recompiles_100_changes']['graphs_compiled_during']} graphs / "
+                  f"{f['recompiles_100_changes']['cudagraph_recordings_during']} CUDA graphs over 100 changes"
+                  if "recompiles_100_changes" in f else ""))
     print(f"total {res['total_s']} s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
