@@ -116,15 +116,20 @@ def bench_recompiles(mixer, recipe, names, changes: int) -> dict:
     x = torch.randn(2, 4, recipe.height // 8, recipe.width // 8, generator=g).to(dev, dt)
     ehs = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g).to(dev, dt)
     t = pipe.scheduler.timesteps[0].to(dev) if len(pipe.scheduler.timesteps) else torch.tensor(500, device=dev)
-    with torch.no_grad():
-        pipe.unet(x, t, encoder_hidden_states=ehs)  # this exact call shape, compiled once before counting
-        before = compile_counters()
-        ptr = mixer._layers[0].module.get_base_layer().weight.data_ptr()
-        for i in range(changes):
-            mixer.set_weights(mix(names, 2000 + i))
-            mixer.apply()
+    on_model_thread = mixer.loaded.model_thread.run  # where generate runs the UNet (CUDA graphs are per thread)
+
+    def step():
+        with torch.no_grad():
             pipe.unet(x, t, encoder_hidden_states=ehs)
-        sync(dev)
+
+    on_model_thread(step)  # this exact call shape, compiled once before counting
+    before = compile_counters()
+    ptr = mixer._layers[0].module.get_base_layer().weight.data_ptr()
+    for i in range(changes):
+        mixer.set_weights(mix(names, 2000 + i))
+        mixer.apply()
+        on_model_thread(step)
+    sync(dev)
     after = compile_counters()
     return {"changes": changes, **{f"{k}_during": after[k] - before[k] for k in after},
             "same_weight_storage": mixer._layers[0].module.get_base_layer().weight.data_ptr() == ptr,

@@ -13,13 +13,19 @@ experiment that held the GPU for its whole run made every slider wait for minute
 
 The lock is re-entrant (the mixer takes it in nested calls); a thread that already holds it
 never waits, whatever its priority.
+
+The model calls themselves run on one thread per pipeline (`ModelThread`), whichever thread holds
+the lock: torch records CUDA graphs per thread.
 """
 
 from __future__ import annotations
 
+import contextvars
 import itertools
+import os
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -104,3 +110,41 @@ class PriorityRLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class ModelThread:
+    """One thread for all of a pipeline's denoising loops and decodes; callers wait for their call.
+
+    torch keeps the CUDA graphs that `torch.compile` records (mode "reduce-overhead") per thread:
+    every thread that calls a compiled model records its own graphs, in its own memory pool.
+    Gradio serves requests from a pool of worker threads, so without this each worker would record
+    every graph again (and hold another pool of GPU memory).  A call runs in the caller's
+    contextvars (Gradio's progress bar reads them); its exception comes back to the caller; a call
+    made from this thread itself runs inline.  After a fork (ZeroGPU serves requests in a child
+    process) the thread is started again in the child.
+    """
+
+    def __init__(self, name: str = "stylemix-model"):
+        self._name = name
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid: int | None = None
+        self._ident: int | None = None
+        self._guard = threading.Lock()
+
+    def run(self, fn, /, *args, **kwargs):
+        if threading.get_ident() == self._ident and os.getpid() == self._pid:
+            return fn(*args, **kwargs)
+        with self._guard:
+            if self._executor is None or self._pid != os.getpid():
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._name, initializer=self._started)
+                self._pid = os.getpid()
+            executor = self._executor
+        return executor.submit(contextvars.copy_context().run, fn, *args, **kwargs).result()
+
+    @property
+    def ident(self) -> int | None:
+        """The thread id that runs the calls (None before the first call)."""
+        return self._ident
+
+    def _started(self) -> None:
+        self._ident = threading.get_ident()

@@ -476,17 +476,20 @@ class Mixer:
             # A preview decodes its latents itself (TAESD, or nothing at all once interrupted);
             # a full render keeps the pipeline's own decode, so its pixels never change.
             own_decode = opts.decoder is not None or opts.should_stop is not None
+
+            def denoise_and_decode() -> list:
+                out = self.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=recipe.steps,
+                                guidance_scale=recipe.guidance, width=recipe.width, height=recipe.height,
+                                num_images_per_prompt=recipe.batch_size, generator=gens,
+                                output_type="latent" if own_decode else "pil",
+                                callback_on_step_end=on_step if progress or opts.should_stop else None)
+                if stopped and stopped[0] < self.pipe._num_timesteps:  # stopped before the last step
+                    return []
+                return decode_latents(self.pipe, out.images, opts.decoder) if own_decode else out.images
+
             t2 = time.perf_counter()
-            out = self.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=recipe.steps,
-                            guidance_scale=recipe.guidance, width=recipe.width, height=recipe.height,
-                            num_images_per_prompt=recipe.batch_size, generator=gens,
-                            output_type="latent" if own_decode else "pil",
-                            callback_on_step_end=on_step if progress or opts.should_stop else None)
-            images = out.images
-            if stopped and stopped[0] < self.pipe._num_timesteps:  # stopped before the last step
-                images = []
-            elif own_decode:
-                images = decode_latents(self.pipe, images, opts.decoder)
+            # on the pipeline's one model thread, while this thread holds the lock (CUDA graphs are per thread)
+            images = self.loaded.model_thread.run(denoise_and_decode)
             timings["denoise_decode_s"] = time.perf_counter() - t2
         hashes = {n: self.library.get(n).short_hash for n, w in weights.items() if w != 0}
         done = recipe.with_(model=self.loaded.model_id, lora_hashes=hashes)

@@ -26,7 +26,7 @@ from stylemix.architecture import (  # noqa: F401
     CACHE_DIR, CONFIG_DIR, DEFAULT_MODEL, TINY_SEED, TINY_TEXT, TINY_UNET, TINY_VAE, clip_tokenizer, dtype_kwargs,
     full_size_meta_text_encoder, full_size_meta_unet, sd15_configs, tiny_components)
 from stylemix.errors import ModelLoadError, StyleMixError  # noqa: F401
-from stylemix.gpu_queue import PriorityRLock
+from stylemix.gpu_queue import ModelThread, PriorityRLock
 
 
 # --------------------------------------------------------------------------- device, dtype
@@ -78,6 +78,9 @@ class LoadedModel:
     # Serialises all work on this pipeline (generation, LoRA loading, weight changes) across users;
     # interactive requests are served before waiting background work (stylemix/gpu_queue.py).
     lock: PriorityRLock = field(default_factory=PriorityRLock, compare=False, repr=False)
+    # Runs every denoising loop and decode on one thread, whoever holds the lock: torch records
+    # CUDA graphs per thread (stylemix/gpu_queue.py).
+    model_thread: ModelThread = field(default_factory=ModelThread, compare=False, repr=False)
 
     @property
     def is_tiny(self) -> bool:

@@ -196,6 +196,39 @@ def test_missing_preview_lora_is_a_readable_error(library):
         p.setup()
 
 
+def test_renders_from_many_threads_run_the_model_on_one(library):
+    """CUDA graphs are recorded per thread: every request's denoising loop must run on the pipeline's
+    one model thread, whatever thread asked, with the asker's context (Gradio's progress bar)."""
+    import contextvars
+
+    mixer = new_mixer(library)
+    ran_on = []
+    mixer.pipe.unet.register_forward_pre_hook(lambda m, a: ran_on.append(threading.get_ident()))
+    request = contextvars.ContextVar("request")
+    seen, errors = [], []
+
+    def ask(i):
+        request.set(f"user{i}")
+        try:
+            mixer.generate(RECIPE.with_(steps=2, width=64, height=64, seed=i),
+                           progress=lambda done, total: seen.append((request.get(None), done)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert len(ran_on) == 3 * 2  # 3 renders of 2 steps (CFG's two halves go in one batch)
+    assert set(ran_on) == {mixer.loaded.model_thread.ident}  # one thread ...
+    assert mixer.loaded.model_thread.ident not in {t.ident for t in threads}  # ... not any asker's
+    assert sorted(seen) == [(f"user{i}", d) for i in range(3) for d in (1, 2)]  # each asker's own context
+    with pytest.raises(StyleMixError):  # a failure inside comes back to the asker
+        mixer.loaded.model_thread.run(lambda: (_ for _ in ()).throw(StyleMixError("inside")))
+
+
 def test_weight_changes_cause_no_recompile(library):
     """100 LoRA weight changes on a compiled tiny UNet: 0 new graphs, and the weights keep their storage."""
     from torch._dynamo.testing import CompileCounter
