@@ -7,8 +7,8 @@ CUDA graphs (mode "reduce-overhead") replay without re-recording.  That only hol
 *freezing* off: freezing folds the weights into the graph as constants, and a new weight would need a
 new graph.  `compile_counters()` exposes torch's own counters so the benchmark (bench/bench_live.py)
 and the tests can check the claim over 100 changes.  CUDA graphs also belong to the thread that
-recorded them, so every render runs on the pipeline's one model thread (`stylemix.gpu_queue.ModelThread`),
-whichever of the server's worker threads took the request.
+recorded them, so every render of a compiled pipeline runs on its one model thread
+(`stylemix.gpu_queue.ModelThread`), whichever of the server's worker threads took the request.
 
 What still compiles: a new image size, batch or sampler timestep dtype (one graph each; `warm_up` does
 the default ones at start), and loading a LoRA onto layers not wrapped yet (the module tree changes).

@@ -14,8 +14,8 @@ experiment that held the GPU for its whole run made every slider wait for minute
 The lock is re-entrant (the mixer takes it in nested calls); a thread that already holds it
 never waits, whatever its priority.
 
-The model calls themselves run on one thread per pipeline (`ModelThread`), whichever thread holds
-the lock: torch records CUDA graphs per thread.
+A compiled pipeline's model calls run on one thread of their own (`ModelThread`), whichever thread
+holds the lock: torch records CUDA graphs per thread.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import contextvars
 import itertools
 import os
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -138,6 +139,8 @@ class ModelThread:
             if self._executor is None or self._pid != os.getpid():
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._name, initializer=self._started)
                 self._pid = os.getpid()
+                # the thread ends with its pipeline (tests and model switches make many)
+                weakref.finalize(self, self._executor.shutdown, wait=False)
             executor = self._executor
         return executor.submit(contextvars.copy_context().run, fn, *args, **kwargs).result()
 

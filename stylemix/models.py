@@ -78,8 +78,8 @@ class LoadedModel:
     # Serialises all work on this pipeline (generation, LoRA loading, weight changes) across users;
     # interactive requests are served before waiting background work (stylemix/gpu_queue.py).
     lock: PriorityRLock = field(default_factory=PriorityRLock, compare=False, repr=False)
-    # Runs every denoising loop and decode on one thread, whoever holds the lock: torch records
-    # CUDA graphs per thread (stylemix/gpu_queue.py).
+    # Runs every denoising loop and decode of a compiled pipeline on one thread, whoever holds the
+    # lock: torch records CUDA graphs per thread (stylemix/gpu_queue.py).
     model_thread: ModelThread = field(default_factory=ModelThread, compare=False, repr=False)
 
     @property

@@ -197,11 +197,16 @@ def test_missing_preview_lora_is_a_readable_error(library):
 
 
 def test_renders_from_many_threads_run_the_model_on_one(library):
-    """CUDA graphs are recorded per thread: every request's denoising loop must run on the pipeline's
-    one model thread, whatever thread asked, with the asker's context (Gradio's progress bar)."""
+    """CUDA graphs are recorded per thread: every request's denoising loop on a compiled pipeline must
+    run on its one model thread, whatever thread asked, with the asker's context (Gradio's progress bar)."""
     import contextvars
 
+    from torch._dynamo.testing import CompileCounter
+
+    from stylemix.accel import compile_pipeline
+
     mixer = new_mixer(library)
+    compile_pipeline(mixer.pipe, backend=CompileCounter())  # dynamo's counting backend: runs eagerly
     ran_on = []
     mixer.pipe.unet.register_forward_pre_hook(lambda m, a: ran_on.append(threading.get_ident()))
     request = contextvars.ContextVar("request")
