@@ -42,26 +42,27 @@ def compile_wanted(device: torch.device, requested: bool | None = None) -> bool:
     """
     if requested is not None:
         return bool(requested)
-    env = os.environ.get("STYLEMIX_COMPILE", "").strip().lower()
-    if env in ("1", "true", "on", "yes"):
-        return True
-    if env in ("0", "false", "off", "no"):
-        return False
-    if env:
-        raise StyleMixError(f"STYLEMIX_COMPILE={env!r}: use 1 or 0 (or leave it unset for automatic).")
-    return device.type == "cuda"
+    env = _env_switch("STYLEMIX_COMPILE", "use 1 or 0 (or leave it unset for automatic)")
+    return device.type == "cuda" if env is None else env
 
 
 def fuse_qkv_wanted(requested: bool | None = None) -> bool:
     """--fuse-qkv, else $STYLEMIX_FUSE_QKV (1/0), else off: not yet measured to pay (bench/RESULTS.md)."""
     if requested is not None:
         return bool(requested)
-    env = os.environ.get("STYLEMIX_FUSE_QKV", "").strip().lower()
-    if env in ("", "0", "false", "off", "no"):
-        return False
+    return bool(_env_switch("STYLEMIX_FUSE_QKV", "use 1 or 0"))
+
+
+def _env_switch(name: str, hint: str) -> bool | None:
+    """An on/off environment variable: True, False, or None when unset; anything else is an error."""
+    env = os.environ.get(name, "").strip().lower()
     if env in ("1", "true", "on", "yes"):
         return True
-    raise StyleMixError(f"STYLEMIX_FUSE_QKV={env!r}: use 1 or 0.")
+    if env in ("0", "false", "off", "no"):
+        return False
+    if env:
+        raise StyleMixError(f"{name}={env!r}: {hint}.")
+    return None
 
 
 def fuse_qkv(mixer) -> int:
@@ -109,8 +110,7 @@ def fuse_qkv(mixer) -> int:
         for key in rebound:  # kept originals of the replaced weights: taken again from the views
             state.original.pop(key, None)
             state.merged.pop(key, None)
-        state.fused_qkv = True
-        state.weights_key = None
+        state.fused_qkv = True  # restore_base_weights above already made the next apply re-sync every layer
     logger.info("fused QKV projections in %d UNet attention modules", fused)
     return fused
 

@@ -345,13 +345,11 @@ class Mixer:
         originals = [self.state.original[layer.key][1] for layer in layers]
         dtype, device = originals[0].dtype, originals[0].device
         if key not in self._stacks:  # A and B of the active adapters, stacked once per active set
-            a = torch.stack([torch.cat([layer.module.lora_A[i].weight.reshape(r, -1) for i, r in zip(ids, ranks)])
-                             for layer in layers]).to(dtype)
-            b = torch.stack([torch.cat([layer.module.lora_B[i].weight.reshape(-1, r) for i, r in zip(ids, ranks)],
-                                       dim=1) for layer in layers]).to(dtype)
-            self._stacks[key] = (a, b)
+            factors = [_factors(layer, ids, ranks) for layer in layers]
+            self._stacks[key] = (torch.stack([a for a, _ in factors]).to(dtype),
+                                 torch.stack([b for _, b in factors]).to(dtype))
         a, b = self._stacks[key]
-        scales = torch.tensor([[s for (_, s), r in zip(layer.want, ranks) for _ in range(r)] for layer in layers],
+        scales = torch.tensor([_rank_scales(layer, ranks) for layer in layers],
                               dtype=dtype).to(device, non_blocking=True)
         flat = torch.stack([o.reshape(o.shape[0], -1) for o in originals])
         merged = torch.baddbmm(flat, b * scales[:, None, :], a)
@@ -365,13 +363,9 @@ class Mixer:
         original = self.state.original[layer.key][1]
         key = (layer.key, ids)
         if key not in self._stacks:  # the active adapters' A and B side by side, once per active set
-            self._stacks[key] = (
-                torch.cat([layer.module.lora_A[i].weight.reshape(r, -1) for i, r in zip(ids, ranks)]).to(original.dtype),
-                torch.cat([layer.module.lora_B[i].weight.reshape(-1, r) for i, r in zip(ids, ranks)],
-                          dim=1).to(original.dtype))
+            self._stacks[key] = tuple(f.to(original.dtype) for f in _factors(layer, ids, ranks))
         a, b = self._stacks[key]
-        scales = torch.tensor([s for (_, s), r in zip(layer.want, ranks) for _ in range(r)],
-                              dtype=original.dtype).to(original.device)
+        scales = torch.tensor(_rank_scales(layer, ranks), dtype=original.dtype).to(original.device)
         weight = layer.module.get_base_layer().weight
         flat = original.reshape(original.shape[0], -1)
         if weight.is_contiguous():
@@ -512,6 +506,18 @@ def decode_latents(pipe, latents: torch.Tensor, decoder: torch.nn.Module | None 
     image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
     denorm = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
     return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denorm)
+
+
+def _factors(layer: _Layer, ids: tuple, ranks: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The active adapters' A (rows) and B (columns) of one layer side by side: B @ A is their sum."""
+    a = torch.cat([layer.module.lora_A[i].weight.reshape(r, -1) for i, r in zip(ids, ranks)])
+    b = torch.cat([layer.module.lora_B[i].weight.reshape(-1, r) for i, r in zip(ids, ranks)], dim=1)
+    return a, b
+
+
+def _rank_scales(layer: _Layer, ranks: tuple) -> list[float]:
+    """Each adapter's scale repeated over its rank: the diagonal between B and A."""
+    return [s for (_, s), r in zip(layer.want, ranks) for _ in range(r)]
 
 
 def _mergeable(module) -> bool:
