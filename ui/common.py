@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import html
 import logging
 import os
 
@@ -35,21 +36,42 @@ def gpu(duration: int):
     return lambda fn: fn
 
 
+def user_error(message: str, title: str = "Error") -> gr.Error:
+    """The one way a message reaches the page as an error toast: escaped (Gradio renders toasts as
+    HTML, so `<lora:x:5>` or a path in `<...>` would vanish), and without a traceback in the server
+    log (a user's mistake is one log line, written by `readable_errors`)."""
+    return gr.Error(html.escape(str(message)), title=title, print_exception=False)
+
+
+def escape_md(text: str) -> str:
+    """User text (LoRA names, messages, tags) shown inside Markdown/HTML output as plain text."""
+    return html.escape(str(text))
+
+
+# Pass as `show_progress_on=` to events whose outputs include inputs the user types in: the progress
+# and any "Error" badge then sit on that one output, never over the prompt or a form field.
 def readable_errors(fn):
-    """Every failure reaches the page as one readable message, never a traceback."""
+    """Every failure reaches the page as one readable, escaped message, never a traceback.
+
+    A user's mistake (StyleMixError, ValueError) is one INFO log line; an unexpected error keeps its
+    full traceback in the log for the operator and shows the user one line."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as e:
+            if getattr(e, "print_exception", True):  # raised by gradio or old code: no traceback either
+                e.print_exception = False
+            logger.info("%s refused: %s", fn.__name__, e.message)
             raise
         except (StyleMixError, ValueError) as e:
-            raise gr.Error(str(e)) from None
+            logger.info("%s refused: %s", fn.__name__, e)
+            raise user_error(str(e)) from None
         except Exception as e:  # noqa: BLE001  (logged in full for the operator, one line for the user)
             logger.exception("Unexpected error in %s", fn.__name__)
-            raise gr.Error(f"Something went wrong ({type(e).__name__}: {str(e)[:300]}); the server log has "
-                           "the details.") from None
+            raise user_error(f"Something went wrong ({type(e).__name__}: {str(e)[:300]}); the server log has "
+                             "the details.") from None
 
     return wrapper
 
@@ -64,7 +86,7 @@ def owner_of(token: str | None, request: gr.Request | None) -> str:
             safe = f"{safe[:30]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
         return check_name("user_" + safe, "user")
     if not token:
-        raise gr.Error("Your session has no id yet; reload the page.")
+        raise user_error("Your session has no id yet; reload the page.")
     return check_owner_token(token)
 
 
