@@ -18,7 +18,7 @@ from stylemix.scores.clip_models import (TINY_CLIP_NAME, Scorer, ScorerUnavailab
                                   load_scorer_or_reason, tiny_scorer)
 from stylemix.errors import StyleMixError
 from stylemix.scores.scoring import (CENTROID_FILE, StyleCentroid, calibrate, centroid_models, clip_score_100, clip_scores,
-                              compute_centroid, leave_one_out_similarity, load_centroid, mix_shares, open_image,
+                              NOISE_FLOOR, compute_centroid, leave_one_out_similarity, load_centroid, mix_shares, open_image,
                               save_centroid, score_images, strip_trigger_words)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,8 +101,35 @@ def test_mix_shares():
     assert s == pytest.approx({"watercolor": 0.62, "pixel": 0.38}) and sum(s.values()) == pytest.approx(1)
     s = mix_shares({"watercolor": 0.9, "pixel": 0.3, "absent": -0.4})  # a negative one gets no share
     assert s["absent"] == 0.0 and s["watercolor"] == pytest.approx(0.75) and sum(s.values()) == pytest.approx(1)
-    assert mix_shares({"a": -0.1, "b": 0.0, "c": None}) == {"a": 0.0, "b": 0.0, "c": 0.0}  # never NaN
+    assert mix_shares({"a": -0.1, "b": 0.0, "c": None, "d": math.nan}) == {}  # nothing to share: none, never NaN
     assert mix_shares({}) == {}
+    # a floor: values at or below it are noise, not style
+    assert mix_shares({"a": 0.05}, floor=0.1) == {}
+    assert mix_shares({"a": 0.5, "b": 0.08}, floor=0.1) == {"a": 1.0, "b": 0.0}
+    assert mix_shares({"a": 0.1, "b": 0.3}, floor=0.1) == {"a": 0.0, "b": 1.0}
+
+
+def test_shares_only_where_there_is_style():
+    """A style at or below the noise floor is not shown as 100%; a LoRA at weight 0 never gets a share."""
+    s = FixedScorer({"a1": [1, 0, 0], "a2": [1, 0.2, 0], "b1": [0, 1, 0], "b2": [0.2, 1, 0],
+                     "base": [0, 0, 1], "faint": [0.05, 0.05, 1], "img": [1, 0.3, 0.2]})
+    ca = compute_centroid(s, ["a1", "a2"], base_images=["base"])
+    cb = compute_centroid(s, ["b1", "b2"], base_images=["base"])
+    # one style barely above the base model: measured, but not "100% a"
+    (faint,) = score_images(s, ["faint"], None, {"a": ca}, base_images=["base"])
+    assert 0 < faint.calibrated["a"] <= NOISE_FLOOR
+    assert faint.shares == {} and faint.shares_basis == "calibrated" and faint.style_detected is False
+    assert "no style detected" in faint.summary() and "%" not in faint.summary()
+    # a clear style a, with b in the mix at weight 0: b is measured but gets no share
+    (img,) = score_images(s, ["img"], None, {"a": ca, "b": cb}, base_images=["base"], weights={"a": 1.0, "b": 0.0})
+    assert img.calibrated["a"] > NOISE_FLOOR and img.calibrated["b"] is not None
+    assert img.shares == {"a": 1.0} and img.style_detected is True
+    # both at weight 0 (a sweep's corner): no mix, no shares
+    (none,) = score_images(s, ["img"], None, {"a": ca, "b": cb}, base_images=["base"], weights={"a": 0, "b": 0})
+    assert none.shares == {} and none.shares_basis is None and none.style_detected is None
+    # raw similarities of one style: no base to tell style from noise, and its share would be 100% whatever
+    (raw,) = score_images(s, ["img"], None, {"a": StyleCentroid(ca.vector, "hand-made", 2, ca.self_similarity)})
+    assert raw.shares == {} and raw.shares_basis == "raw"
 
 
 def test_leave_one_out_similarity_known_cosines():
@@ -150,7 +177,8 @@ def test_score_images_definitions_on_handmade_embeddings():
     assert sum(img2.shares.values()) == pytest.approx(1.0)
     # paired base images: the image identical to its base pair is calibrated to 0 exactly
     (same,) = score_images(s, ["base"], None, {"a": ca, "b": cb}, base_images=["base"])
-    assert same.calibrated == pytest.approx({"a": 0.0, "b": 0.0}) and same.shares == {"a": 0.0, "b": 0.0}
+    assert same.calibrated == pytest.approx({"a": 0.0, "b": 0.0}) and same.shares == {}
+    assert same.style_detected is False  # the base model's own image shows no style
     with pytest.raises(StyleMixError, match="pair one to one"):
         score_images(s, ["img", "neg"], None, {"a": ca}, base_images=["base"])
     other = StyleCentroid(vector=ca.vector, clip_model="ViT-L-14/openai", n_images=2, self_similarity=0.9)

@@ -172,7 +172,7 @@ def balance_mix(mixer, recipe: Recipe, target: dict[str, float], config: Balance
     base = generate({})
 
     def evaluate(weights: dict[str, float]):
-        scores = judge.score(generate(weights), recipe.prompt, base_images=base)
+        scores = judge.score(generate(weights), recipe.prompt, base_images=base, weights=weights)
         shares = {n: sum(s.shares.get(n, 0.0) for s in scores) / len(scores) for n in names}
         clips = [s.clip_score for s in scores if s.clip_score is not None]
         return shares, (sum(clips) / len(clips) if clips else None)

@@ -290,7 +290,7 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
                  progress: Callable[[int, int, str], None] | None = None, judge=None) -> ProtocolResult:
     """Run (or resume) the protocol into `out_dir`; returns what was done and the files written."""
     from stylemix.recipe import save_png
-    from stylemix.scores.scoring import mix_shares, open_image
+    from stylemix.scores.scoring import NOISE_FLOOR, mix_shares, open_image
     from stylemix.scores.judge import StyleJudge
 
     out = Path(out_dir)
@@ -368,7 +368,7 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
         cal = {st: s.calibrated.get(by_style[st]) for st in styles}
         # shares only when every style of the mix is measured: one missing style would read as 0%
         measured = all(cal[st] is not None for st in job.config.styles)
-        shares = mix_shares({st: cal[st] for st in job.config.styles}) if job.config.kind == "mix" and measured else {}
+        shares = mix_shares({st: cal[st] for st in job.config.styles}, NOISE_FLOOR) if job.config.kind == "mix" and measured else {}
         for st in styles:
             row[f"sim_{st}"] = _fmt(s.similarity.get(by_style[st]))
             row[f"cal_{st}"] = _fmt(cal[st])

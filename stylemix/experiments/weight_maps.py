@@ -94,7 +94,7 @@ def sweep(mixer, recipe: Recipe, points: list[dict[str, float]], judge: StyleJud
         res = mixer.generate(recipe.with_(loras=dict(p)))
         cell = MapCell(weights=dict(p), image=res.images[0])
         if judge is not None:
-            s = judge.score([cell.image], recipe.prompt, base_images=[base])[0]
+            s = judge.score([cell.image], recipe.prompt, base_images=[base], weights=cell.weights)[0]
             cell.clip_score, cell.shares, cell.similarity, cell.calibrated = s.clip_score, s.shares, s.similarity, s.calibrated
         cells.append(cell)
         if progress:

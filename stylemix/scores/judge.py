@@ -114,7 +114,9 @@ class StyleJudge:
                            ", ".join(styles.missing))
         return cls(scorer, styles.centroids, styles.triggers, styles.missing)
 
-    def score(self, images: Sequence, prompt: str, base_images: Sequence | None = None) -> list:
-        """scoring.ImageScores per image (base_images: base-model images paired one to one, for calibration)."""
+    def score(self, images: Sequence, prompt: str, base_images: Sequence | None = None,
+              weights: dict[str, float] | None = None) -> list:
+        """scoring.ImageScores per image (base_images: base-model images paired one to one, for calibration;
+        weights: the mix the images were made with, so a LoRA at weight 0 gets no share)."""
         return score_images(self.scorer, images, prompt, self.centroids, trigger_words=self.triggers,
-                            base_images=base_images)
+                            base_images=base_images, weights=weights)

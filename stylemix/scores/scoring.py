@@ -11,7 +11,8 @@ Definitions (docs/scores.md gives them with their sources):
 - Style similarity: cosine of an image's embedding to a centroid.  Calibrated: 0 at the
   similarity base-model images reach, 1 at the leave-one-out similarity of the style's own
   images, so styles with tight and loose image sets can be compared.
-- Shares of a mix: each style's calibrated similarity above zero over the sum of those.
+- Shares of a mix: among the LoRAs in the mix (weight not 0), each style's calibrated similarity
+  above the noise floor over the sum of those; none above it: "no style detected", no shares.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ logger = logging.getLogger("stylemix")
 CENTROID_FILE = "style_centroid.safetensors"
 CENTROID_FORMAT = "stylemix-style-centroid"
 DEMO_LABEL = "demo values (tiny random CLIP, not a real measurement)"
+# A calibrated similarity at or below this is not told apart from the base model: a tenth of the way
+# from what base-model images show (0) to the style's own images (1).  Without it, a mix whose styles
+# barely show would still read "100% watercolor" from noise.
+NOISE_FLOOR = 0.1
 
 
 # --------------------------------------------------------------------------- definitions
@@ -78,11 +83,15 @@ def calibrate(similarity: float, base_similarity: float, self_similarity: float)
     return (float(similarity) - float(base_similarity)) / span
 
 
-def mix_shares(values: Mapping[str, float | None]) -> dict[str, float]:
-    """Each value's positive part over the sum of positive parts; all 0 when none is positive (never NaN)."""
-    pos = {k: max(float(v), 0.0) if v is not None and math.isfinite(v) else 0.0 for k, v in values.items()}
-    total = sum(pos.values())
-    return {k: (v / total if total > 0 else 0.0) for k, v in pos.items()}
+def mix_shares(values: Mapping[str, float | None], floor: float = 0.0) -> dict[str, float]:
+    """Each value above `floor` over the sum of those, the others 0; {} when no value is above
+    `floor` (nothing to share: never 100% of noise, never NaN).  `floor` is at least 0."""
+    above = {k: float(v) for k, v in values.items()
+             if v is not None and math.isfinite(v) and v > max(floor, 0.0)}
+    total = sum(above.values())
+    if total <= 0:
+        return {}
+    return {k: above.get(k, 0.0) / total for k in values}
 
 
 # --------------------------------------------------------------------------- style centroids
@@ -223,8 +232,9 @@ class ImageScores:
     similarity: dict[str, float] = field(default_factory=dict)  # cosine to each style centroid
     calibrated: dict[str, float | None] = field(default_factory=dict)  # 0 = base model, 1 = the style's own images
     base_similarity: dict[str, float | None] = field(default_factory=dict)  # the low anchor used, per style
-    shares: dict[str, float] = field(default_factory=dict)  # sums to 1 (or all 0 when no style shows)
-    shares_basis: str | None = None  # "calibrated", or "raw" when some style had no low anchor
+    shares: dict[str, float] = field(default_factory=dict)  # LoRAs in the mix -> share, sums to 1; {} = none
+    shares_basis: str | None = None  # "calibrated", or "raw" when some style had no low anchor; None: no mix
+    style_detected: bool | None = None  # calibrated: whether any style is above NOISE_FLOOR; raw: None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -240,13 +250,16 @@ class ImageScores:
             parts.append(" / ".join(f"{k} {100 * v:.0f}%" for k, v in self.shares.items()))
             if self.shares_basis == "raw":
                 parts[-1] += " (uncalibrated)"
+        elif self.style_detected is False:
+            parts.append("no style detected")
         line = " | ".join(parts)
         return f"{line} [DEMO VALUES]" if self.is_demo else line
 
 
 def score_images(scorer: Scorer, images: Sequence, prompt: str | None, styles: Mapping[str, StyleCentroid],
                  trigger_words: Sequence[str] = (), base_images: Sequence | None = None,
-                 base_similarities: Mapping[str, float] | None = None) -> list[ImageScores]:
+                 base_similarities: Mapping[str, float] | None = None,
+                 weights: Mapping[str, float] | None = None) -> list[ImageScores]:
     """Score each image: CLIP score against `prompt`, and similarity, calibrated similarity and
     share for each style in `styles` (LoRA name -> centroid computed with this scorer's model).
 
@@ -255,9 +268,14 @@ def score_images(scorer: Scorer, images: Sequence, prompt: str | None, styles: M
          (what the mixer can generate); each image is calibrated against its own pair;
       2. `base_similarities[name]`: a similarity the caller measured;
       3. the centroid's stored `base_similarity`;
-    and when none exists that style's calibrated value is None.  Shares use calibrated values
-    when every style has one, else raw similarities for all (then `shares_basis == "raw"`:
-    raw cosines of real images are all ~0.5-0.8, so such shares stay near even).
+    and when none exists that style's calibrated value is None.
+
+    Shares are among the styles in the mix: `weights` (LoRA name -> weight) leaves out a style at
+    weight 0 (it is still measured: similarity and calibrated); None: every style is in the mix.
+    They use calibrated values when every style in the mix has one, and only values above
+    NOISE_FLOOR (none above it: no shares, `style_detected` False).  Else raw similarities, for two
+    or more styles (`shares_basis == "raw"`: raw cosines of real images are all ~0.5-0.8, so such
+    shares stay near even; one style's raw share would be 100% whatever the image shows).
     """
     images = list(images)
     emb = scorer.embed_images(images)
@@ -290,20 +308,33 @@ def score_images(scorer: Scorer, images: Sequence, prompt: str | None, styles: M
             anchors[name] = [float(base_similarities[name])] * n
         else:
             anchors[name] = [c.base_similarity] * n
+    in_mix = [k for k in styles if weights is None or weights.get(k)]
     out = []
     for i in range(n):
         sim = {k: sims[k][i] for k in styles}
         base = {k: anchors[k][i] for k in styles}
         cal = {k: calibrate(sim[k], base[k], styles[k].self_similarity) if base[k] is not None else None
                for k in styles}
-        calibrated_all = bool(styles) and all(v is not None for v in cal.values())
+        shares, basis, detected = _shares(in_mix, sim, cal)
         out.append(ImageScores(
             clip_score=clip[i], clip_score_100=None if clip[i] is None else clip_score_100(clip[i]),
             clip_model=scorer.name, is_demo=scorer.is_demo, prompt_scored=text,
             similarity=sim, calibrated=cal, base_similarity=base,
-            shares=mix_shares(cal if calibrated_all else sim),
-            shares_basis=None if not styles else ("calibrated" if calibrated_all else "raw")))
+            shares=shares, shares_basis=basis, style_detected=detected))
     return out
+
+
+def _shares(in_mix: list[str], sim: dict[str, float], cal: dict[str, float | None]
+            ) -> tuple[dict[str, float], str | None, bool | None]:
+    """(shares, shares_basis, style_detected) of one image among the styles in the mix."""
+    if not in_mix:
+        return {}, None, None
+    if all(cal[k] is not None for k in in_mix):
+        shares = mix_shares({k: cal[k] for k in in_mix}, NOISE_FLOOR)
+        return shares, "calibrated", bool(shares)
+    if len(in_mix) < 2:
+        return {}, "raw", None
+    return mix_shares({k: sim[k] for k in in_mix}), "raw", None
 
 
 # --------------------------------------------------------------------------- images from disk
