@@ -378,7 +378,7 @@ class StyleMixService:
         overwrite=True retrains one of the owner's own LoRAs under its name; nobody else's.
         """
         from stylemix.training import jobs
-        from stylemix.training.config import TrainConfig
+        from stylemix.training.config import TrainConfig, check_setting
 
         if zero_gpu():
             raise StyleMixError("Training is switched off on ZeroGPU Spaces: a training run needs a GPU for "
@@ -412,16 +412,14 @@ class StyleMixService:
         unknown = sorted(set(settings) - known)
         if unknown:
             raise StyleMixError(f"Unknown training setting(s): {', '.join(unknown)}.")
-        steps = int(max_steps) if max_steps else None
-        if steps is not None and not 1 <= steps <= 100_000:
-            raise StyleMixError(f"Invalid max steps {max_steps!r}: use 1-100000.")
+        steps = check_setting("max_steps", max_steps)  # TrainConfig's limits, as everywhere
         if steps is not None:
             settings.setdefault("sample_every", max(1, steps // 4))
             settings.setdefault("checkpoint_every", max(1, steps // 2))
         config = TrainConfig(data_dir=str(data_dir), name=name, loras_dir=str(self.workspace.loras),
                              model=self.mixer.loaded.model_id, device=str(self.mixer.loaded.device),
                              max_steps=steps, overwrite=overwrite, owner=access.owner_key(owner), **settings)
-        return jobs.submit(config, self.workspace, owner=owner)
+        return jobs.submit(config.validate(), self.workspace, owner=owner)
 
     def _active_jobs(self, owner: str) -> list:
         from stylemix.training import jobs
@@ -440,7 +438,12 @@ class StyleMixService:
         return mine[0] if mine else None
 
     def job_view(self, owner: str, job_id: str | None = None) -> dict | None:
-        """The Train tab's view of a job: progress, loss, samples (paths), error.  None: the owner has no job."""
+        """The Train tab's view of a job: phase, progress, time left, loss curve, samples, error.
+
+        None: the owner has no job.  Only the owner's jobs: another's is "No training job", like a
+        missing one.  `samples` are all the job's sample images (the newest MAX_SAMPLES_SHOWN), oldest
+        first, each {"path", "step", "prompt"}; `loss_curve` is the whole run's, across cancel and resume.
+        """
         from stylemix.training import jobs
 
         jobs.ensure_queue_running(self.workspace)
@@ -449,20 +452,38 @@ class StyleMixService:
             return None
         s = job.status
         step, total = int(s.get("step") or 0), s.get("total_steps")
-        pct = int(100 * step / total) if total else 0
-        samples = [str(p) for rel in s.get("samples") or [] if (p := _job_file(job.dir, rel)) is not None]
-        curve = []
         if job.state == jobs.COMPLETED:
+            pct = 100
+        elif isinstance(s.get("percent"), (int, float)):
+            pct = min(99, int(s["percent"]))
+        else:  # a status written before phases and percentages existed
+            pct = min(99, int(100 * step / total)) if total else 0
+        samples = _job_samples(job.dir, s.get("sample_prompts") or job.config["train"].get("sample_prompts") or [])
+        curve = s.get("loss_curve") or []
+        if job.state == jobs.COMPLETED and not (curve and samples):  # an older job: its LoRA has them
             try:
                 entry = self.library.get(job.lora_name)
-                curve = entry.meta.get("loss_curve") or []
-                samples = samples or [str(entry.folder / r) for r in entry.meta.get("samples", [])
-                                      if (entry.folder / r).is_file()]
+                curve = curve or entry.meta.get("loss_curve") or []
+                samples = samples or _job_samples(entry.folder, s.get("sample_prompts") or [])
             except StyleMixError:
                 pass
-        return {"id": job.id, "state": job.state, "lora_name": job.lora_name, "step": step, "total_steps": total,
-                "percent": pct, "loss": s.get("loss"), "lr": s.get("lr"), "eta_s": s.get("eta_s"),
-                "error": s.get("error"), "samples": samples, "loss_curve": curve, "done": job.state in jobs.TERMINAL}
+        running = job.state == jobs.RUNNING
+        return {"id": job.id, "state": job.state, "lora_name": job.lora_name,
+                "phase": s.get("phase") if running else None, "phase_done": s.get("phase_done"),
+                "phase_total": s.get("phase_total"), "step": step, "total_steps": total, "percent": pct,
+                "loss": s.get("loss"), "lr": s.get("lr"), "eta_s": s.get("eta_s") if running else None,
+                "error": s.get("error"), "samples": samples[-MAX_SAMPLES_SHOWN:], "samples_total": len(samples),
+                "loss_curve": curve, "done": job.state in jobs.TERMINAL,
+                "started": s.get("started") or s.get("queued") or job.config.get("created")}
+
+    def list_job_views(self, owner: str, limit: int = 50) -> list[dict]:
+        """The owner's jobs, newest first (at most `limit`): id, LoRA name, state, step, total, started."""
+        from stylemix.training import jobs
+
+        return [{"id": j.id, "lora_name": j.lora_name, "state": j.state, "step": int(j.status.get("step") or 0),
+                 "total_steps": j.status.get("total_steps"),
+                 "started": j.status.get("started") or j.status.get("queued") or j.config.get("created")}
+                for j in jobs.list_jobs(self.workspace, owner)[:limit]]
 
     def cancel_job(self, owner: str, job_id: str):
         from stylemix.training import jobs
@@ -678,6 +699,22 @@ def _read_json(path: Path) -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+MAX_SAMPLES_SHOWN = 120  # a job's gallery: every sample of an app-sized run, the newest of a very long one
+_SAMPLE_NAME = re.compile(r"step-(\d+)-(\d+)\.png")  # trainers.lora.make_samples: step-XXXXXX-<prompt index>.png
+
+
+def _job_samples(folder: Path, prompts: list[str]) -> list[dict]:
+    """The sample images in folder/samples, by step then prompt: {"path", "step", "prompt"}."""
+    found = []
+    d = folder / "samples"
+    for p in d.iterdir() if d.is_dir() else ():
+        m = _SAMPLE_NAME.fullmatch(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), int(m.group(2)), p))
+    return [{"path": str(p), "step": step, "prompt": prompts[i] if i < len(prompts) else ""}
+            for step, i, p in sorted(found)]
 
 
 def _job_file(base: Path, rel) -> Path | None:

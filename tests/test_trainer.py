@@ -189,3 +189,80 @@ def test_bad_settings_and_taken_names_are_refused(tmp_path, data):
     (tmp_path / "loras" / "taken").mkdir(parents=True)
     with pytest.raises(StyleMixError, match="already exists"):
         train(tiny_config(tmp_path, "taken"), tmp_path / "job")
+
+
+# --------------------------------------------------------------------------- progress, time left, loss history
+
+
+def test_time_left_is_smoothed_counts_samples_and_the_end_and_never_claims_zero():
+    from stylemix.training.progress import END_GUESS_S, MIN_LEFT_S, Estimator
+
+    # 100 steps of ~1 s with noise, one 12 s hiccup (a checkpoint, a GC) and 3 sample images at steps 50 and 100
+    est = Estimator(total_steps=100, sample_every=50, images_per_round=3, sample_steps=4, batch_size=2)
+    assert est.seconds_left() is None and est.share_done() == 0  # nothing measured: no made-up number
+    rng = np.random.default_rng(0)
+    lefts, shares, steps = [], [], []
+    for step in range(1, 101):
+        est.step_done(step, 12.0 if step == 30 else 1.0 + rng.uniform(-0.3, 0.3))
+        lefts.append(est.seconds_left())
+        shares.append(est.share_done())
+        steps.append(step)
+        if step in (50, 100):
+            for _ in range(3):
+                est.image_done(2.0)
+                lefts.append(est.seconds_left())
+                shares.append(est.share_done())
+                steps.append(step)
+    # step 10: 90 steps + 6 sample images (guessed from the step time) + the end are left
+    guess_image = 1.0 * 4 * 2 / (3 * 2)
+    assert lefts[9] == pytest.approx(90 * 1.0 + 6 * guess_image + END_GUESS_S, rel=0.2)
+    # No wild jumps: after the first 5 steps each update moves the time left by at most 10% plus the work
+    # just done, the 12 s step at 30 included (the old average of rates, 0.8 v + 0.2 / dt, added 16 s there).
+    for i in range(5, len(lefts)):
+        assert abs(lefts[i] - lefts[i - 1]) <= 0.1 * lefts[i - 1] + 2.5, (steps[i], lefts[i - 1], lefts[i])
+    assert lefts[30] == pytest.approx(70 + 3 * 2 + END_GUESS_S, rel=0.2)  # the step after the hiccup
+    # after the last step and its samples only the end (saving, scoring) is left, never 0
+    assert lefts[-1] == pytest.approx(END_GUESS_S)
+    assert shares == sorted(shares) and 0.95 < shares[-1] < 0.99  # never back while estimates settle
+    est.end_progress(END_GUESS_S + 5)  # the end running over its guess: still not 0 left, not 100% done
+    assert est.seconds_left() == MIN_LEFT_S and est.share_done() == 0.99
+    assert 0.3 < shares[49] < 0.7  # half the steps done is about half the work here
+
+
+def test_sample_rounds_and_loss_history_bounded():
+    from stylemix.training.progress import LossHistory, sample_rounds
+
+    assert sample_rounds(10, 4) == [4, 8, 10] and sample_rounds(10, 0) == [10] and sample_rounds(10, 4, after=4) == [8, 10]
+    h = LossHistory(max_points=50)
+    curve = [[s, 1.0 / s] for s in range(1, 10_001)]
+    for s, v in curve:
+        h.add(s, v)
+    pts = h.as_list()
+    assert len(pts) <= 50 and pts[-1][0] == 10_000 and pts[0][0] >= 1
+    assert [p[0] for p in pts] == sorted(p[0] for p in pts)
+    # each point is the mean loss of its run of steps: the total is preserved
+    steps = [0] + [p[0] for p in pts]
+    total = sum(p[1] * (b - a) for p, a, b in zip(pts, steps, steps[1:]))
+    assert total == pytest.approx(sum(v for _, v in curve), rel=1e-4)
+    assert LossHistory.of(curve[:30], max_points=50).as_list() == [[s, round(v, 6)] for s, v in curve[:30]]
+
+
+def test_training_reports_named_phases_with_their_own_progress(tmp_path, data):
+    seen = []
+    cfg = tiny_config(tmp_path, "phases", max_steps=4, sample_every=2, sample_prompts=["{trigger}, a", "{trigger}, b"],
+                      sample_steps=1, batch_size=3)
+    train(cfg, tmp_path / "job", progress=seen.append)
+    phases = [i["phase"] for i in seen]
+    order = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
+    assert order == ["loading", "caching", "training", "sampling", "training", "sampling", "saving", "scoring"], order
+    caching = [(i["phase_done"], i["phase_total"]) for i in seen if i["phase"] == "caching"]
+    assert caching == [(0, 4), (3, 4), (4, 4)]  # images encoded so far, per batch of 3
+    sampling = [(i["step"], i["phase_done"]) for i in seen if i["phase"] == "sampling"]
+    assert sampling[:3] == [(2, 0), (2, 1), (2, 2)] and sampling[-1] == (4, 2)
+    assert seen[-1]["sample_prompts"] == ["sksstyle, a", "sksstyle, b"]
+    training = [i for i in seen if i["phase"] == "training" and i["step"]]
+    assert [i["step"] for i in training] == [1, 2, 3, 4]
+    assert all(i["eta_s"] > 0 for i in seen if i["step"])  # time left known once a step ran; never 0 while running
+    percents = [i["percent"] for i in seen if i.get("percent") is not None]
+    assert percents == sorted(percents) and percents[-1] < 100
+    assert [s for s, _ in seen[-1]["loss_curve"]] == [1, 2, 3, 4]

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from stylemix.training import jobs
+from stylemix.training import progress as phases
+from stylemix.training.progress import Estimator, LossHistory
 from stylemix.datasets.prepare import DatasetInfo, load_dataset_folder, with_trigger
 from stylemix.errors import StyleMixError
 from stylemix.lora.files import adapter_state, write_safetensors
@@ -253,9 +255,12 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
           components: dict | None = None) -> TrainResult:
     """Train a style LoRA and write it to `<loras_dir>/<name>/`.
 
-    work_dir holds checkpoints/ and samples/ (a job folder).  `progress(info)` is called after
-    every step; `should_stop(step)` returning True saves a checkpoint and returns a cancelled
-    result (what SIGTERM does for a job).  `components` replaces model loading (benchmarks).
+    work_dir holds checkpoints/ and samples/ (a job folder).  `progress(info)` is called when the
+    phase changes (info["phase"]: stylemix.training.progress.PHASES), as latents are cached, after
+    every step and every sample image; info carries the step, loss, the smoothed time left (`eta_s`)
+    and the share of the work done (`percent`).  `should_stop(step)` returning True saves a
+    checkpoint and returns a cancelled result (what SIGTERM does for a job).  `components` replaces
+    model loading (benchmarks).
     """
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
@@ -282,6 +287,11 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
         for stale in (work_dir / "checkpoints").glob(".tmp-*"):  # left by a killed save
             shutil.rmtree(stale, ignore_errors=True)
 
+    def phase(name: str, **fields) -> None:  # before the loop: no step, loss or time left yet
+        if progress and accelerator.is_main_process:
+            progress({"phase": name, "step": 0, "total_steps": None, "eta_s": None, **fields})
+
+    phase(phases.LOADING)
     comps = components or load_training_components(config.model)
     unet, vae, text_encoder, tokenizer = comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"]
     noise_scheduler = comps["noise_scheduler"]
@@ -312,11 +322,11 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
     captions = [with_trigger(data.trigger_word, c) for c in data.captions]
     input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                           return_tensors="pt").input_ids
-    pixels = [load_pixels(p, config.resolution) for p in data.files]
     t0 = time.perf_counter()
-    # Encoded in training-sized batches: a bigger batch would raise the peak memory above the uncached loop's.
-    cache = (LatentCache.build(vae, pixels, device, flips=config.random_flip, batch_size=config.batch_size)
-             if config.cache_latents else None)
+    phase(phases.CACHING, phase_done=0, phase_total=len(data))
+    pixels = [load_pixels(p, config.resolution) for p in data.files]
+    cache = build_latent_cache(vae, pixels, device, config, lambda done: phase(
+        phases.CACHING, phase_done=done, phase_total=len(data))) if config.cache_latents else None
     text_cache = None
     if not config.train_text_encoder:
         with torch.no_grad(), accelerator.autocast():
@@ -359,6 +369,10 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
                                     "the checkpoint's run.")
             step, loss_curve, samples, skipped = st["step"], st["loss_curve"], st["samples"], st.get("skipped", 0)
             logger.info("Resumed from %s (step %d of %d).", ckpt, step, total_steps)
+    history = LossHistory.of(loss_curve)  # what status.json shows: the whole curve, thinned, across resumes
+    prompts = sample_texts(config, data.trigger_word)
+    estimate = Estimator(total_steps, step, config.sample_every, len(prompts), config.sample_steps,
+                         config.batch_size * config.grad_accumulation, config.sample_guidance > 1)
 
     def trainer_state() -> dict:
         return {"config": asdict(config), "loss_curve": loss_curve, "samples": samples, "skipped": skipped,
@@ -371,11 +385,21 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
         return save_checkpoint(work_dir, step, unwrapped, optimizer, lr_scheduler, trainer_state(),
                                config.keep_checkpoints)
 
-    def report(**extra) -> None:
+    def report(phase_name: str = phases.TRAINING, **extra) -> None:
         if progress and main:
-            progress({"step": step, "total_steps": total_steps, "epoch": step // steps_per_epoch + 1,
-                      "total_epochs": total_epochs, "loss": loss_curve[-1][1] if loss_curve else None,
-                      "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped, **extra})
+            left, per_step = estimate.seconds_left(), estimate.per_step.value
+            progress({"phase": phase_name, "step": step, "total_steps": total_steps,
+                      "epoch": step // steps_per_epoch + 1, "total_epochs": total_epochs,
+                      "loss": loss_curve[-1][1] if loss_curve else None, "lr": lr_scheduler.get_last_lr()[0],
+                      "skipped_steps": skipped, "eta_s": None if left is None else round(left, 1),
+                      "percent": round(100 * estimate.share_done(), 1),
+                      "steps_per_sec": round(1 / per_step, 4) if per_step else None,
+                      "loss_curve": history.as_list(), "sample_prompts": prompts, **extra})
+
+    def sampling(done: int, total: int, seconds: float | None) -> None:
+        if seconds is not None:
+            estimate.image_done(seconds)
+        report(phases.SAMPLING, phase_done=done, phase_total=total)
 
     if main:
         logger.info("Training %s: %d images, %d steps (%d/epoch), batch %d x %d process(es) x %d accumulation, "
@@ -385,10 +409,12 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
     prediction_type = noise_scheduler.config.prediction_type
     n_timesteps = noise_scheduler.config.num_train_timesteps
     bad_in_a_row = 0
-    speed, t_last = None, time.perf_counter()
     cancelled = False
+    t_end = time.perf_counter()  # when saving began (reset at the last step)
+    report(phase_done=None, phase_total=None)
 
     while step < total_steps:
+        t_step = time.perf_counter()  # the step alone: samples and saves are not training speed
         epoch = step // steps_per_epoch
         batches = epoch_batches(len(data), config.batch_size, config.seed, epoch, multiple)
         pos = (step % steps_per_epoch) * multiple + accelerator.process_index * config.grad_accumulation
@@ -463,24 +489,25 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
             bad_in_a_row = 0
             mean_loss = accelerator.gather(torch.stack(step_losses).mean().reshape(1)).mean().item()
             loss_curve.append([step, round(mean_loss, 6)])
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        speed = 1 / dt if speed is None else 0.8 * speed + 0.2 / dt
-        extra = {}
-        if main and (step == total_steps or (config.sample_every and step % config.sample_every == 0)):
-            new = make_samples(config, comps, unwrapped, data.trigger_word, work_dir, step, device, accelerator)
+            history.add(step, mean_loss)
+        estimate.step_done(step, time.perf_counter() - t_step)
+        report()
+        if main and prompts and (step == total_steps or (config.sample_every and step % config.sample_every == 0)):
+            new = make_samples(config, comps, unwrapped, prompts, work_dir, step, device, accelerator, sampling)
             samples.extend(new)
-            extra["samples"] = new
-        if step % config.checkpoint_every == 0 or step == total_steps:
-            extra["checkpoint"] = str(checkpoint())
-        report(steps_per_sec=round(speed, 4), eta_s=round((total_steps - step) / speed, 1) if speed else None, **extra)
-        if extra:
-            t_last = time.perf_counter()  # samples and saves are not training speed
+            report(phases.SAMPLING, samples=new, phase_done=len(new), phase_total=len(prompts))
+        if step == total_steps:
+            t_end = time.perf_counter()
+            report(phases.SAVING)
+            checkpoint()
+        elif step % config.checkpoint_every == 0:
+            report(checkpoint=str(checkpoint()))
         if should_stop and step < total_steps and should_stop(step):
             cancelled = True
             break
 
     if cancelled:
+        report(phases.SAVING)
         ck = checkpoint()
         logger.info("Cancelled at step %d; checkpoint %s kept.", step, ck)
         report(checkpoint=str(ck), cancelled=True)
@@ -491,6 +518,8 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
     if main:
         lora_dir = write_library_lora(config, data, unwrapped, loras_dir, work_dir, loss_curve, samples,
                                       accelerator.mixed_precision, str(device), skipped, step)
+        estimate.end_progress(time.perf_counter() - t_end)
+        report(phases.SCORING)
         finalize_lora(lora_dir, config)
         logger.info("Saved LoRA %s", lora_dir)
     accelerator.end_training()
@@ -510,10 +539,29 @@ def _default_loras_dir() -> Path:
 # --------------------------------------------------------------------------- samples and output
 
 
+def sample_texts(config: TrainConfig, trigger: str) -> list[str]:
+    """The sample prompts as rendered: `{trigger}` replaced by the dataset's trigger word."""
+    return [prompt.replace("{trigger}", trigger or "").strip(", ") for prompt in config.sample_prompts]
+
+
+def build_latent_cache(vae, pixels: list[torch.Tensor], device, config: TrainConfig,
+                       done: Callable[[int], None]) -> LatentCache:
+    """The latent cache, encoded in training-sized batches (a bigger batch would raise the peak memory
+    above the uncached loop's); `done(n)` after each batch, so a long encode shows its progress."""
+    parts = []
+    for i in range(0, len(pixels), config.batch_size):
+        parts.append(LatentCache.build(vae, pixels[i:i + config.batch_size], device, flips=config.random_flip,
+                                       batch_size=config.batch_size))
+        done(min(i + config.batch_size, len(pixels)))
+    return LatentCache(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]))
+
+
 @torch.no_grad()
-def make_samples(config: TrainConfig, comps: dict, models: dict, trigger: str, work_dir: Path, step: int,
-                 device, accelerator) -> list[str]:
-    """Images for the fixed prompts and seed: the same noise every time, so only the LoRA changes."""
+def make_samples(config: TrainConfig, comps: dict, models: dict, prompts: list[str], work_dir: Path, step: int,
+                 device, accelerator, on_image: Callable[[int, int, float | None], None] | None = None) -> list[str]:
+    """Images for the fixed prompts and seed: the same noise every time, so only the LoRA changes.
+
+    `on_image(done, total, seconds)` before the first image (seconds None) and after each one."""
     from diffusers import StableDiffusionPipeline
 
     unet, te = models["unet"], models.get("text_encoder", comps["text_encoder"])
@@ -527,9 +575,11 @@ def make_samples(config: TrainConfig, comps: dict, models: dict, trigger: str, w
     paths = []
     for m in models.values():
         m.eval()
+    if on_image:
+        on_image(0, len(prompts), None)
     try:
-        for i, prompt in enumerate(config.sample_prompts):
-            text = prompt.replace("{trigger}", trigger or "").strip(", ")
+        for i, text in enumerate(prompts):
+            t0 = time.perf_counter()
             gen = torch.Generator(device="cpu").manual_seed(config.sample_seed + i)
             with accelerator.autocast():
                 image = pipe(text, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
@@ -539,6 +589,8 @@ def make_samples(config: TrainConfig, comps: dict, models: dict, trigger: str, w
             image.save(tmp)
             os.replace(tmp, work_dir / rel)
             paths.append(rel)
+            if on_image:
+                on_image(i + 1, len(prompts), time.perf_counter() - t0)
     finally:
         if was_training:
             for m in models.values():
@@ -635,7 +687,7 @@ def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handl
         raise StyleMixError(f"{job_dir} is not a job folder.")
     workspace = Workspace(**{k: Path(v) for k, v in job.config["workspace"].items()})
     writer = jobs.StatusWriter(job_dir)
-    writer.update(state=jobs.RUNNING, pid=os.getpid(), error=None)
+    writer.update(state=jobs.RUNNING, pid=os.getpid(), error=None, phase=phases.STARTING, eta_s=None)
     stop = threading.Event()
     if handle_signals:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -661,7 +713,8 @@ def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handl
         if result.cancelled:
             writer.update(state=jobs.CANCELLED, finished=jobs.utc_now(), pid=None)
         else:
-            writer.update(state=jobs.COMPLETED, finished=jobs.utc_now(), pid=None, lora_dir=str(result.lora_dir), eta_s=0)
+            writer.update(state=jobs.COMPLETED, finished=jobs.utc_now(), pid=None, lora_dir=str(result.lora_dir),
+                          eta_s=0, percent=100, phase=None)
     except StyleMixError as e:
         logger.error("%s", e)
         writer.update(state=jobs.FAILED, finished=jobs.utc_now(), pid=None, error=str(e))

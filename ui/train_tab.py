@@ -1,4 +1,10 @@
-"""The Train tab: start, follow, cancel and resume a training job (one job on the GPU at a time)."""
+"""The Train tab: start, follow, cancel and resume a training job (one job on the GPU at a time), and
+look back at the user's past jobs.
+
+What a job is doing comes from its status.json (written by the trainer, read by
+`StyleMixService.job_view`): the phase, the step, a smoothed time left, the share of the work done,
+the whole loss curve and every sample image.  This module only words and draws it.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,14 @@ import gradio as gr
 
 from stylemix.errors import StyleMixError
 from stylemix.service import StyleMixService
-from ui.common import owner_of, readable_errors
+from stylemix.training.config import LIMITS, check_setting, parse_number
+from ui.common import escape_md, owner_of, readable_errors
+
+JOB_COLUMNS = ["job", "LoRA", "state", "steps", "started"]
 
 
 @dataclass
 class TrainTab:
-    loss_history: gr.State
     dataset: gr.Dropdown
     name: gr.Textbox
     steps: gr.Number
@@ -34,25 +42,86 @@ class TrainTab:
     job_id: gr.Textbox
     loss: gr.LinePlot
     samples: gr.Gallery
+    jobs: gr.Dataframe
     timer: gr.Timer
+
+
+# --------------------------------------------------------------------------- wording
+
+
+def time_left(eta: float | None) -> str:
+    """A smoothed estimate in words, rounded so that it does not flicker (never "0 s" while work remains)."""
+    if not isinstance(eta, (int, float)):
+        return "estimating the time left"
+    if eta < 10:
+        return "a few seconds left"
+    if eta < 90:
+        return f"about {5 * round(eta / 5):.0f} s left"
+    if eta < 90 * 60:
+        return f"about {round(eta / 60):.0f} min left"
+    return f"about {eta / 3600:.1f} h left"
+
+
+def phase_text(view: dict) -> str:
+    """What the job is doing: "Caching latents (3/12 images)", "Training: step 40/200", "completed: step 200/200"."""
+    step, total = view["step"], view["total_steps"] or "?"
+    state, phase = view["state"], view.get("phase")
+    done, of = view.get("phase_done"), view.get("phase_total")
+    part = f" ({done}/{of})" if isinstance(done, int) and isinstance(of, int) else ""
+    if state == "running":
+        return {"starting": "Starting the training process",
+                "loading": "Loading the model",
+                "caching": f"Caching latents ({done}/{of} images)" if part else "Caching latents",
+                "sampling": f"Making samples (step {step}){part}",
+                "saving": "Saving",
+                "scoring": "Scoring the style"}.get(phase, f"Training: step {step}/{total}")
+    if state == "queued":
+        return "queued: waits for the job training now" + (f" (stopped at step {step}/{total})" if step else "")
+    if state == "completed":
+        return f"completed: step {step}/{total}"
+    return f"{state} at step {step}/{total}"  # failed, cancelled
+
+
+def job_text(view: dict) -> str:
+    """One line about a job: what it does, its share done, loss and (while running) the time left."""
+    return (f"{phase_text(view)} ({view['percent']}%)"
+            + (f", loss {view['loss']:.4f}" if isinstance(view.get("loss"), (int, float)) else "")
+            + (f", {time_left(view.get('eta_s'))}" if view["state"] == "running" else ""))
 
 
 def progress_html(view: dict | None) -> str:
     if not view:
         return '<div class="sm-progress">No training job yet.</div>'
-    pct, step, total = view["percent"], view["step"], view["total_steps"] or "?"
+    pct = view["percent"]
     color = {"failed": "#d33", "cancelled": "#999", "completed": "#2a2"}.get(view["state"], "#36c")
+    line = f"{escape_md(view['lora_name'])}: {escape_md(phase_text(view))} · {pct}%"
+    if view["state"] == "running":
+        line += f" · {time_left(view.get('eta_s'))}"
     return (f'<div class="sm-progress"><div style="background:#eee;border-radius:4px;height:14px;width:100%">'
             f'<div style="background:{color};height:14px;border-radius:4px;width:{pct}%"></div></div>'
-            f'<span>{view["lora_name"]}: {view["state"]} · {pct}% · step {step}/{total}</span></div>')
+            f'<span>{line}</span></div>')
 
 
-def job_text(view: dict) -> str:
-    """One line about a job: state, step, loss and (while running) the time left."""
-    eta = view.get("eta_s")
-    return (f"{view['state']}: step {view['step']}/{view['total_steps'] or '?'} ({view['percent']}%)"
-            + (f", loss {view['loss']:.4f}" if isinstance(view.get("loss"), (int, float)) else "")
-            + (f", about {eta:.0f}s left" if isinstance(eta, (int, float)) and view["state"] == "running" else ""))
+def status_markdown(view: dict) -> str:
+    text = f"Job `{view['id']}` — {escape_md(job_text(view))}"
+    if view["error"]:
+        text += f"  \n**Error:** {escape_md(view['error'])}"
+    if view["state"] == "completed":
+        text += (f"  \n**{escape_md(view['lora_name'])}** is ready: open the Compose tab and move its slider.")
+    if view["samples_total"] > len(view["samples"]):
+        text += f"  \nShowing the newest {len(view['samples'])} of {view['samples_total']} samples."
+    return text
+
+
+def gallery(view: dict) -> list[tuple[str, str]]:
+    """Every sample shown, oldest first, captioned with its step and prompt."""
+    return [(s["path"], f"step {s['step']} · {s['prompt']}" if s["prompt"] else f"step {s['step']}")
+            for s in view["samples"]]
+
+
+def job_rows(views: list[dict]) -> list[list[str]]:
+    return [[v["id"], v["lora_name"], v["state"], f"{v['step']}/{v['total_steps'] or '?'}",
+             (v["started"] or "")[:19].replace("T", " ")] for v in views]
 
 
 def _loss_frame(curve: list):
@@ -61,22 +130,66 @@ def _loss_frame(curve: list):
     return pd.DataFrame({"step": [float(s) for s, _ in curve], "loss": [float(v) for _, v in curve]})
 
 
+# --------------------------------------------------------------------------- the form's numbers
+
+
+_ZERO_MEANS = {"max_steps": "train by epochs", "rank": "use the default", "resolution": "use the dataset's size"}
+
+
+def form_setting(name: str, raw):
+    """A number typed in the form, checked against TrainConfig's limits (the CLI's too).
+
+    For the boxes where 0 means a default (`_ZERO_MEANS`), 0 gives None.  Empty boxes, text and
+    values out of range are refused with one message naming the box's value; nothing is clamped."""
+    if name not in _ZERO_MEANS:
+        return check_setting(name, raw)
+    try:
+        value = parse_number(name, raw)
+        return None if value == 0 else check_setting(name, value)
+    except StyleMixError as e:
+        raise StyleMixError(f"{str(e).rstrip('.')}, or 0 to {_ZERO_MEANS[name]}.") from None
+
+
+def form_settings(max_steps, lr, rank, epochs, batch, res, text, seed) -> tuple[int | None, dict]:
+    """(max steps, TrainConfig settings) from the form's boxes, every value checked before anything starts."""
+    steps = form_setting("max_steps", max_steps)
+    settings = {"learning_rate": form_setting("learning_rate", lr), "epochs": form_setting("epochs", epochs),
+                "batch_size": form_setting("batch_size", batch), "train_text_encoder": bool(text),
+                "seed": form_setting("seed", seed)}
+    rank_ = form_setting("rank", rank)
+    if rank_ is not None:
+        settings.update(rank=rank_, alpha=rank_ / 2)
+    res_ = form_setting("resolution", res)
+    if res_ is not None:
+        settings["resolution"] = res_
+    return steps, settings
+
+
+def _box(label: str, value, name: str, elem_id: str) -> gr.Number:
+    """A number box without Gradio's own min/max/precision: those would refuse or round a value before
+    the server could say why (a typed 2.5 would silently become 2); `form_setting` checks it instead."""
+    hint = LIMITS[name].describe() + (", or 0" if name in _ZERO_MEANS else "")
+    return gr.Number(value=value, label=label, elem_id=elem_id, info=hint)
+
+
+# --------------------------------------------------------------------------- layout and events
+
+
 def build_train_tab() -> TrainTab:
     """Lay out the tab (inside `gr.Tab`); its events are wired by `wire_train_tab`."""
-    loss_history = gr.State([])
     with gr.Row():
         with gr.Column(scale=1):
             dataset = gr.Dropdown([], label="Dataset", elem_id="tr-dataset")
             name = gr.Textbox(label="LoRA name", elem_id="tr-name")
-            steps = gr.Number(value=0, precision=0, label="Max steps (0 = 20 epochs, the default)", elem_id="tr-steps")
+            steps = _box("Max steps (0 = 20 epochs, the default)", 0, "max_steps", "tr-steps")
             with gr.Accordion("Advanced (defaults = the seed report's settings)", open=False):
-                lr = gr.Number(value=1e-4, label="Learning rate")
-                rank = gr.Number(value=0, precision=0, label="Rank (0 = default: 32, 4 on the tiny model)")
-                epochs = gr.Number(value=20, precision=0, label="Epochs (when max steps is 0)")
-                batch = gr.Number(value=2, precision=0, label="Batch size")
-                res = gr.Number(value=0, precision=0, label="Resolution (0 = the dataset's size)")
+                lr = _box("Learning rate", 1e-4, "learning_rate", "tr-lr")
+                rank = _box("Rank (0 = default: 32, 4 on the tiny model)", 0, "rank", "tr-rank")
+                epochs = _box("Epochs (when max steps is 0)", 20, "epochs", "tr-epochs")
+                batch = _box("Batch size", 2, "batch_size", "tr-batch")
+                res = _box("Resolution (0 = the dataset's size)", 0, "resolution", "tr-res")
                 text = gr.Checkbox(value=True, label="Train the text encoder too")
-                seed = gr.Number(value=42, precision=0, label="Seed")
+                seed = _box("Seed", 42, "seed", "tr-seed")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="tr-start")
                 cancel = gr.Button("Cancel", elem_id="tr-cancel")
@@ -86,68 +199,62 @@ def build_train_tab() -> TrainTab:
             status = gr.Markdown(elem_id="tr-status")
             job_id = gr.Textbox(label="Job", interactive=False, max_lines=1, elem_id="tr-job")
             loss = gr.LinePlot(x="step", y="loss", label="Loss", height=220, elem_id="tr-loss")
-            samples = gr.Gallery(label="Samples", columns=4, height=220, elem_id="tr-samples")
+            samples = gr.Gallery(label="Samples (step · prompt)", columns=6, height=260, elem_id="tr-samples")
+            jobs = gr.Dataframe(headers=JOB_COLUMNS, value=[], interactive=False, label="Your jobs (click one to show it)",
+                                max_height=260, elem_id="tr-jobs")
     timer = gr.Timer(1.0)
-    return TrainTab(loss_history, dataset, name, steps, lr, rank, epochs, batch, res, text, seed, start, cancel,
-                    resume, progress, status, job_id, loss, samples, timer)
+    return TrainTab(dataset, name, steps, lr, rank, epochs, batch, res, text, seed, start, cancel, resume, progress,
+                    status, job_id, loss, samples, jobs, timer)
 
 
 def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserState, lora_names: gr.State,
                    library_outputs: list, library_updates: Callable[[str], tuple]) -> tuple[list, Callable]:
     """The tab's events.  A job that finishes adds a LoRA: its poll then also refreshes `library_outputs`
-    (with `library_updates(who)`).  Returns the outputs and the function that fills them (for page load)."""
+    (with `library_updates(who)`).  Returns the outputs and the function that fills them (for page load):
+    `fill(view, history, names_now, who)` (history is unused: the loss curve is the job's own)."""
 
     def train_outputs_for(view, history, names_now, who):
-        """progress, status, loss plot, samples, job id, history, then the library outputs (sliders,
+        """progress, status, loss plot, samples, job id, the user's jobs, then the library outputs (sliders,
         table, dropdowns) only when the usable LoRAs changed (a job finished)."""
         keep_library = (gr.skip(),) * len(library_outputs)
+        rows = job_rows(service.list_job_views(who)) if who else []
         if view is None:
-            return (progress_html(None), "", gr.skip(), gr.skip(), None, []) + keep_library
-        history = list(history or [])
-        if view["loss_curve"]:
-            history = [list(p) for p in view["loss_curve"]]
-        elif isinstance(view["loss"], (int, float)) and view["step"] and (
-                not history or history[-1][0] < view["step"]):
-            history.append([view["step"], view["loss"]])
-        status = f"Job `{view['id']}` — {job_text(view)}"
-        if view["error"]:
-            status += f"  \n**Error:** {view['error']}"
+            return (progress_html(None), "", gr.skip(), gr.skip(), None, rows) + keep_library
         usable = [e["name"] for e in service.usable_loras(who)]
         library = library_updates(who) if names_now is not None and usable != list(names_now) else keep_library
-        return (progress_html(view), status, _loss_frame(history), view["samples"], view["id"], history) + library
+        return (progress_html(view), status_markdown(view), _loss_frame(view["loss_curve"]), gallery(view),
+                view["id"], rows) + library
 
-    outputs = [tab.progress, tab.status, tab.loss, tab.samples, tab.job_id, tab.loss_history] + library_outputs
+    outputs = [tab.progress, tab.status, tab.loss, tab.samples, tab.job_id, tab.jobs] + library_outputs
+    # Errors and the spinner sit on the progress bar: the form and the library's inputs stay usable.
+    on_progress = dict(show_progress_on=[tab.progress])
 
     @readable_errors
     def start_fn(dataset, name, max_steps, lr, rank, epochs, batch, res, text, seed_, owner_, request: gr.Request):
         who = owner_of(owner_, request)
         if not dataset:
             raise StyleMixError("Choose a dataset (prepare one in the Dataset tab first).")
-        settings = {"learning_rate": float(lr), "epochs": int(epochs), "batch_size": int(batch),
-                    "train_text_encoder": bool(text), "seed": int(seed_)}
-        if rank:
-            settings.update(rank=int(rank), alpha=float(rank) / 2)
-        if res:
-            settings["resolution"] = int(res)
-        job = service.start_training(who, dataset, (name or "").strip(), int(max_steps or 0) or None, settings)
-        return train_outputs_for(service.job_view(who, job.id), [], None, who)
+        steps, settings = form_settings(max_steps, lr, rank, epochs, batch, res, text, seed_)
+        job = service.start_training(who, dataset, (name or "").strip(), steps, settings)
+        return train_outputs_for(service.job_view(who, job.id), None, None, who)
 
     tab.start.click(start_fn, inputs=[tab.dataset, tab.name, tab.steps, tab.lr, tab.rank, tab.epochs, tab.batch,
-                                      tab.res, tab.text, tab.seed, owner], outputs=outputs, api_name="start_training")
+                                      tab.res, tab.text, tab.seed, owner], outputs=outputs, api_name="start_training",
+                    **on_progress)
 
     last_shown = gr.State(None)
 
     @readable_errors
-    def status_fn(jid, history, names_now, shown, owner_, request: gr.Request):
+    def status_fn(jid, names_now, shown, owner_, request: gr.Request):
         who = owner_of(owner_, request)
         view = service.job_view(who, jid or None)
         key = json.dumps(view, sort_keys=True, default=str)
         if key == shown:  # nothing new: send nothing (no flicker, no traffic)
             return (gr.skip(),) * (len(outputs) + 1)
-        return train_outputs_for(view, history, names_now, who) + (key,)
+        return train_outputs_for(view, None, names_now, who) + (key,)
 
     # the poll is cheap (reads status.json), so it never waits in the GPU queue
-    tab.timer.tick(status_fn, inputs=[tab.job_id, tab.loss_history, lora_names, last_shown, owner],
+    tab.timer.tick(status_fn, inputs=[tab.job_id, lora_names, last_shown, owner],
                    outputs=outputs + [last_shown], show_progress="hidden", concurrency_limit=None, api_visibility="private")
 
     @readable_errors
@@ -161,6 +268,17 @@ def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserSta
     api_btn.click(job_status_api, inputs=[tab.job_id, owner], outputs=api_json, api_name="job_status",
                   concurrency_limit=None)
 
+    @readable_errors
+    def show_job(owner_, evt: gr.SelectData, request: gr.Request):
+        """A click on a row of the jobs table shows that job (the service checks it is the user's)."""
+        who = owner_of(owner_, request)
+        row = evt.row_value or []
+        if not row or not row[0]:
+            raise StyleMixError("Click a job's row to show it.")
+        return train_outputs_for(service.job_view(who, str(row[0])), None, None, who)
+
+    tab.jobs.select(show_job, inputs=[owner], outputs=outputs, api_visibility="private", **on_progress)
+
     def job_action(verb: str, act):
         """The Cancel and Resume buttons: the same checks, then `act(owner, job_id)`."""
         @readable_errors
@@ -169,13 +287,13 @@ def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserSta
             if not jid:
                 raise StyleMixError(f"No job to {verb}.")
             act(who, jid)
-            return train_outputs_for(service.job_view(who, jid), [], None, who)
+            return train_outputs_for(service.job_view(who, jid), None, None, who)
 
         fn.__name__ = f"{verb}_fn"
         return fn
 
     tab.cancel.click(job_action("cancel", service.cancel_job), inputs=[tab.job_id, owner], outputs=outputs,
-                     api_name="cancel_job")
+                     api_name="cancel_job", **on_progress)
     tab.resume.click(job_action("resume", service.resume_job), inputs=[tab.job_id, owner], outputs=outputs,
-                     api_name="resume_job")
+                     api_name="resume_job", **on_progress)
     return outputs, train_outputs_for

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace
@@ -58,12 +59,22 @@ def _foreground(config, ws: Workspace, job_id: str | None) -> int:
     from stylemix.training import jobs
 
     bar = None
+    last_phase = None
 
     def progress(info: dict) -> None:
-        nonlocal bar
+        nonlocal bar, last_phase
+        phase = info.get("phase")
+        if info.get("total_steps") is None:  # before the loop: loading the model, caching latents
+            if phase != last_phase:
+                print(f"{config.name}: {phase}...", file=sys.stderr)
+            last_phase = phase
+            return
         if bar is None:
-            bar = tqdm(total=info["total_steps"], initial=info["step"] - 1, unit="step", desc=config.name)
+            bar = tqdm(total=info["total_steps"], initial=info["step"], unit="step", desc=config.name)
         bar.update(info["step"] - bar.n)
+        if phase != last_phase:
+            bar.set_description(config.name if phase == "training" else f"{config.name} ({phase})")
+            last_phase = phase
         if info.get("loss") is not None:
             bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}", refresh=False)
         if info.get("samples"):

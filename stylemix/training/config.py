@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from stylemix.errors import StyleMixError
@@ -74,16 +75,13 @@ class TrainConfig:
     debug_nan_at_steps: list[int] = field(default_factory=list)
 
     def validate(self) -> "TrainConfig":
+        """Check every setting (numbers against `LIMITS`, the one table the app and the CLI share) and
+        normalise numbers to their field's type ("3" or 3.0 becomes 3).  Raises StyleMixError naming the
+        first bad value."""
         check_name(self.name, "LoRA name")
-        checks = [("rank", self.rank >= 1), ("alpha", self.alpha > 0), ("learning_rate", 0 < self.learning_rate < 1),
-                  ("epochs", self.epochs >= 1), ("max_steps", self.max_steps is None or self.max_steps >= 1),
-                  ("batch_size", self.batch_size >= 1), ("grad_accumulation", self.grad_accumulation >= 1),
-                  ("resolution", self.resolution >= 8 and self.resolution % 8 == 0),
-                  ("max_grad_norm", self.max_grad_norm > 0), ("noise_offset", 0 <= self.noise_offset < 1),
-                  ("min_snr_gamma", self.min_snr_gamma is None or self.min_snr_gamma > 0),
-                  ("checkpoint_every", self.checkpoint_every >= 1), ("keep_checkpoints", self.keep_checkpoints >= 1),
-                  ("sample_every", self.sample_every >= 0), ("max_bad_steps", self.max_bad_steps >= 1),
-                  ("optimizer", self.optimizer == "adamw"),
+        for name in LIMITS:
+            setattr(self, name, check_setting(name, getattr(self, name)))
+        checks = [("optimizer", self.optimizer == "adamw"),
                   ("mixed_precision", self.mixed_precision in ("auto", "no", "fp16", "bf16")),
                   ("unet_targets", bool(self.unet_targets))]
         for name, ok in checks:
@@ -98,6 +96,128 @@ class TrainConfig:
         if unknown:
             raise StyleMixError(f"Unknown training setting(s): {', '.join(unknown)}.")
         return cls(**d)
+
+
+# --------------------------------------------------------------------------- limits (app and CLI alike)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The allowed values of one numeric setting.  `lo_open`/`hi_open`: the bound itself is not allowed."""
+
+    label: str  # how messages name the setting ("learning rate")
+    kind: type  # int or float
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    multiple: int = 1  # ints only: the value must be a multiple of this
+    optional: bool = False  # None is allowed (the setting is off / derived)
+
+    def describe(self) -> str:
+        """The allowed values in words: "a whole number from 1 to 1024"."""
+        what = f"a multiple of {self.multiple}" if self.multiple > 1 else (
+            "a whole number" if self.kind is int else "a number")
+        if not (self.lo_open or self.hi_open):
+            return f"{what} from {_fmt(self.lo)} to {_fmt(self.hi)}"
+        lo = f"greater than {_fmt(self.lo)}" if self.lo_open else f"at least {_fmt(self.lo)}"
+        hi = f"below {_fmt(self.hi)}" if self.hi_open else f"at most {_fmt(self.hi)}"
+        return f"{what} {lo} and {hi}"
+
+
+def _fmt(x: float) -> str:
+    """A number as a user typed it: 4294967295, 0.0001, 1e+30 (never 4.29497e+09)."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+# Upper bounds are what a single-GPU SD1.5 style LoRA can sensibly use; they also keep a typo (1e9 steps,
+# batch 100000) from becoming a job that runs for a year or dies out of memory.  The app's Train tab and
+# every command-line option check values here, and TrainConfig.validate checks them all again.
+SEED_MAX = 2**32 - 1
+LIMITS: dict[str, Limit] = {
+    "rank": Limit("rank", int, 1, 1024),
+    "alpha": Limit("alpha", float, 0, 4096, lo_open=True),
+    "learning_rate": Limit("learning rate", float, 0, 1, lo_open=True, hi_open=True),
+    "epochs": Limit("epochs", int, 1, 10_000),
+    "max_steps": Limit("max steps", int, 1, 100_000, optional=True),
+    "batch_size": Limit("batch size", int, 1, 256),
+    "grad_accumulation": Limit("gradient accumulation", int, 1, 1024),
+    "adam_beta1": Limit("Adam beta1", float, 0, 1, hi_open=True),
+    "adam_beta2": Limit("Adam beta2", float, 0, 1, hi_open=True),
+    "weight_decay": Limit("weight decay", float, 0, 1),
+    "adam_epsilon": Limit("Adam epsilon", float, 0, 1, lo_open=True),
+    "lr_warmup_steps": Limit("warm-up steps", int, 0, 100_000),
+    "max_grad_norm": Limit("max grad norm", float, 0, 1e6, lo_open=True),
+    "min_snr_gamma": Limit("min-SNR gamma", float, 0, 1000, lo_open=True, optional=True),
+    "noise_offset": Limit("noise offset", float, 0, 1, hi_open=True),
+    "seed": Limit("seed", int, 0, SEED_MAX),
+    "resolution": Limit("resolution", int, 64, 2048, multiple=8),
+    "max_bad_steps": Limit("max bad steps", int, 1, 100_000),
+    "checkpoint_every": Limit("checkpoint every", int, 1, 100_000),
+    "keep_checkpoints": Limit("checkpoints kept", int, 1, 100),
+    "sample_every": Limit("sample every", int, 0, 100_000),
+    "sample_seed": Limit("sample seed", int, 0, SEED_MAX),
+    "sample_steps": Limit("sample steps", int, 1, 1000),
+    "sample_guidance": Limit("sample guidance", float, 0, 100),
+}
+
+
+def parse_number(name: str, raw) -> int | float | None:
+    """A value typed by a user (text, a number from a form box, None for an empty box) as a number.
+
+    Raises StyleMixError for an empty box, text that is not a number, inf/NaN, and a fraction where
+    the setting counts something.  Range checks are `check_setting`'s."""
+    limit = LIMITS[name]
+    shown = str(raw)[:40]
+    if isinstance(raw, str):
+        raw = raw.strip()
+        if raw == "":
+            raw = None
+        else:
+            try:
+                raw = int(raw) if limit.kind is int and raw.lstrip("+-").isdigit() else float(raw)
+            except ValueError:
+                raise StyleMixError(f"Invalid {limit.label} {shown!r}: not a number; use "
+                                    f"{limit.describe()}.") from None
+    if raw is None:
+        raise StyleMixError(f"No {limit.label} given: use {limit.describe()}.")
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise StyleMixError(f"Invalid {limit.label} {shown!r}: not a number; use {limit.describe()}.")
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise StyleMixError(f"Invalid {limit.label} {shown}: use {limit.describe()}.")
+    if limit.kind is int:
+        if isinstance(raw, float) and not raw.is_integer():
+            raise StyleMixError(f"Invalid {limit.label} {_fmt(raw)}: use {limit.describe()}.")
+        return int(raw)
+    return float(raw)
+
+
+def check_setting(name: str, value):
+    """`value` as setting `name` takes it (parsed, right type), or StyleMixError naming it and the allowed range.
+
+    Never clamps: a value out of range is refused, not moved into range."""
+    limit = LIMITS[name]
+    if value is None and limit.optional:
+        return None
+    number = parse_number(name, value)
+    ok = (number > limit.lo if limit.lo_open else number >= limit.lo) and \
+         (number < limit.hi if limit.hi_open else number <= limit.hi) and \
+         (limit.kind is not int or number % limit.multiple == 0)
+    if not ok:
+        raise StyleMixError(f"Invalid {limit.label} {_fmt(number)}: use {limit.describe()}.")
+    return number
+
+
+def _argument_type(name: str):
+    """argparse `type=` for a LIMITS setting: the same parsing and limits as the app's form."""
+    def parse(text: str):
+        try:
+            return check_setting(name, text)
+        except StyleMixError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = LIMITS[name].label  # argparse names the type in some messages
+    return parse
 
 
 # --------------------------------------------------------------------------- command line
@@ -128,9 +248,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: set[str] = _SKIP
         elif isinstance(default, list):
             kind = int if f.name == "debug_nan_at_steps" else str
             parser.add_argument(flag, dest=f.name, nargs="+", type=kind, default=None, help=help_)
+        elif f.name in LIMITS:
+            parser.add_argument(flag, dest=f.name, type=_argument_type(f.name), default=None, help=help_)
         else:
-            kind = {"max_steps": int, "min_snr_gamma": float}.get(f.name, type(default))
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_)
+            parser.add_argument(flag, dest=f.name, type=type(default), default=None, help=help_)
 
 
 def config_from_args(args: argparse.Namespace, **base) -> TrainConfig:

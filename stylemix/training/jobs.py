@@ -1,7 +1,8 @@
 """Background training jobs: one folder per job, one process per job, one job on the GPU at a time.
 
     jobs/<job_id>/config.json    what to train (TrainConfig), owner, library folder    (written once)
-    jobs/<job_id>/status.json    state, step, loss, lr, speed, ETA, samples, error, pid, heartbeat
+    jobs/<job_id>/status.json    state, phase, step, loss, lr, speed, time left, percent, loss curve (thinned),
+                                 newest samples, error, pid, heartbeat
     jobs/<job_id>/train.log      the training process's stdout + stderr
     jobs/<job_id>/checkpoints/   complete checkpoints (see trainers/lora.py), samples/ sample images
 
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from stylemix.errors import StyleMixError
 from stylemix.paths import Workspace, atomic_write_text, check_name, inside
+from stylemix.training.progress import STARTING
 
 if TYPE_CHECKING:
     from stylemix.training.config import TrainConfig
@@ -120,6 +122,19 @@ def _queue_lock(workspace: Workspace):
 # --------------------------------------------------------------------------- liveness
 
 
+def reap_children() -> int:
+    """Collect the exit status of every job process this process started that has ended.
+
+    Until its parent waits for it, an ended child stays in the process table as a zombie
+    ("defunct"); the app starts one process per job and lives for weeks, so each look at the queue
+    (`list_jobs`, which every poll reaches) waits for the finished ones.  Returns how many are still running.
+    """
+    for pid, child in list(_children.items()):
+        if child.poll() is not None:  # waitpid(pid, WNOHANG): reaps it if it has ended
+            _children.pop(pid, None)
+    return len(_children)
+
+
 def _pid_alive(pid: int) -> bool:
     child = _children.get(pid)
     if child is not None and child.poll() is not None:
@@ -163,6 +178,7 @@ def _reconcile(job: TrainingJob) -> TrainingJob:
 
 def list_jobs(workspace: Workspace, owner: str | None = None) -> list[TrainingJob]:
     """All jobs (of `owner`, when given), newest first; dead `running` jobs are marked failed."""
+    reap_children()
     if not workspace.jobs.is_dir():
         return []
     jobs = [j for d in workspace.jobs.iterdir() if d.is_dir() and not d.name.startswith(".")
@@ -256,7 +272,7 @@ def _launch(job: TrainingJob) -> TrainingJob:
         log.close()
     _children[proc.pid] = proc
     job.status.update(state=RUNNING, pid=proc.pid, own_session=True, heartbeat=time.time(), started=utc_now(),
-                      error=None)
+                      error=None, phase=STARTING, eta_s=None)
     write_status(job.dir, job.status)
     logger.info("Started job %s (pid %d).", job.id, proc.pid)
     return job
@@ -313,8 +329,9 @@ def resume(workspace: Workspace, job_id: str, owner: str | None = None, start: b
         if job.state not in (FAILED, CANCELLED):
             raise StyleMixError(f"Job {job_id} is {job.state}; only failed or cancelled jobs can be resumed.")
         (job.dir / CANCEL_FILE).unlink(missing_ok=True)
-        job.status.update(state=QUEUED, queued=utc_now(), error=None, pid=None, finished=None,
-                          resumes=job.status.get("resumes", 0) + 1)
+        # the step, percent and loss curve stay: the page keeps showing how far it got until it runs again
+        job.status.update(state=QUEUED, queued=utc_now(), error=None, pid=None, finished=None, phase=None,
+                          eta_s=None, resumes=job.status.get("resumes", 0) + 1)
         write_status(job.dir, job.status)
     if start:
         ensure_queue_running(workspace)
@@ -334,7 +351,8 @@ def run_foreground(config: "TrainConfig", workspace: Workspace, owner: str | Non
     else:
         job = resume(workspace, job_id, owner, start=False)
     with _queue_lock(workspace):
-        job.status.update(state=RUNNING, pid=os.getpid(), own_session=False, heartbeat=time.time(), started=utc_now())
+        job.status.update(state=RUNNING, pid=os.getpid(), own_session=False, heartbeat=time.time(), started=utc_now(),
+                      phase=STARTING, eta_s=None)
         write_status(job.dir, job.status)
     # By module name, as the queue starts `python -m trainers.lora`: trainers/ imports stylemix, never the
     # reverse, and this in-process run keeps the progress callback a subprocess could not call.
