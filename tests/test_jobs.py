@@ -56,10 +56,21 @@ def ws(workspace, monkeypatch):
     return workspace
 
 
+def zombie(pid: int) -> bool:
+    """The process exists only as an unreaped exit status ("defunct")."""
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def test_jobs_run_one_at_a_time_and_report_progress(ws):
-    first = jobs.submit(config(ws, "first", max_steps=4), ws, owner="alice")
+    first = jobs.submit(config(ws, "first", max_steps=4, sample_every=2, sample_prompts=["{trigger}, a house", "a tree"]),
+                        ws, owner="alice")
     second = jobs.submit(config(ws, "second"), ws, owner="bob")
     assert first.state == jobs.RUNNING and second.state == jobs.QUEUED  # one training job at a time
+    first_pid = first.status["pid"]
+    assert first.status["phase"] == "starting"  # from the moment it is launched, the page has a phase to show
     with pytest.raises(StyleMixError, match="No training job"):
         jobs.get_job(ws, first.id, owner="bob")  # another owner's job does not exist for you
     assert [j.id for j in jobs.list_jobs(ws, owner="bob")] == [second.id]
@@ -71,7 +82,16 @@ def test_jobs_run_one_at_a_time_and_report_progress(ws):
     assert a["state"] == done["state"] == jobs.COMPLETED, (a, done)
     assert done["started"] >= a["finished"]  # the queue waited for the first job
     assert a["step"] == a["total_steps"] == 4 and a["loss"] > 0 and a["lr"] >= 0 and a["steps_per_sec"] > 0
-    assert a["samples"] == ["samples/step-000004-0.png"] and (first.dir / a["samples"][0]).is_file()
+    assert a["percent"] == 100 and a["eta_s"] == 0 and a["phase"] is None
+    assert [s for s, _ in a["loss_curve"]] == [1, 2, 3, 4]
+    assert a["samples"] == ["samples/step-000004-0.png", "samples/step-000004-1.png"]  # the newest round
+    assert a["sample_prompts"] == ["jobstyle, a house", "a tree"]
+    # the finished process this one started was waited for: no defunct child left behind while we run
+    jobs.list_jobs(ws)
+    assert not zombie(first_pid), f"job process {first_pid} is a zombie"
+    with pytest.raises(ChildProcessError):
+        os.waitpid(first_pid, os.WNOHANG)  # already reaped
+    assert jobs.reap_children() == 0
     assert (ws.loras / "first" / "stylemix.json").is_file() and (ws.loras / "second" / "stylemix.json").is_file()
     assert "Training first" in jobs.get_job(ws, first.id).log_tail()
     with pytest.raises(StyleMixError, match="already completed"):
@@ -101,10 +121,15 @@ def test_cancel_keeps_a_usable_checkpoint_and_resume_finishes(ws):
     stopped_at = cancelled.status["step"]
     assert ckpt is not None and ckpt.name == f"step-{stopped_at:06d}" and 2 <= stopped_at < 40
     assert not (ws.loras / "long").exists()
+    # the loss curve so far stays in the job's status: the chart keeps its history after Cancel...
+    assert [s for s, _ in cancelled.status["loss_curve"]] == list(range(1, stopped_at + 1))
 
-    jobs.resume(ws, job.id)
+    queued = jobs.resume(ws, job.id, start=False)
+    assert [s for s, _ in queued.status["loss_curve"]] == list(range(1, stopped_at + 1))  # ...and while queued
+    jobs.ensure_queue_running(ws)
     done = wait_for(ws, job.id, lambda s: s["state"] in jobs.TERMINAL)
     assert done["state"] == jobs.COMPLETED and done["step"] == 40, done
+    assert [s for s, _ in done["loss_curve"]] == list(range(1, 41))  # ...and after Resume, one whole curve
     meta = json.loads((ws.loras / "long" / "stylemix.json").read_text())
     assert [s for s, _ in meta["loss_curve"]] == list(range(1, 41))  # continued, not restarted
 
@@ -143,3 +168,65 @@ def test_cli_jobs_commands(ws, monkeypatch, capsys):
     assert main(["jobs", "cancel", job_id]) == 1  # already completed: one clear line, exit 1
     assert "already completed" in capsys.readouterr().err
     assert main(["jobs", "show", "nope"]) == 1
+
+
+@pytest.mark.parametrize("name, raw, message", [
+    ("max_steps", "-5", "Invalid max steps -5: use a whole number from 1 to 100000"),
+    ("max_steps", "1e9", "Invalid max steps 1000000000: use a whole number from 1 to 100000"),
+    ("learning_rate", "0", "Invalid learning rate 0: use a number greater than 0 and below 1"),
+    ("learning_rate", "fast", "Invalid learning rate 'fast': not a number"),
+    ("rank", "2.5", "Invalid rank 2.5: use a whole number from 1 to 1024"),
+    ("epochs", "0", "Invalid epochs 0: use a whole number from 1 to 10000"),
+    ("batch_size", "100000", "Invalid batch size 100000: use a whole number from 1 to 256"),
+    ("resolution", "100", "Invalid resolution 100: use a multiple of 8 from 64 to 2048"),
+    ("seed", "-1", "Invalid seed -1: use a whole number from 0 to 4294967295"),
+    ("seed", "", "No seed given"),
+])
+def test_bad_settings_get_one_message_from_the_same_limits_in_the_cli_and_the_app(ws, capsys, name, raw, message):
+    from stylemix.cli import main
+    from ui.train_tab import form_setting
+
+    with pytest.raises(StyleMixError) as form:  # the Train tab's boxes
+        form_setting(name, raw)
+    assert message in str(form.value)
+    with pytest.raises(StyleMixError, match=message.split(":")[0]):  # a config built any other way
+        config(ws, "x", **{name: raw}).validate()
+    with pytest.raises(SystemExit) as usage:  # `stylemix train --<setting> <raw>`: argparse, before anything runs
+        main(["--model", "tiny", "--loras-dir", str(ws.loras), "train", str(ws.data / "set"), "--name", "x",
+              "--" + name.replace("_", "-"), raw, "--background"])
+    assert usage.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not [d for d in ws.jobs.iterdir() if d.is_dir()]  # nothing queued
+
+
+def test_service_job_views_label_every_sample_keep_the_curve_and_list_only_own_jobs(ws):
+    from stylemix.service import StyleMixService
+
+    service = StyleMixService.start("tiny", ws, examples=False)
+    ann, bob = "u" + "a" * 24, "u" + "b" * 24
+    make_dataset(ws.data / ann / "set")
+    for steps, message in [(0, "Invalid max steps 0"), (-3, "Invalid max steps -3"), ("lots", "not a number")]:
+        with pytest.raises(StyleMixError, match=message):
+            service.start_training(ann, "set", "annlora", steps)
+    with pytest.raises(StyleMixError, match="Invalid rank 0"):
+        service.start_training(ann, "set", "annlora", 2, {"rank": 0})
+    assert service.list_job_views(ann) == [] and not [d for d in ws.jobs.iterdir() if d.is_dir()]
+
+    job = service.start_training(ann, "set", "annlora", 4, {"sample_prompts": ["{trigger}, a house", "a tree"],
+                                                            "sample_steps": 1})
+    assert service.job_view(ann, job.id)["phase"] == "starting"
+    wait_for(ws, job.id, lambda s: s["state"] in jobs.TERMINAL)
+    view = service.job_view(ann, job.id)
+    assert view["state"] == "completed" and view["percent"] == 100 and view["eta_s"] is None, view
+    # every sample of every round (sample_every = steps // 4 = 1), labelled with its step and prompt
+    assert [(s["step"], s["prompt"]) for s in view["samples"]] == [
+        (step, prompt) for step in (1, 2, 3, 4) for prompt in ("jobstyle, a house", "a tree")]
+    assert view["samples_total"] == 8 and all(Path(s["path"]).is_file() for s in view["samples"])
+    assert [s for s, _ in view["loss_curve"]] == [1, 2, 3, 4]
+    listed = service.list_job_views(ann)
+    assert [(j["id"], j["lora_name"], j["state"], j["step"], j["total_steps"]) for j in listed] == [
+        (job.id, "annlora", "completed", 4, 4)] and listed[0]["started"]
+    assert service.list_job_views(bob) == []
+    with pytest.raises(StyleMixError, match="No training job"):
+        service.job_view(bob, job.id)
