@@ -38,7 +38,12 @@ COARSE_BLOCK_IDS = frozenset({"down", "mid", "up", "text_encoder"}
                              | {f"{k}.{i}" for k in ("down", "up") for i in range(4)})
 BLOCK_IDS = COARSE_BLOCK_IDS | LBW_IDS
 BLOCK_IDS_HELP = "down, down.0-3, mid, up, up.0-3, text_encoder, or an LBW id: BASE, IN00-IN11, M00, OUT00-OUT11"
+# The limits every recipe is held to (Recipe.validate): the CLI and the app's inputs rely on these.
 WEIGHT_LIMIT = 2.0
+MAX_STEPS = 150
+GUIDANCE_LIMIT = 30.0
+SIZE_LIMITS = (64, 2048)  # each side, a multiple of 8
+SEED_LIMIT = 2**63
 MAX_PROMPT_CHARS = 2000
 MAX_CHUNK_BYTES = 256 * 1024
 MAX_LORAS = 64
@@ -77,7 +82,8 @@ class Recipe:
         for name, w in self.loras.items():
             check_name(name, "LoRA name")
             if not _is_number(w) or abs(w) > WEIGHT_LIMIT:
-                raise ValueError(f"weight of LoRA {name!r} is {w!r}; it must be a number in [-2, 2].")
+                raise ValueError(f"weight of LoRA {name!r} is {_shown(w)}; it must be a number in "
+                                 f"[{-WEIGHT_LIMIT:g}, {WEIGHT_LIMIT:g}].")
         for name, blocks in self.block_weights.items():
             check_name(name, "LoRA name")
             if not isinstance(blocks, dict) or not all(isinstance(k, str) and _is_number(v) and abs(v) <= 4
@@ -87,16 +93,17 @@ class Recipe:
             if unknown:
                 raise ValueError(f"block_weights of {name!r}: unknown block {unknown[0]!r}; "
                                  f"use {BLOCK_IDS_HELP}.")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed {self.seed!r} must be an integer in [0, 2^63).")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 150:
-            raise ValueError(f"steps {self.steps!r} must be an integer from 1 to 150.")
-        if not _is_number(self.guidance) or not 0 <= self.guidance <= 30:
-            raise ValueError(f"guidance {self.guidance!r} must be a number from 0 to 30.")
+        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed {_shown(self.seed)} must be an integer in [0, 2^63).")
+        if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps {_shown(self.steps)} must be an integer from 1 to {MAX_STEPS}.")
+        if not _is_number(self.guidance) or not 0 <= self.guidance <= GUIDANCE_LIMIT:
+            raise ValueError(f"guidance {_shown(self.guidance)} must be a number from 0 to {GUIDANCE_LIMIT:g}.")
         for dim in ("width", "height"):
             v = getattr(self, dim)
-            if not isinstance(v, int) or v % 8 or not 64 <= v <= 2048:
-                raise ValueError(f"{dim} {v!r} must be a multiple of 8 from 64 to 2048.")
+            if not _is_int(v) or v % 8 or not SIZE_LIMITS[0] <= v <= SIZE_LIMITS[1]:
+                raise ValueError(f"{dim} {_shown(v)} must be a multiple of 8 from {SIZE_LIMITS[0]} to "
+                                 f"{SIZE_LIMITS[1]}.")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}.")
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 8:
@@ -193,6 +200,39 @@ def format_block_weights(block_weights: dict[str, dict[str, float]], names=None)
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _shown(value) -> str:
+    """A bad value as a message shows it: a cleared box reads "(empty)", not "None"; 50.0 reads "50",
+    as typed (the CLI parses --guidance 50 as 50.0, a form may send 50)."""
+    if value is None or value == "":
+        return "(empty)"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def parse_size(text) -> tuple[int, int]:
+    """'512x768' -> (512, 768); ValueError naming the text when it is not WIDTHxHEIGHT (the numbers
+    themselves are checked by Recipe.validate)."""
+    parts = str(text if text is not None else "").strip().lower().split("x")
+    try:
+        width, height = (int(p.strip()) for p in parts)
+    except ValueError:
+        raise ValueError(f"size {_shown(text)}: write it as WIDTHxHEIGHT, e.g. 512x512.") from None
+    return width, height
+
+
+def whole_number(value):
+    """A number from a form (1.0, 7) as an int when it is whole; anything else unchanged, so that
+    Recipe.validate names it (a form sends 25.0 for 25, and None for a cleared box)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 # --------------------------------------------------------------------------- A1111 text

@@ -9,6 +9,7 @@ from pathlib import Path
 from stylemix.errors import StyleMixError
 from stylemix.compose import compose, read_recipe_file
 from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, parse_block_weights
+from stylemix.recipe import parse_size as recipe_size
 
 
 def register(sub) -> None:
@@ -57,10 +58,9 @@ def parse_lora_args(items: list[str]) -> dict[str, float]:
 
 def parse_size(text: str) -> tuple[int, int]:
     try:
-        w, h = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise StyleMixError(f"--size {text!r}: write it as WIDTHxHEIGHT, e.g. 512x512.") from None
-    return w, h
+        return recipe_size(text)
+    except ValueError as e:
+        raise StyleMixError(f"--{e}") from None
 
 
 def build_recipe(args) -> Recipe:
