@@ -98,7 +98,12 @@ def test_example_loras_are_installed_on_the_tiny_model(app_url):
     rows = _client(url).predict(OWNER, api_name="/list_loras")["data"]
     names = {r[0]: r for r in rows}
     assert {"kenney_flat", "pixel_city"} <= set(names)
-    assert names["kenney_flat"][1] == "knyflt" and names["kenney_flat"][4] == "yes"  # trigger word, centroid
+    from ui.library_tab import LIBRARY_COLUMNS
+
+    col = {c: i for i, c in enumerate(LIBRARY_COLUMNS)}
+    assert LIBRARY_COLUMNS[:4] == ["name", "kind", "owner", "visibility"]  # what a user scans for, on screen
+    row = names["kenney_flat"]
+    assert row[col["trigger word"]] == "knyflt" and row[col["centroid"]] == "yes"
     assert "example LoRAs" in service.banner
     assert service.install_example_loras() == []  # never twice, never over an existing LoRA
 
@@ -222,7 +227,7 @@ def test_library_import_export_rename_delete(app_url, tmp_path):
     assert "renamed" in names and "imported" not in names and select["value"] == "renamed"
     with pytest.raises(Exception, match="Invalid LoRA name"):
         c.predict("renamed", "../../outside", OWNER, api_name="/rename_lora")
-    with pytest.raises(Exception, match="not in the list of choices"):  # the dropdown offers library names only
+    with pytest.raises(Exception, match="Invalid LoRA name"):  # any name reaches the service, which checks it
         c.predict("../watercolor", "kohya", OWNER, api_name="/export_lora")
     with pytest.raises(Exception, match="Invalid LoRA name"):
         app_url[2].export_lora(OWNER, "../watercolor")
@@ -242,23 +247,23 @@ def test_library_import_export_rename_delete(app_url, tmp_path):
 def test_experiments_protocol_and_sweep(app_url):
     url, _, _ = app_url
     c = _client(url)
-    md, table, gallery = c.predict("protocol", ["watercolor", "pixelart"], "a cat", "0", "", 2, 64, OWNER,
+    md, table, gallery = c.predict("protocol", ["watercolor", "pixelart"], "a cat", "0", "", 2, 64, "Euler", OWNER,
                                    api_name="/run_experiment")
     configs = [r[0] for r in table["data"]]
     assert configs == ["base", "watercolor", "pixelart", "watercolor_pixelart_0.5_0.5"]
     assert "DEMO VALUES" in md and len(gallery) == 2  # scatter plot + contact sheet
-    md, table, gallery = c.predict("sweep", ["watercolor", "pixelart"], "a cat", "0", "0, 1", 2, 64, OWNER,
+    md, table, gallery = c.predict("sweep", ["watercolor", "pixelart"], "a cat", "0", "0, 1", 2, 64, "Euler", OWNER,
                                    api_name="/run_experiment")
     assert len(table["data"]) == 4 and len(gallery) == 3 and "demo values" in md  # grid, share map, clash map
     assert "Clash map: overall cosine" in md
     with pytest.raises(Exception, match="exactly two LoRAs"):
-        c.predict("sweep", ["watercolor"], "a cat", "0", "0, 1", 2, 64, OWNER, api_name="/run_experiment")
-    md, table, gallery = c.predict("balance", ["watercolor", "pixelart"], "a cat", "0", "0.6, 0.4", 2, 64, OWNER,
+        c.predict("sweep", ["watercolor"], "a cat", "0", "0, 1", 2, 64, "Euler", OWNER, api_name="/run_experiment")
+    md, table, gallery = c.predict("balance", ["watercolor", "pixelart"], "a cat", "0", "0.6, 0.4", 2, 64, "Euler", OWNER,
                                    api_name="/run_experiment")
     assert "Best weights" in md and "search previews" in md and len(gallery) == 1  # the path on the share map
     assert table["headers"][:3] == ["step", "w watercolor", "w pixelart"] and len(table["data"]) >= 1
     with pytest.raises(Exception, match="one target share per LoRA"):
-        c.predict("balance", ["watercolor", "pixelart"], "a cat", "0", "1", 2, 64, OWNER, api_name="/run_experiment")
+        c.predict("balance", ["watercolor", "pixelart"], "a cat", "0", "1", 2, 64, "Euler", OWNER, api_name="/run_experiment")
 
 
 def test_recipe_png_restores_settings(app_url):

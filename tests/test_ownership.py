@@ -74,8 +74,8 @@ def test_shared_lora_is_usable_by_all_and_changed_by_its_owner_only(service, tmp
     assert service.set_visibility(ANN, "annstyle", "shared")["visibility"] == "shared"
     assert "annstyle" in [e["name"] for e in service.usable_loras(BOB)]
     row = {r[0]: r for r in library_rows(service, BOB)}["annstyle"]
-    assert row[-2:] == ["another user", "shared"]
-    assert {r[0]: r for r in library_rows(service, ANN)}["annstyle"][-2:] == ["you", "shared"]
+    assert row[2:4] == ["another user", "shared"]  # owner, visibility (LIBRARY_COLUMNS)
+    assert {r[0]: r for r in library_rows(service, ANN)}["annstyle"][2:4] == ["you", "shared"]
     out = service.compose(BOB, Recipe("a cat", loras={"annstyle": 1.0}, steps=1, width=64, height=64), score=False)
     assert out.result.weights_used == {"annstyle": 1.0}
     before = snapshot(service, "annstyle")
@@ -102,7 +102,7 @@ def test_shared_lora_is_usable_by_all_and_changed_by_its_owner_only(service, tmp
 
 def test_builtin_loras_are_shared_and_read_only(service):
     assert "builtin" in names(library_rows(service, STRANGER))
-    assert {r[0]: r for r in library_rows(service, STRANGER)}["builtin"][-2:] == ["built-in", "shared"]
+    assert {r[0]: r for r in library_rows(service, STRANGER)}["builtin"][2:4] == ["built-in", "shared"]
     before = snapshot(service, "builtin")
     for attempt in (lambda: service.delete_lora(ANN, "builtin"), lambda: service.rename_lora(ANN, "builtin", "x"),
                     lambda: service.set_visibility(ANN, "builtin", "private"),
@@ -351,8 +351,8 @@ def test_two_users_and_a_stranger_through_every_mutating_endpoint(app_url, tmp_p
     assert jobs.get_job(ws, job).state == jobs.CANCELLED
 
     # experiments: only with LoRAs one may see, outputs in one's own folder
-    refused(bob, BOB, "annprivate", "protocol", ["annprivate"], "a cat", "0", "", 1, 64, api="/run_experiment")
-    md, table, _ = bob.predict("protocol", ["annshared"], "a cat", "0", "", 1, 64, BOB, api_name="/run_experiment")
+    refused(bob, BOB, "annprivate", "protocol", ["annprivate"], "a cat", "0", "", 1, 64, "Euler", api="/run_experiment")
+    md, table, _ = bob.predict("protocol", ["annshared"], "a cat", "0", "", 1, 64, "Euler", BOB, api_name="/run_experiment")
     assert [r[0] for r in table["data"]] == ["base", "annshared"]
     assert list((ws.outputs / BOB / "experiments").iterdir()) and not (ws.outputs / ANN / "experiments").exists()
 

@@ -40,16 +40,23 @@ def user_error(message: str, title: str = "Error") -> gr.Error:
     """The one way a message reaches the page as an error toast: escaped (Gradio renders toasts as
     HTML, so `<lora:x:5>` or a path in `<...>` would vanish), and without a traceback in the server
     log (a user's mistake is one log line, written by `readable_errors`)."""
-    return gr.Error(html.escape(str(message)), title=title, print_exception=False)
+    return gr.Error(html.escape(str(message), quote=False), title=title, print_exception=False)
 
 
 def escape_md(text: str) -> str:
     """User text (LoRA names, messages, tags) shown inside Markdown/HTML output as plain text."""
-    return html.escape(str(text))
+    return html.escape(str(text), quote=False)
 
 
-# Pass as `show_progress_on=` to events whose outputs include inputs the user types in: the progress
-# and any "Error" badge then sit on that one output, never over the prompt or a form field.
+def badge_sink() -> gr.HTML:
+    """An invisible component for `show_progress_on=[...]`: Gradio draws an event's progress and its red
+    "Error" badge on every output (show_progress="hidden" does not stop the badge), over the very fields
+    the user must fix.  Named in show_progress_on, this one takes them out of sight; the error itself
+    still shows once, as the toast.  (Events that want a visible progress bar name a display-only output
+    such as the image instead.)"""
+    return gr.HTML("", visible=False, elem_classes=["sm-badge-sink"])
+
+
 def readable_errors(fn):
     """Every failure reaches the page as one readable, escaped message, never a traceback.
 

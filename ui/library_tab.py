@@ -10,17 +10,20 @@ from stylemix import access
 from stylemix.errors import StyleMixError
 from stylemix.scores.scoring import CENTROID_FILE
 from stylemix.service import StyleMixService
-from ui.common import owner_of, readable_errors
+from ui.common import badge_sink, escape_md, owner_of, readable_errors
 
-LIBRARY_COLUMNS = ["name", "trigger word", "rank", "alpha", "centroid", "fits model", "training", "samples", "created",
-                   "kind", "covers", "made for", "owner", "visibility"]
+# name, kind, owner and visibility lead: they are what a user scans for, and they stay on screen
+LIBRARY_COLUMNS = ["name", "kind", "owner", "visibility", "trigger word", "covers", "rank", "alpha", "centroid",
+                   "fits model", "made for", "training", "samples", "created"]
 LIBRARY_POLL_S = 2.0  # how often each page checks whether the shared library changed (a few stat calls)
+KEEP = object()  # library_updates(selected=KEEP): leave the page's selection as the user left it
 
 
 @dataclass
 class LibraryTab:
     table: gr.Dataframe
     select: gr.Dropdown
+    selected_md: gr.Markdown
     samples: gr.Gallery
     format: gr.Radio
     export_btn: gr.Button
@@ -32,12 +35,18 @@ class LibraryTab:
     visibility: gr.Radio
     visibility_btn: gr.Button
     delete_btn: gr.Button
+    confirm_row: gr.Row
+    confirm_md: gr.Markdown
+    confirm_btn: gr.Button
+    keep_btn: gr.Button
+    pending_delete: gr.State
     import_file: gr.File
     name: gr.Textbox
     trigger: gr.Textbox
     import_btn: gr.Button
     replace_btn: gr.Button
     msg: gr.Markdown
+    sink: gr.HTML  # show_progress_on target: no progress or "Error" badge over the form
 
 
 def library_rows(service: StyleMixService, viewer: str | None = None) -> list[list]:
@@ -47,14 +56,13 @@ def library_rows(service: StyleMixService, viewer: str | None = None) -> list[li
         m = e.meta
         train = m.get("training") or {}
         s = e.summary()
-        rows.append([e.name, e.trigger_word or "", ", ".join(map(str, s["ranks"])), m.get("alpha"),
+        rows.append([e.name, s["kind"], access.owner_label(m, viewer), e.visibility, e.trigger_word or "",
+                     " + ".join(s["covers"]), ", ".join(map(str, s["ranks"])), m.get("alpha"),
                      "yes" if (e.folder / CENTROID_FILE).is_file() else (m.get("style") or {}).get("status", "no"),
-                     "ok" if e.compatible else f"incompatible: {e.problem}",
+                     "ok" if e.compatible else f"incompatible: {e.problem}", s["made_for"] or "",
                      ", ".join(f"{k}={train[k]}" for k in ("max_steps", "learning_rate", "resolution", "model")
                                if k in train),
-                     len(m.get("samples") or []), (m.get("created") or "")[:19],
-                     s["kind"], " + ".join(s["covers"]), s["made_for"] or "",
-                     access.owner_label(m, viewer), e.visibility])
+                     len(m.get("samples") or []), (m.get("created") or "")[:19]])
     return rows
 
 
@@ -70,7 +78,14 @@ def build_library_tab(service: StyleMixService, auth_on: bool) -> LibraryTab:
                          elem_id="lib-table")
     with gr.Row():
         with gr.Column():
-            select = gr.Dropdown([e["name"] for e in service.all_loras(None)], label="LoRA", elem_id="lib-select")
+            # Nothing is selected until the user picks a LoRA; only the user's pick or their own action
+            # (import, rename, delete) ever changes it.  allow_custom_value: an API caller may name any LoRA
+            # it can see now (one made after this page was built, or by another app process); the service
+            # decides whether that name is visible to the caller.
+            select = gr.Dropdown([e["name"] for e in service.all_loras(None)], value=None, label="LoRA",
+                                 allow_custom_value=True, elem_id="lib-select")
+            selected_md = gr.Markdown("Choose a LoRA above to export, rename, share or delete it.",
+                                      elem_id="lib-selected")
             samples = gr.Gallery(label="Samples", columns=4, height=180, elem_id="lib-samples")
             with gr.Row():
                 format_ = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Export format")
@@ -83,10 +98,17 @@ def build_library_tab(service: StyleMixService, auth_on: bool) -> LibraryTab:
                 new_trigger = gr.Textbox(label="Trigger word", elem_id="lib-new-trigger")
                 trigger_btn = gr.Button("Set trigger word", elem_id="lib-trigger-btn")
             with gr.Row():
-                visibility = gr.Radio(["private", "shared"], value="shared", label="Visibility",
+                visibility = gr.Radio(list(access.VISIBILITIES), value=None, label="Visibility",
                                       elem_id="lib-visibility")
                 visibility_btn = gr.Button("Set visibility", elem_id="lib-visibility-btn")
-            delete_btn = gr.Button("Delete", variant="stop", elem_id="lib-delete-btn")
+            delete_btn = gr.Button("Delete…", variant="stop", elem_id="lib-delete-btn")
+            # Delete asks once more, naming the LoRA; the confirmation deletes exactly the LoRA it names
+            with gr.Row(visible=False, elem_id="lib-confirm-row") as confirm_row:
+                confirm_md = gr.Markdown(elem_id="lib-confirm-text")
+                confirm_btn = gr.Button("Delete", variant="stop", elem_id="lib-confirm-delete")
+                keep_btn = gr.Button("Keep it", elem_id="lib-keep")
+            pending_delete = gr.State(None)
+            sink = badge_sink()
         with gr.Column():
             import_file = gr.File(label="Import a .safetensors LoRA (kohya LoRA/LoCon, LyCORIS LoHa/LoKr, A1111, diffusers)",
                                   file_types=[".safetensors"], type="filepath", elem_id="lib-import")
@@ -96,30 +118,54 @@ def build_library_tab(service: StyleMixService, auth_on: bool) -> LibraryTab:
                 import_btn = gr.Button("Import", variant="primary", elem_id="lib-import-btn")
                 replace_btn = gr.Button("Replace selected LoRA with this file", elem_id="lib-replace-btn")
             msg = gr.Markdown(elem_id="lib-msg")
-    return LibraryTab(table, select, samples, format_, export_btn, export_file, new_name, rename_btn, new_trigger,
-                      trigger_btn, visibility, visibility_btn, delete_btn, import_file, name, trigger, import_btn,
-                      replace_btn, msg)
+    return LibraryTab(table, select, selected_md, samples, format_, export_btn, export_file, new_name, rename_btn,
+                      new_trigger, trigger_btn, visibility, visibility_btn, delete_btn, confirm_row, confirm_md,
+                      confirm_btn, keep_btn, pending_delete, import_file, name, trigger, import_btn, replace_btn, msg,
+                      sink)
 
 
-def library_updates(service: StyleMixService, who, selected=None, names_now=None) -> tuple:
+def library_updates(service: StyleMixService, who, selected=KEEP, names_now=None) -> tuple:
     """New values for everything that lists LoRAs (sliders, tables, dropdowns), as `who` sees them, in the
     order of app.build_demo's `library_outputs`: LoRA names (sliders), table, LoRA dropdown, Experiments'
-    LoRA choices.  The sliders are redrawn only when the usable names changed (`names_now`: what the page has)."""
+    LoRA choices.  The sliders are redrawn only when the usable names changed (`names_now`: what the page has).
+
+    selected: the LoRA to select afterwards (a name, or None for nothing), or KEEP to leave the page's
+    selection alone: a poll never changes what the user selected (its answer can arrive after the user
+    or their own action picked another LoRA)."""
     usable = [e["name"] for e in service.usable_loras(who)]
     everything = [e["name"] for e in service.all_loras(who)]
-    sel = selected if selected in everything else (everything[0] if everything else None)
     names = gr.skip() if names_now is not None and list(names_now) == usable else usable
-    return (names, library_rows(service, who), gr.update(choices=everything, value=sel), gr.update(choices=usable))
+    dropdown = gr.update(choices=everything) if selected is KEEP else gr.update(choices=everything, value=selected)
+    return (names, library_rows(service, who), dropdown, gr.update(choices=usable))
+
+
+def selection_view(service: StyleMixService, who: str | None, name: str | None) -> tuple:
+    """The selected LoRA's current state for the form: (selected line, samples, new-name box, trigger box,
+    visibility radio).  The boxes start from what the LoRA has now, so an unedited field changes nothing."""
+    if not name:
+        return ("Choose a LoRA above to export, rename, share or delete it.", [], "", "", None)
+    entry = service.visible_entry(who, name)
+    samples = service.lora_samples(who, name)
+    whose = access.owner_label(entry.meta, who)
+    note = "" if whose == "you" else " — read-only for you"
+    line = f"Selected: **{escape_md(entry.name)}** ({entry.summary()['kind']}, {whose}, {entry.visibility}){note}"
+    return (line, samples, entry.name, entry.trigger_word or "", entry.visibility)
 
 
 def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.BrowserState, lora_names: gr.State,
                      library_version: gr.State, library_outputs: list) -> None:
-    """The tab's events.  Every change refreshes `library_outputs` (this tab's and the other tabs' lists)."""
+    """The tab's events.  Every change refreshes `library_outputs` (this tab's and the other tabs' lists).
 
-    def updates(who, selected=None, names_now=None):
+    Every action acts on the name its request carries (the dropdown's value when the user clicked, or the
+    name an API caller passed) and on nothing else; the service checks that the caller may."""
+
+    def updates(who, selected=KEEP, names_now=None):
         return library_updates(service, who, selected, names_now)
 
-    # Every action names the caller; the service refuses what they may not do (one readable message).
+    quiet = [tab.sink]  # every event: badges out of sight, errors as one toast
+    form = [tab.selected_md, tab.samples, tab.new_name, tab.new_trigger, tab.visibility]
+    hide_confirm = (None, gr.update(visible=False))  # pending_delete, confirm_row
+
     @readable_errors
     def list_loras_fn(owner_, request: gr.Request):
         return library_rows(service, owner_of(owner_, request))
@@ -129,7 +175,7 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
 
     @readable_errors
     def refresh_library_fn(selected, owner_, request: gr.Request):
-        return updates(owner_of(owner_, request), selected)
+        return updates(owner_of(owner_, request))
 
     lib_refresh.click(refresh_library_fn, inputs=[tab.select, owner], outputs=library_outputs,
                       api_name="refresh_library", queue=False)
@@ -138,18 +184,41 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
     def select_lora_fn(name, owner_, request: gr.Request):
         return service.lora_samples(owner_of(owner_, request), name) if name else []
 
-    tab.select.change(select_lora_fn, inputs=[tab.select, owner], outputs=tab.samples, api_name="lora_samples")
+    api_samples = gr.Button(visible=False)  # API only: the samples of a LoRA the caller may see
+    api_samples.click(select_lora_fn, inputs=[tab.select, owner], outputs=tab.samples, api_name="lora_samples")
+
+    @readable_errors
+    def show_selection_fn(name, owner_, request: gr.Request):
+        """The form follows the selection (and any pending delete is disarmed: it named another LoRA)."""
+        try:
+            return selection_view(service, owner_of(owner_, request), name) + hide_confirm
+        except StyleMixError:  # gone meanwhile (deleted by its owner elsewhere): nothing selected
+            return selection_view(service, None, None) + hide_confirm
+
+    tab.select.change(show_selection_fn, inputs=[tab.select, owner], outputs=form + [tab.pending_delete, tab.confirm_row],
+                      show_progress_on=quiet, api_visibility="private")
+
+    def clear_msg():
+        return ""
+
+    def action(button: gr.Button, fn, inputs: list, outputs: list, api_name: str):
+        """A Library button: the old message goes at once (so a refusal, shown as a toast, never sits beside
+        an earlier success), then `fn` runs, its progress and badges on the invisible sink, not the form."""
+        return button.click(clear_msg, outputs=tab.msg, queue=False, show_progress_on=quiet,
+                            api_visibility="private").then(fn, inputs=inputs, outputs=outputs, api_name=api_name,
+                                                           show_progress_on=quiet)
 
     @readable_errors
     def import_fn(path, name, trigger, owner_, request: gr.Request):
         who = owner_of(owner_, request)
         entry = service.import_lora(who, path, (name or "").strip(), (trigger or "").strip() or None)
-        return (f"Imported **{entry['name']}** (private: share it to let others use it).",) + \
+        return (f"Imported **{escape_md(entry['name'])}** (private: share it to let others use it).",) + \
             updates(who, entry["name"])
 
     with_msg = [tab.msg] + library_outputs
-    tab.import_btn.click(import_fn, inputs=[tab.import_file, tab.name, tab.trigger, owner], outputs=with_msg,
-                         api_name="import_lora")
+    action(tab.import_btn, import_fn, [tab.import_file, tab.name, tab.trigger, owner], with_msg, "import_lora").success(
+        lambda: (None, "", ""), outputs=[tab.import_file, tab.name, tab.trigger], queue=False,
+        show_progress_on=quiet, api_visibility="private")  # imported: the form is ready for the next file
 
     @readable_errors
     def replace_fn(path, name, trigger, owner_, request: gr.Request):
@@ -157,10 +226,9 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
         if not name:
             raise StyleMixError("Choose one of your LoRAs to replace.")
         entry = service.replace_lora(who, path, name, (trigger or "").strip() or None)
-        return (f"Replaced the weights of **{entry['name']}**.",) + updates(who, entry["name"])
+        return (f"Replaced the weights of **{escape_md(entry['name'])}**.",) + updates(who, entry["name"])
 
-    tab.replace_btn.click(replace_fn, inputs=[tab.import_file, tab.select, tab.trigger, owner], outputs=with_msg,
-                          api_name="replace_lora")
+    action(tab.replace_btn, replace_fn, [tab.import_file, tab.select, tab.trigger, owner], with_msg, "replace_lora")
 
     @readable_errors
     def export_fn(name, fmt, owner_, request: gr.Request):
@@ -170,7 +238,7 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
         return str(service.export_lora(who, name, fmt))
 
     tab.export_btn.click(export_fn, inputs=[tab.select, tab.format, owner], outputs=tab.export_file,
-                         api_name="export_lora")
+                         api_name="export_lora", show_progress_on=[tab.export_file])
 
     def on_selected(missing: str, act):
         """A button that changes the selected LoRA with one value: the same checks, then
@@ -187,41 +255,81 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
 
     def rename(who, name, new):
         entry = service.rename_lora(who, name, new)
-        return f"Renamed **{name}** to **{entry['name']}**.", entry["name"]
+        return f"Renamed **{escape_md(name)}** to **{escape_md(entry['name'])}**.", entry["name"]
 
     # rename and delete wait for an image being made (the mixer's lock), not in the GPU queue
-    tab.rename_btn.click(on_selected("Choose a LoRA to rename.", rename), inputs=[tab.select, tab.new_name, owner],
-                         outputs=with_msg, api_name="rename_lora")
-
-    @readable_errors
-    def delete_fn(name, owner_, request: gr.Request):
-        who = owner_of(owner_, request)
-        if not name:
-            raise StyleMixError("Choose a LoRA to delete.")
-        service.delete_lora(who, name)
-        return (f"Deleted **{name}**.",) + updates(who)
-
-    tab.delete_btn.click(delete_fn, inputs=[tab.select, owner], outputs=with_msg, api_name="delete_lora")
+    action(tab.rename_btn, on_selected("Choose a LoRA to rename.", rename), [tab.select, tab.new_name, owner],
+           with_msg, "rename_lora")
 
     def set_trigger(who, name, word):
         entry = service.set_trigger_word(who, name, word)
-        return f"Trigger word of **{name}**: `{entry['trigger_word'] or 'none'}`.", name
+        return f"Trigger word of **{escape_md(name)}**: `{escape_md(entry['trigger_word'] or 'none')}`.", name
 
-    tab.trigger_btn.click(on_selected("Choose a LoRA first.", set_trigger), inputs=[tab.select, tab.new_trigger, owner],
-                          outputs=with_msg, api_name="set_trigger_word")
+    action(tab.trigger_btn, on_selected("Choose a LoRA first.", set_trigger), [tab.select, tab.new_trigger, owner],
+           with_msg, "set_trigger_word")
 
     def set_visibility(who, name, visibility):
+        if not visibility:
+            raise StyleMixError("Choose private or shared.")
         entry = service.set_visibility(who, name, visibility)
-        return f"**{name}** is now {entry['visibility']}.", name
+        return f"**{escape_md(name)}** is now {entry['visibility']}.", name
 
-    tab.visibility_btn.click(on_selected("Choose a LoRA first.", set_visibility),
-                             inputs=[tab.select, tab.visibility, owner], outputs=with_msg, api_name="set_visibility")
+    action(tab.visibility_btn, on_selected("Choose a LoRA first.", set_visibility),
+           [tab.select, tab.visibility, owner], with_msg, "set_visibility")
+
+    # ---- delete: the first click names the LoRA and asks; only the confirmation deletes, and only that LoRA
+    @readable_errors
+    def arm_delete_fn(name, owner_, request: gr.Request):
+        who = owner_of(owner_, request)
+        if not name:
+            raise StyleMixError("Choose a LoRA to delete.")
+        service.owned_entry(who, name, "delete")  # refused now, not after the confirmation
+        label = escape_md(name)
+        return (name, gr.update(visible=True),
+                f"Delete **{label}** and its files? This cannot be undone.", gr.update(value=f"Delete {name}"))
+
+    tab.delete_btn.click(clear_msg, outputs=tab.msg, queue=False, show_progress_on=quiet,
+                         api_visibility="private").then(
+        arm_delete_fn, inputs=[tab.select, owner],
+        outputs=[tab.pending_delete, tab.confirm_row, tab.confirm_md, tab.confirm_btn],
+        show_progress_on=quiet, api_visibility="private")
+
+    def delete_named(who, name) -> tuple:
+        service.delete_lora(who, name)
+        return (f"Deleted **{escape_md(name)}**.",) + updates(who, None)  # nothing is selected afterwards
+
+    @readable_errors
+    def confirm_delete_fn(pending, name, owner_, request: gr.Request):
+        who = owner_of(owner_, request)
+        if not pending:
+            raise StyleMixError("Nothing to delete: click Delete… first.")
+        if pending != name:  # the selection moved since Delete… was clicked: ask again for what is shown now
+            raise StyleMixError(f"The selection changed since you asked to delete {pending!r}; nothing was "
+                                "deleted. Click Delete… again.")
+        return delete_named(who, pending) + hide_confirm
+
+    tab.confirm_btn.click(confirm_delete_fn, inputs=[tab.pending_delete, tab.select, owner],
+                          outputs=with_msg + [tab.pending_delete, tab.confirm_row], show_progress_on=quiet,
+                          api_visibility="private")
+    tab.keep_btn.click(lambda: hide_confirm, outputs=[tab.pending_delete, tab.confirm_row], queue=False,
+                       show_progress_on=quiet, api_visibility="private")
+
+    @readable_errors
+    def delete_fn(name, owner_, request: gr.Request):
+        """API: delete the LoRA the caller names (a client names its target explicitly; no second step)."""
+        who = owner_of(owner_, request)
+        if not name:
+            raise StyleMixError("Choose a LoRA to delete.")
+        return delete_named(who, name)
+
+    api_delete = gr.Button(visible=False)
+    api_delete.click(delete_fn, inputs=[tab.select, owner], outputs=with_msg, api_name="delete_lora")
 
     # A live library: each page polls a cheap fingerprint and redraws its lists and sliders only
-    # when another user shared, changed or trained a LoRA.
+    # when another user shared, changed or trained a LoRA.  It never sends or changes the selection.
     lib_timer = gr.Timer(LIBRARY_POLL_S)
 
-    def library_poll_fn(seen, names_now, selected, owner_, request: gr.Request):
+    def library_poll_fn(seen, names_now, owner_, request: gr.Request):
         version = service.library_version()
         if version == seen:
             return (gr.skip(),) * (len(library_outputs) + 1)
@@ -229,8 +337,8 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
             who = owner_of(owner_, request)
         except gr.Error:  # the page has no id yet: demo.load gives it one
             return (gr.skip(),) * (len(library_outputs) + 1)
-        return updates(who, selected, names_now) + (version,)
+        return updates(who, KEEP, names_now) + (version,)
 
-    lib_timer.tick(library_poll_fn, inputs=[library_version, lora_names, tab.select, owner],
-                   outputs=library_outputs + [library_version], show_progress="hidden",
+    lib_timer.tick(library_poll_fn, inputs=[library_version, lora_names, owner],
+                   outputs=library_outputs + [library_version], show_progress_on=quiet,
                    concurrency_limit=None, api_visibility="private")
