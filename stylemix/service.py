@@ -28,10 +28,10 @@ from stylemix.lora.names import pipeline_targets
 from stylemix.mixer import Mixer, MixResult
 from stylemix.preview import PreviewConfig, Previewer, PreviewResult
 from stylemix.models import ModelLoadError, load_model
-from stylemix.paths import Workspace, check_name, inside
+from stylemix.paths import Workspace, atomic_write_text, check_name, inside
 from stylemix.quotas import Quotas, folder_bytes
 from stylemix.compose import BaseImageCache, ComposeOutput, compose, score_mix
-from stylemix.recipe import Recipe
+from stylemix.recipe import DEFAULT_SAMPLER, Recipe
 
 logger = logging.getLogger("stylemix")
 
@@ -584,13 +584,15 @@ class StyleMixService:
 
     def run_experiment(self, owner: str, kind: str, loras: list[str], prompts: list[str], seeds: list[int],
                        steps: int = 25, size: int = 512, values: list[float] | None = None,
-                       progress=None) -> dict:
+                       progress=None, sampler: str = DEFAULT_SAMPLER) -> dict:
         """Run the seed protocol ("protocol") or a 2-LoRA weight sweep ("sweep") into outputs/<owner>/.
 
         Returns data, formatted for the page by ui/experiments_tab.py: {"kind", "out_dir", "names",
         "is_demo"} and "protocol" (experiments.ProtocolResult), or "map" (weight_maps.WeightMap), "values",
         "files" and "clash" (clash.ClashMap) for a sweep, or "balance" (balance.BalanceResult) and "files"
-        (the share map with the search path, two LoRAs only).
+        (the share map with the search path, two LoRAs only); and "record", the run as saved in its folder
+        (`experiment_record`: what `open_experiment` returns after a reload).
+        steps and sampler: as in Compose (Recipe.validate checks them, with the CLI's words).
         Only LoRAs the owner may see; at most `quotas.max_experiment_images` images, checked first.
         """
         names = [check_name(n, "LoRA name") for n in (loras or [])]
@@ -601,16 +603,55 @@ class StyleMixService:
             raise StyleMixError("Give at least one prompt (one per line).")
         if not seeds:
             raise StyleMixError("Give at least one seed.")
-        size = int(size)
+        # the settings every image of the run uses, checked as a Compose recipe is, before anything runs
+        gen = {"steps": steps, "width": size, "height": size, "sampler": sampler}
+        Recipe(prompt=prompts[0], seed=0, **gen).validate()
         self.quotas.check_experiment(experiment_images(kind, len(names), len(prompts), len(seeds), values))
         # long work takes the GPU per image and lets interactive requests go first (gpu_queue.py)
         with gpu_queue.background():
-            result = self._run_experiment(owner, kind, names, prompts, seeds, steps, size, values, progress)
+            result = self._run_experiment(owner, kind, names, prompts, seeds, gen, values, progress)
+        result["record"] = experiment_record(result, prompts, seeds, gen)
+        atomic_write_text(Path(result["out_dir"]) / EXPERIMENT_FILE, json.dumps(result["record"], indent=1))
         self.trim_outputs(owner)
         return result
 
+    def list_experiments(self, owner: str, limit: int | None = None) -> list[dict]:
+        """The owner's own saved experiment runs, newest first, at most `limit`: {"id", "kind", "names",
+        "created"} each (from their folders under outputs/<owner>/experiments/; others' are never read).
+        limit: at most this many (default MAX_LISTED_RUNS)."""
+        limit = MAX_LISTED_RUNS if limit is None else limit
+        runs = inside(self.user_dir(owner, "outputs"), "experiments")
+        found = []
+        for d in runs.iterdir() if runs.is_dir() else []:
+            f = d / EXPERIMENT_FILE
+            if d.is_dir() and not d.is_symlink() and f.is_file() and not f.is_symlink():
+                found.append((f.stat().st_mtime, d.name, f))
+        out = []
+        for _, run_id, f in sorted(found, reverse=True)[:max(0, int(limit))]:
+            rec = _read_json(f) if f.stat().st_size <= MAX_EXPERIMENT_FILE_BYTES else {}
+            if rec.get("kind") in EXPERIMENT_KINDS:
+                out.append({"id": run_id, "kind": rec["kind"], "names": [str(n) for n in rec.get("names") or []],
+                            "created": str(rec.get("created") or "")})
+        return out
+
+    def open_experiment(self, owner: str, run_id: str) -> dict:
+        """One of the owner's saved runs, as `run_experiment`'s "record", its image paths resolved inside the
+        run's folder (a path that leaves it, or a missing file, is left out)."""
+        check_name(run_id or "", "experiment run")
+        folder = inside(self.user_dir(owner, "outputs"), "experiments", run_id)
+        f = folder / EXPERIMENT_FILE
+        if not f.is_file() or f.is_symlink() or f.stat().st_size > MAX_EXPERIMENT_FILE_BYTES:
+            raise StyleMixError(f"No saved experiment run {run_id!r} in your outputs (it may have been removed to "
+                                "stay within your storage limit).")
+        rec = _read_json(f)
+        if rec.get("kind") not in EXPERIMENT_KINDS:
+            raise StyleMixError(f"The saved experiment run {run_id!r} is unreadable.")
+        files = rec.get("files") if isinstance(rec.get("files"), dict) else {}
+        rec["files"] = {str(k): str(p) for k, rel in files.items() if (p := _job_file(folder, rel)) is not None}
+        return rec
+
     def _run_experiment(self, owner: str, kind: str, names: list[str], prompts: list[str], seeds: list[int],
-                        steps: int, size: int, values: list[float] | None, progress) -> dict:
+                        gen: dict, values: list[float] | None, progress) -> dict:
         from stylemix.experiments.balance import BalanceConfig, balance_mix
         from stylemix.experiments.clash import clash_map, draw_heatmap
         from stylemix.experiments.protocol import ProtocolConfig, run_protocol
@@ -619,7 +660,7 @@ class StyleMixService:
 
         out = inside(self.user_dir(owner, "outputs"), "experiments",
                      f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
-        gen = {"steps": int(steps), "width": size, "height": size, "sampler": "Euler"}
+        steps, size = gen["steps"], gen["width"]
         say = (lambda d, t, m: progress(d, t, m)) if progress else None
         if kind == "protocol":
             if not names:
@@ -667,6 +708,35 @@ class StyleMixService:
             return {"kind": kind, "out_dir": str(out), "names": names, "balance": result, "files": files,
                     "is_demo": self.mixer.loaded.is_tiny}
         raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol, sweep or balance.")
+
+
+EXPERIMENT_FILE = "experiment.json"  # in each run's folder: what the page shows of it, reopened after a reload
+EXPERIMENT_KINDS = ("protocol", "sweep", "balance")
+MAX_LISTED_RUNS = 20
+MAX_EXPERIMENT_FILE_BYTES = 2_000_000
+
+
+def experiment_record(result: dict, prompts: list[str], seeds: list[int], gen: dict) -> dict:
+    """A run's results as plain JSON data (saved beside its files, returned by `open_experiment`):
+    {"id", "kind", "created", "names", "prompts", "seeds", "settings", "is_demo", "files" (name -> path
+    relative to the run's folder)} and per kind: "intro" and "summary" (the protocol's summary rows),
+    "values", "cells" and "clash" {"overall", "blocks"} (a sweep), or "balance" (BalanceResult.to_dict())."""
+    out = Path(result["out_dir"])
+    kind = result["kind"]
+    rec = {"id": out.name, "kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "names": result["names"],
+           "prompts": prompts, "seeds": seeds, "settings": gen, "is_demo": bool(result["is_demo"])}
+    files = result["protocol"].files if kind == "protocol" else result.get("files") or {}
+    rec["files"] = {k: os.path.relpath(p, out) for k, p in files.items()}
+    if kind == "protocol":
+        rec["intro"], rec["summary"] = result["protocol"].intro, result["protocol"].summary
+    elif kind == "sweep":
+        rec["values"] = result["values"]
+        rec["cells"] = [{k: c[k] for k in ("weights", "clip_score", "shares", "calibrated")}
+                        for c in result["map"].to_dict()["cells"]]
+        rec["clash"] = {"overall": result["clash"].overall, "blocks": result["clash"].blocks}
+    else:
+        rec["balance"] = result["balance"].to_dict()
+    return rec
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +212,89 @@ def test_cli_evaluate(tmp_path, mixer):
                         "--out", str(tmp_path / "o2"), "--map", "pixelart=ghost"], capture_output=True, text=True)
     assert r.returncode == 1 and "'pixelart' maps to LoRA 'ghost'" in r.stderr
     assert not (tmp_path / "o2").exists()  # refused before anything was written
+
+
+# --------------------------------------------------------------------------- the app's experiments (service)
+
+ANN, BOB = "u" + "a" * 24, "u" + "b" * 24
+
+
+@pytest.fixture
+def service(mixer, tmp_path):
+    from stylemix.paths import Workspace
+    from stylemix.service import StyleMixService
+
+    ws = Workspace.at(tmp_path / "ws")
+    for p in (ws.loras, ws.data, ws.jobs, ws.outputs):
+        p.mkdir(parents=True)
+    return StyleMixService(mixer=mixer, workspace=ws, banner="")
+
+
+def test_experiment_sampler_and_steps_reach_every_image(service):
+    from stylemix.recipe import DEFAULT_SAMPLER, read_recipe
+
+    res = service.run_experiment(ANN, "protocol", ["watercolor"], ["a cat"], [0], 1, 64)
+    pngs = sorted(res["protocol"].out_dir.glob("images/**/*.png"))
+    assert len(pngs) == 2  # base and the single style
+    assert {(read_recipe(p).sampler, read_recipe(p).steps) for p in pngs} == {(DEFAULT_SAMPLER, 1)}  # as Compose
+    res = service.run_experiment(ANN, "sweep", ["watercolor", "my_anime"], ["a cat"], [0], 2, 64, [0, 1],
+                                 sampler="DDIM")
+    assert res["map"].recipe.sampler == "DDIM" and res["map"].recipe.steps == 2
+    assert res["record"]["settings"]["sampler"] == "DDIM"
+    # a LoRA at weight 0 never gets a share in a sweep
+    for cell in res["map"].cells:
+        assert set(cell.shares) <= {n for n, w in cell.weights.items() if w}, cell.weights
+
+
+def test_experiment_settings_refused_with_the_recipes_words_before_any_image(service):
+    before = Counting.calls
+    with pytest.raises(ValueError, match=r"^steps 100000 must be an integer from 1 to 150\.$"):
+        service.run_experiment(ANN, "protocol", ["watercolor"], ["a cat"], [0], 100000, 64)
+    with pytest.raises(ValueError, match="Unknown sampler 'Heun'"):
+        service.run_experiment(ANN, "protocol", ["watercolor"], ["a cat"], [0], 1, 64, sampler="Heun")
+    with pytest.raises(ValueError, match="width 60 must be a multiple of 8"):
+        service.run_experiment(ANN, "protocol", ["watercolor"], ["a cat"], [0], 1, 60)
+    assert Counting.calls == before
+
+
+def test_runs_are_listed_and_reopened_by_their_owner_only(service):
+    first = service.run_experiment(ANN, "protocol", ["watercolor"], ["a cat"], [0], 1, 64)
+    second = service.run_experiment(ANN, "sweep", ["watercolor", "my_anime"], ["a cat"], [0], 1, 64, [0, 1])
+    runs = service.list_experiments(ANN)
+    assert [r["id"] for r in runs] == [second["record"]["id"], first["record"]["id"]]  # newest first
+    assert runs[0]["kind"] == "sweep" and runs[0]["names"] == ["watercolor", "my_anime"]
+    assert [r["id"] for r in service.list_experiments(ANN, limit=1)] == [second["record"]["id"]]
+    again = service.open_experiment(ANN, second["record"]["id"])
+    assert again["cells"] == json.loads(json.dumps(second["record"]["cells"]))  # the same results after a reload
+    assert set(again["files"]) == {"grid", "map", "json", "clash"}
+    assert all(Path(p).is_file() and Path(second["out_dir"]) in Path(p).parents for p in again["files"].values())
+    # another user sees none of it, and cannot open it by id
+    assert service.list_experiments(BOB) == []
+    with pytest.raises(StyleMixError, match="No saved experiment run"):
+        service.open_experiment(BOB, second["record"]["id"])
+    with pytest.raises(StyleMixError, match="Invalid experiment run"):
+        service.open_experiment(ANN, "../" + BOB)
+    # a saved file naming paths outside its run is not trusted
+    f = Path(first["out_dir"]) / "experiment.json"
+    rec = json.loads(f.read_text())
+    rec["files"] = {"plot": "../../../../etc/passwd", "contact_p0": rec["files"]["contact_p0"]}
+    f.write_text(json.dumps(rec))
+    assert list(service.open_experiment(ANN, first["record"]["id"])["files"]) == ["contact_p0"]
+
+
+def test_results_view_one_table_with_rounded_numbers(service):
+    from ui.experiments_tab import experiment_view
+
+    res = service.run_experiment(ANN, "protocol", ["watercolor", "my_anime"], ["a cat"], [0], 1, 64)
+    md, header, rows, images = experiment_view(res["record"])
+    assert "DEMO VALUES" in md and "|" not in md  # the numbers are in the table only, not twice
+    assert header[:4] == ["config", "kind", "weights", "n"] and [r[0] for r in rows][0] == "base"
+    numbers = [x for r in rows for x in r if isinstance(x, float)]
+    assert numbers and all(len(f"{abs(x):.10g}".replace(".", "").lstrip("0")) <= 4 for x in numbers), numbers
+    assert experiment_view(service.open_experiment(ANN, res["record"]["id"]))[2] == rows
+    sweep = service.run_experiment(ANN, "sweep", ["watercolor", "my_anime"], ["a cat"], [0], 1, 64, [0, 1])
+    md, header, rows, images = experiment_view(sweep["record"])
+    assert header == ["watercolor", "my_anime", "CLIP score", "share watercolor", "share my_anime"]
+    assert "demo values" in md and "Clash map" in md and len(images) == 3
+    for wa, wb, _, sa, sb in rows:
+        assert (sa is None or wa) and (sb is None or wb)  # weight 0: no share

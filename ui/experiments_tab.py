@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gradio as gr
 
 from stylemix.errors import StyleMixError
+from stylemix.recipe import DEFAULT_SAMPLER, MAX_STEPS, SAMPLERS, whole_number
 from stylemix.service import StyleMixService
 from ui.common import EXPERIMENTS, gpu, owner_of, readable_errors
 
@@ -20,54 +22,81 @@ class ExperimentsTab:
     values: gr.Textbox
     steps: gr.Number
     size: gr.Dropdown
+    sampler: gr.Dropdown
     run: gr.Button
+    runs: gr.Dropdown  # the user's past runs (listed when opened, and after each run)
     summary: gr.Markdown
     table: gr.Dataframe
     gallery: gr.Gallery
 
 
-def experiment_view(res: dict) -> tuple[str, list[str], list[list], list[tuple[str, str]]]:
-    """An experiment's result (StyleMixService.run_experiment) as the page shows it:
-    (Markdown summary, table header, table rows, [(image path, caption)])."""
-    names = res["names"]
-    if res["kind"] == "protocol":
-        result = res["protocol"]
-        header, rows = result.summary_table()
-        images = [(result.files["plot"], "CLIP score vs style similarity")]
-        images += [(p, k) for k, p in result.files.items() if k.startswith("contact_")]
-        return result.markdown, header, rows, images
-    if res["kind"] == "sweep":
+SIGNIFICANT = 4  # digits of a number in the results table (the CSV files keep full precision)
+
+
+def rounded(x):
+    """A table cell: floats to SIGNIFICANT significant digits, everything else as it is."""
+    if isinstance(x, float) and math.isfinite(x):
+        return float(f"{x:.{SIGNIFICANT}g}")
+    return x
+
+
+def experiment_view(rec: dict) -> tuple[str, list[str], list[list], list[tuple[str, str]]]:
+    """A saved run (StyleMixService.run_experiment's "record", or open_experiment's) as the page shows it:
+    (Markdown summary, table header, table rows, [(image path, caption)]).  The numbers are in the table
+    only; the summary says what ran and what to read in it."""
+    names, files, kind = rec["names"], rec.get("files") or {}, rec["kind"]
+    settings = rec.get("settings") or {}
+    ran = (f"{settings.get('steps')} steps, {settings.get('sampler')}, {settings.get('width')}px"
+           if settings else "")
+    if kind == "protocol":
+        summary = rec.get("summary") or []
+        header = list(summary[0]) if summary else []
+        rows = [[rounded(r.get(k)) for k in header] for r in summary]
+        images = [(files["plot"], "CLIP score vs style similarity")] if "plot" in files else []
+        images += [(p, k) for k, p in files.items() if k.startswith("contact_")]
+        return rec.get("intro") or "", header, rows, images
+    if kind == "sweep":
         header = [names[0], names[1], "CLIP score"] + [f"share {n}" for n in names]
         rows = []
-        for c in res["map"].to_dict()["cells"]:
-            w = c.get("weights", {})
-            sh = c.get("shares") or {}
-            rows.append([w.get(names[0]), w.get(names[1]), c.get("clip_score")] + [sh.get(n) for n in names])
-        files = res["files"]
-        images = [(files["grid"], "images"), (files["map"], "style shares"),
-                  (files["clash"], "clash map: where the two LoRAs' updates oppose (cosine)")]
-        md = (f"Weight sweep of {names[0]} x {names[1]} at {res['values']}"
-              + (" — **demo values (tiny CLIP)**" if res["is_demo"] else "") + "  \n" + clash_summary(res["clash"]))
+        for c in rec.get("cells") or []:
+            w, sh = c.get("weights") or {}, c.get("shares") or {}
+            rows.append([w.get(names[0]), w.get(names[1]), rounded(c.get("clip_score"))]
+                        + [rounded(sh.get(n)) for n in names])
+        images = [(files[k], caption) for k, caption in
+                  (("grid", "images"), ("map", "style shares"),
+                   ("clash", "clash map: where the two LoRAs' updates oppose (cosine)")) if k in files]
+        md = (f"Weight sweep of {names[0]} x {names[1]} at {rec.get('values')} ({ran})"
+              + (" — **demo values (tiny random CLIP judge)**" if rec.get("is_demo") else "") + "  \n"
+              + "A blank share: that LoRA is not in the mix (weight 0), or no style was detected.  \n"
+              + clash_summary(rec.get("clash") or {}))
         return md, header, rows, images
-    result = res["balance"]  # balance
+    result = rec["balance"]  # balance
     header = ["step"] + [f"w {n}" for n in names] + [f"share {n}" for n in names] + ["CLIP score", "error"]
-    rows = [[i] + [round(p.weights.get(n, 0.0), 3) for n in names] + [round(p.shares.get(n, 0.0), 3) for n in names]
-            + [None if p.clip_score is None else round(p.clip_score, 4), round(p.error, 3)]
-            for i, p in enumerate(result.path)]
-    images = [(res["files"]["map"], "style shares with the search path")] if res["files"] else []
-    best = ", ".join(f"{n} {result.best.weights.get(n, 0):.2f}" for n in names)
-    naive = ", ".join(f"{n} {result.naive.weights.get(n, 0):.2f}" for n in names)
-    md = (f"Best weights: **{best}** (largest share error {result.best.error:.3f}; naive {naive}: "
-          f"{result.naive.error:.3f}). {'Reached' if result.reached else 'Did not reach'} the targets "
-          f"in {result.evaluations} search previews ({result.generations} generations in all).")
+    rows = [[i] + [rounded(p["weights"].get(n, 0.0)) for n in names]
+            + [rounded(p["shares"].get(n)) for n in names] + [rounded(p["clip_score"]), rounded(p["error"])]
+            for i, p in enumerate(result["path"])]
+    images = [(files["map"], "style shares with the search path")] if "map" in files else []
+    best = ", ".join(f"{n} {result['best']['weights'].get(n, 0):.2f}" for n in names)
+    naive = ", ".join(f"{n} {result['naive']['weights'].get(n, 0):.2f}" for n in names)
+    md = (f"Best weights: **{best}** (largest share error {result['best']['error']:.3f}; naive {naive}: "
+          f"{result['naive']['error']:.3f}). {'Reached' if result['reached'] else 'Did not reach'} the targets "
+          f"in {result['evaluations']} search previews ({result['generations']} generations in all; {ran})."
+          + (" **Demo values (tiny random CLIP judge).**" if rec.get("is_demo") else ""))
     return md, header, rows, images
 
 
-def clash_summary(clash) -> str:
-    overall = "n/a" if clash.overall is None else f"{clash.overall:+.2f}"
-    worst = ", ".join(f"{b} {c:+.2f}" for b, c in clash.worst_blocks(3))
-    return (f"Clash map: overall cosine {overall} between the two LoRAs' weight updates; most opposed blocks: "
-            f"{worst or 'none'} (negative = the styles fight there; turn one down with per-block weights).")
+def clash_summary(clash: dict) -> str:
+    overall = clash.get("overall")
+    blocks = [(b, c) for b, c in (clash.get("blocks") or {}).items() if isinstance(c, (int, float))]
+    worst = ", ".join(f"{b} {c:+.2f}" for b, c in sorted(blocks, key=lambda x: x[1])[:3])
+    return (f"Clash map: overall cosine {'n/a' if overall is None else f'{overall:+.2f}'} between the two LoRAs' "
+            f"weight updates; most opposed blocks: {worst or 'none'} (negative = the styles fight there; turn one "
+            "down with per-block weights).")
+
+
+def run_choices(runs: list[dict]) -> list[tuple[str, str]]:
+    """The past-runs menu: (label, run id), newest first."""
+    return [(f"{r['created']} · {r['kind']} · {', '.join(r['names'])}", r["id"]) for r in runs]
 
 
 def build_experiments_tab(service: StyleMixService, tiny: bool) -> ExperimentsTab:
@@ -87,21 +116,33 @@ def build_experiments_tab(service: StyleMixService, tiny: bool) -> ExperimentsTa
                                 info="sweep: the weights each LoRA takes; balance: one target share per "
                                      "chosen LoRA, in order, summing to 1 (e.g. 0.6, 0.4)",
                                 elem_id="ex-values")
-            with gr.Row():
-                steps = gr.Number(value=4 if tiny else 25, precision=0, label="Steps")
-                size = gr.Dropdown([64, 128, 256, 512], value=64 if tiny else 512, label="Size")
+            with gr.Row():  # as in Compose; no client-side bounds: Recipe.validate names a bad value
+                steps = gr.Number(value=4 if tiny else 25, label=f"Steps (1-{MAX_STEPS})", elem_id="ex-steps")
+                size = gr.Dropdown([64, 128, 256, 512], value=64 if tiny else 512, label="Size", elem_id="ex-size")
+                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="ex-sampler")
             run = gr.Button("Run", variant="primary", elem_id="ex-run")
+            runs = gr.Dropdown([], label="Your past runs", info="open one to see its results again",
+                               elem_id="ex-runs")
         with gr.Column(scale=2):
             summary = gr.Markdown(elem_id="ex-summary")
             table = gr.Dataframe(label="Results", interactive=False, elem_id="ex-table")
             gallery = gr.Gallery(label="Grids and plots", columns=2, height=420, elem_id="ex-gallery")
-    return ExperimentsTab(kind, loras, prompts, seeds, values, steps, size, run, summary, table, gallery)
+    return ExperimentsTab(kind, loras, prompts, seeds, values, steps, size, sampler, run, runs, summary, table,
+                          gallery)
 
 
 def wire_experiments_tab(tab: ExperimentsTab, service: StyleMixService, owner: gr.BrowserState) -> None:
+    results = [tab.summary, tab.table, tab.gallery]
+
+    def shown(rec: dict) -> tuple:
+        import pandas as pd
+
+        md, header, rows, images = experiment_view(rec)
+        return md, pd.DataFrame(rows, columns=header), images
+
     @gpu(duration=300)
     @readable_errors
-    def experiment_fn(kind, loras, prompts_text, seeds_text, values_text, steps_, size_, owner_,
+    def experiment_fn(kind, loras, prompts_text, seeds_text, values_text, steps_, size_, sampler_, owner_,
                       request: gr.Request, progress=gr.Progress()):
         who = owner_of(owner_, request)
         try:
@@ -111,13 +152,33 @@ def wire_experiments_tab(tab: ExperimentsTab, service: StyleMixService, owner: g
             raise StyleMixError(f"Seeds must be integers and sweep weights numbers: got {seeds_text!r}, "
                                 f"{values_text!r}.") from None
         res = service.run_experiment(who, kind, list(loras or []), str(prompts_text).splitlines(), seeds,
-                                     int(steps_), int(size_), values,
-                                     progress=lambda d, t, m: progress((d, max(t, 1)), desc=m))
-        md, header, rows, images = experiment_view(res)
-        import pandas as pd
+                                     whole_number(steps_), whole_number(size_), values,
+                                     progress=lambda d, t, m: progress((d, max(t, 1)), desc=m), sampler=sampler_)
+        return shown(res["record"])
 
-        return md, pd.DataFrame(rows, columns=header), images
+    @readable_errors
+    def list_runs(owner_, request: gr.Request):
+        return gr.update(choices=run_choices(service.list_experiments(owner_of(owner_, request))))
+
+    @readable_errors
+    def list_runs_newest_shown(owner_, request: gr.Request):
+        runs = service.list_experiments(owner_of(owner_, request))
+        return gr.update(choices=run_choices(runs), value=runs[0]["id"] if runs else None)
 
     tab.run.click(experiment_fn, inputs=[tab.kind, tab.loras, tab.prompts, tab.seeds, tab.values, tab.steps,
-                                         tab.size, owner], outputs=[tab.summary, tab.table, tab.gallery],
-                  api_name="run_experiment", **EXPERIMENTS)
+                                         tab.size, tab.sampler, owner], outputs=results,
+                  api_name="run_experiment", show_progress_on=results, **EXPERIMENTS).success(
+        list_runs_newest_shown, inputs=[owner], outputs=tab.runs,
+        api_visibility="private", show_progress="hidden")
+
+    @readable_errors
+    def open_run(run_id, owner_, request: gr.Request):
+        if not run_id:
+            return gr.skip(), gr.skip(), gr.skip()
+        return shown(service.open_experiment(owner_of(owner_, request), run_id))
+
+    # listed when the menu is opened: after a reload the page lists the runs saved before it
+    tab.runs.focus(list_runs, inputs=[owner], outputs=tab.runs, api_name="list_experiments",
+                   show_progress="hidden")
+    tab.runs.input(open_run, inputs=[tab.runs, owner], outputs=results, api_name="open_experiment",
+                   show_progress_on=results)

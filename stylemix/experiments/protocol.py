@@ -276,7 +276,8 @@ class ProtocolResult:
     mapping: dict[str, str]
     is_demo: bool
     summary: list[dict] = field(default_factory=list)  # summary.csv's rows, as data (empty on non-main processes)
-    markdown: str = ""  # summary.md's text
+    markdown: str = ""  # summary.md's text: `intro`, then the summary as a Markdown table
+    intro: str = ""  # summary.md's text before its table (what ran, demo or not), for a page that shows the table
 
     def summary_table(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of summary.csv, cells written exactly as in the file (without CSV quoting)."""
@@ -396,7 +397,7 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
             _merge_parts(out, results, columns)
         files, summary, markdown = write_summaries(out, config, configs, styles, judge.scorer.is_demo, run_info)
     return ProtocolResult(out, len(jobs), counts["generated"], counts["rescored"], files, mapping,
-                          judge.scorer.is_demo, summary, markdown)
+                          judge.scorer.is_demo, summary, markdown, _intro(judge.scorer.is_demo, run_info))
 
 
 def _merge_parts(out: Path, results: Path, columns: list[str]) -> None:
@@ -497,13 +498,19 @@ def _ci(m, lo, hi, digits=4) -> str:
     return f"{m:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else "")
 
 
-def _markdown(summary: list[dict], styles: list[str], is_demo: bool, info: dict) -> str:
+def _intro(is_demo: bool, info: dict) -> str:
+    """summary.md's text before the table: what ran, with which model, judge and settings."""
     head = [f"# {info['name']}: {info['model']}, CLIP {info['clip_model']}", ""]
     if is_demo or info.get("is_tiny"):
         head += ["**DEMO VALUES: the built-in tiny model and/or tiny random CLIP; these numbers measure nothing.**", ""]
     head += [f"Mapping: {', '.join(f'{s} -> {n}' for s, n in info['mapping'].items())}. "
              f"Settings: {', '.join(f'{k}={v}' for k, v in info['settings'].items())}. "
              f"{len(info['prompts'])} prompts x {len(info['seeds'])} seeds. Means with 95% t-intervals.", ""]
+    return "\n".join(head)
+
+
+def _markdown(summary: list[dict], styles: list[str], is_demo: bool, info: dict) -> str:
+    head = _intro(is_demo, info).split("\n")
     cols = ["configuration", "n", "CLIP score", "style similarity"] + [f"sim {s}" for s in styles] + \
         [f"share {s}" for s in styles]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
