@@ -69,3 +69,55 @@ def test_oversized_broken_and_missing_chunks(tmp_path):
     junk.write_bytes(b"\x89PNG\r\n\x1a\n" + zlib.compress(b"garbage"))
     with pytest.raises(StyleMixError, match="not an image"):
         read_recipe(junk)
+
+
+# --------------------------------------------------------------------------- limits: one check for the CLI and the app
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"steps": 100000}, "steps 100000 must be an integer from 1 to 150."),
+    ({"steps": 2.5}, "steps 2.5 must be an integer from 1 to 150."),
+    ({"seed": None}, "seed (empty) must be an integer in [0, 2^63)."),
+    ({"seed": -1}, "seed -1 must be an integer in [0, 2^63)."),
+    ({"guidance": 50.0}, "guidance 50 must be a number from 0 to 30."),
+    ({"loras": {"watercolor": 5}}, "weight of LoRA 'watercolor' is 5; it must be a number in [-2, 2]."),
+    ({"loras": {"watercolor": None}}, "weight of LoRA 'watercolor' is (empty); it must be a number in [-2, 2]."),
+    ({"width": 60}, "width 60 must be a multiple of 8 from 64 to 2048."),
+])
+def test_bad_values_are_named_with_their_limits(changes, message):
+    with pytest.raises(ValueError) as e:
+        Recipe(prompt="a cat", **changes).validate()
+    assert str(e.value) == message
+
+
+def test_sizes_and_whole_numbers_from_forms():
+    from stylemix.recipe import parse_size, whole_number
+
+    assert parse_size("512x768") == (512, 768) and parse_size(" 64 X 64 ") == (64, 64)
+    for bad in ("abc", "", None, "5x5x5", "64x"):
+        with pytest.raises(ValueError, match=r"^size .*: write it as WIDTHxHEIGHT, e\.g\. 512x512\.$"):
+            parse_size(bad)
+    assert whole_number(25.0) == 25 and isinstance(whole_number(25.0), int)
+    assert whole_number(2.5) == 2.5 and whole_number(None) is None and whole_number(True) is True
+
+
+@pytest.mark.parametrize("cli_args,field,value", [
+    (["--steps", "100000"], "steps", 100000),
+    (["--guidance", "50"], "guidance", 50),
+    (["--seed", "-1"], "seed", -1),
+    (["--size", "abc"], "size", "abc"),
+    (["--lora", "watercolor=5"], "weights", '{"watercolor": 5}'),
+])
+def test_the_app_refuses_what_the_cli_refuses_in_the_same_words(capsys, cli_args, field, value):
+    from stylemix.cli import main
+    from ui.compose_tab import compose_recipe
+
+    assert main(["generate", "a cat", *cli_args]) == 1
+    cli = capsys.readouterr().err.strip().removeprefix("stylemix: error: ").removeprefix("--")
+    form = dict(prompt_="a cat", negative_="", weights_json="{}", seed_value=1, steps_=2, size_="64x64",
+                sampler_="Euler", guidance_=7.5, strength_=0, triggers_=True, blocks_="")
+    form[{"steps": "steps_", "guidance": "guidance_", "seed": "seed_value", "size": "size_",
+          "weights": "weights_json"}[field]] = value
+    with pytest.raises(ValueError) as e:
+        compose_recipe(**form)
+    assert str(e.value) == cli
