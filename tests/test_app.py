@@ -332,3 +332,45 @@ def test_launch_security_settings_and_zero_gpu(app_url, monkeypatch):
     monkeypatch.setenv("SPACES_ZERO_GPU", "1")
     with pytest.raises(StyleMixError, match="ZeroGPU"):
         service.start_training("u" + "6" * 24, "anything", "x", 2)
+
+
+def test_api_callers_may_name_loras_and_datasets_made_after_the_page_was_built(app_url, tmp_path):
+    """Another app process sharing the library adds a LoRA after this app started: its owner can act on
+    it through the API by name (the service checks who may), and a stranger gets the service's refusal."""
+    from helpers import make_lora_file
+    from stylemix.access import owner_key
+
+    url, ws, service = app_url
+    c = _client(url)
+    other_process = StyleMixService_for(ws)
+    other_process.import_lora(OWNER, str(make_lora_file(tmp_path / "late.safetensors", seed=9)), "latecomer")
+    msg, *_ = c.predict("latecomer", "shared", OWNER, api_name="/set_visibility")
+    assert "**latecomer** is now shared" in msg
+    assert json.loads((ws.loras / "latecomer" / "stylemix.json").read_text())["owner"] == owner_key(OWNER)
+    with pytest.raises(Exception, match="belongs to another user"):
+        c.predict("latecomer", "stolen", OTHER, api_name="/rename_lora")
+    msg, table, select, _ = c.predict("latecomer", "latecomer2", OWNER, api_name="/rename_lora")
+    assert select["value"] == "latecomer2" and (ws.loras / "latecomer2").is_dir()
+    with pytest.raises(Exception, match="No LoRA named 'nothere'"):
+        c.predict("nothere", OWNER, api_name="/delete_lora")
+    msg, table, *_ = c.predict("latecomer2", OWNER, api_name="/delete_lora")
+    assert "Deleted **latecomer2**" in msg and not (ws.loras / "latecomer2").exists()
+    # a dataset prepared by the other process is viewable by its owner by name
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):  # noise: sharp enough for the blur filter
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+    other_process.prepare_dataset(OWNER, [str(tmp_path / f"img{i}.png") for i in range(3)], "lateset", "zqxlate",
+                                  64, "off", 0.0)
+    summary, *_ = c.predict("lateset", OWNER, api_name="/dataset_view")
+    assert "lateset" in summary
+    with pytest.raises(Exception, match="no dataset named 'lateset'"):
+        c.predict("lateset", OTHER, api_name="/dataset_view")
+
+
+def StyleMixService_for(ws):
+    """A second service over the same workspace (as a second app process would have), sharing the tiny model."""
+    from stylemix.service import StyleMixService
+
+    return StyleMixService.start("tiny", ws, examples=False)

@@ -57,7 +57,9 @@ def build_dataset_tab(service: StyleMixService, tiny: bool) -> DatasetTab:
             kept = gr.Gallery(label="Kept", columns=6, height=260, elem_id="ds-kept")
             rejected = gr.Dataframe(headers=["input", "reason", "detail"], label="Rejected",
                                     interactive=False, elem_id="ds-rejected")
-            select = gr.Dropdown([], label="My datasets", elem_id="ds-select")
+            # allow_custom_value: an API caller may name a dataset made after this page was built (or by
+            # another app process); the service checks that it is the caller's
+            select = gr.Dropdown([], value=None, label="My datasets", allow_custom_value=True, elem_id="ds-select")
             captions = gr.Dataframe(headers=["file", "caption"], label="Captions (edit, then save)",
                                     interactive=True, elem_id="ds-captions")
             save = gr.Button("Save captions", elem_id="ds-save")
