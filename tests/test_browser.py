@@ -103,16 +103,23 @@ def test_upload_preprocess_train_then_mix(page, server):
     page.locator("#tr-start").click()
     wait_until(page, finished, "training to finish", timeout=300, interval=0.2)
     last = seen[-1][0]
-    assert "completed" in last and "100%" in last, f"training ended as: {last} ({page.locator('#tr-status').inner_text()})"
-    # The bar moved: the page showed the job running short of its last step, then complete; steps and
-    # widths never went back.  (Timing decides which intermediate steps a 1 s poll catches, so the
-    # intermediate values are printed, not required.)
+    assert f"completed: step {TRAIN_STEPS}/{TRAIN_STEPS}" in last and "100%" in last, \
+        f"training ended as: {last} ({page.locator('#tr-status').inner_text()})"
+    # The bar moved: the page showed the job at work short of its last step (training it, or making that
+    # step's samples), then complete; steps and widths never went back, and every text before the end
+    # named what the job was doing.  (Timing decides which steps a 1 s poll catches: printed, not required.)
     texts = [t for t, _ in seen]
     assert len(set(texts)) >= 3, f"the progress text changed fewer than twice: {texts}"
-    steps = [s for t in texts if (s := progress_step(t))]
-    assert steps == sorted(steps) and steps[-1] == (TRAIN_STEPS, TRAIN_STEPS), texts
-    assert any("running" in t and (st := progress_step(t)) and st[0] < TRAIN_STEPS for t in texts), \
-        f"the page never showed the job running before it completed: {texts}"
+    at_work = [int(m.group(1) or m.group(2)) for t in texts[:-1]
+               if (m := re.search(r"Training: step (\d+)/|Making samples \(step (\d+)\b", t))]
+    assert any(s < TRAIN_STEPS for s in at_work), f"the page never showed the job at work before it completed: {texts}"
+    steps = at_work + [progress_step(last)[0]]
+    assert steps == sorted(steps) and steps[-1] == TRAIN_STEPS, texts
+    phases = ("Starting the training process", "Loading the model", "Caching latents", "Training: step",
+              "Making samples (step", "Saving", "Scoring the style")
+    job_texts = [t for t in texts[:-1] if t.startswith(f"{TRAINED}: ")]  # not "No training job yet."
+    assert job_texts and all(any(p in t for p in phases) for t in job_texts), f"a progress text without its phase: {texts}"
+    assert not any("0/?" in t or re.search(r"\b0 ?s left", t) for t in texts), texts
     widths = [float(w.rstrip("%")) for _, w in seen if w.endswith("%")]
     assert widths == sorted(widths) and widths[-1] == 100 and widths[0] < 100, seen
     print("progress seen:", texts)

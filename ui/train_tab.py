@@ -72,7 +72,7 @@ def phase_text(view: dict) -> str:
         return {"starting": "Starting the training process",
                 "loading": "Loading the model",
                 "caching": f"Caching latents ({done}/{of} images)" if part else "Caching latents",
-                "sampling": f"Making samples (step {step}){part}",
+                "sampling": f"Making samples (step {step}, {done}/{of})" if part else f"Making samples (step {step})",
                 "saving": "Saving",
                 "scoring": "Scoring the style"}.get(phase, f"Training: step {step}/{total}")
     if state == "queued":
