@@ -23,6 +23,7 @@ from ui.common import auth_on, gpu, owner_of  # noqa: F401  (gpu: app.gpu is the
 from ui.compose_tab import build_compose_tab
 from ui.dataset_tab import build_dataset_tab, wire_dataset_tab
 from ui.experiments_tab import build_experiments_tab, wire_experiments_tab
+from ui.home import build_home
 from ui.library_tab import build_library_tab, library_updates, wire_library_tab
 from ui.train_tab import build_train_tab, wire_train_tab
 
@@ -41,8 +42,7 @@ def build_demo(service: StyleMixService) -> gr.Blocks:
         lora_names = gr.State([e["name"] for e in service.usable_loras(None)])
         library_version = gr.State(None)  # the library fingerprint this page last showed
         recipe_version = gr.State(0)  # bumped when a recipe is loaded: the sliders are redrawn from it
-        gr.Markdown("# StyleMix\nTrain style LoRAs for Stable Diffusion 1.5 and mix them, one slider per style.")
-        gr.Markdown(service.banner, elem_id="banner")
+        build_home(service)
         if os.environ.get("OAUTH_CLIENT_ID"):  # a Space with `hf_oauth: true`: log in to own LoRAs on any device
             gr.LoginButton()
 

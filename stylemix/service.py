@@ -56,12 +56,14 @@ def check_owner_token(token: str) -> str:
 class StyleMixService:
     mixer: Mixer
     workspace: Workspace
-    banner: str  # what model runs and what that means, shown on every page
+    banner: str  # what model runs and what that means, in full (model_line + banner_details)
     fallback_reason: str | None = None  # set when the requested model failed and tiny runs instead
     scorer_cache: dict = field(default_factory=dict)
     base_images: BaseImageCache = field(default_factory=BaseImageCache)  # the calibration anchors, reused
     previewer: Previewer | None = None  # live previews while sliders move; None: exact renders only
     quotas: Quotas = field(default_factory=Quotas.from_env)  # per-user limits (STYLEMIX_MAX_* variables)
+    model_line: str = ""  # the model's state in one line (the first page shows it; details are folded)
+    banner_details: list[str] = field(default_factory=list)  # why, what it means, what to do: one item each
 
     @classmethod
     def start(cls, model: str | None, workspace: Workspace, device: str | None = None,
@@ -80,22 +82,14 @@ class StyleMixService:
             logger.error("%s -- starting on the built-in tiny model instead.", reason)
             loaded = load_model("tiny", device, dtype)
         library = LoraLibrary(workspace.loras, targets=pipeline_targets(loaded.pipe), base_model=loaded.model_id)
-        banner = f"**Model:** {loaded.description}."
-        if reason:
-            banner = f"⚠️ **The requested model could not be loaded:** {reason}  \n" + banner
-        if loaded.is_tiny:
-            banner += (" This is StyleMix's built-in offline model: the real SD1.5 architecture with random "
-                       "weights, so pictures look like coloured noise and every score is a demo value. "
-                       "Start with `--model stable-diffusion-v1-5/stable-diffusion-v1-5` for real images.")
-        if zero_gpu():
-            banner += (" Running on a ZeroGPU Space: images are made on a GPU lent per request; training is "
-                       "switched off here (see the README).")
         mixer = Mixer(loaded, library)
         previewer = Previewer(mixer, preview or PreviewConfig.from_env(loaded.is_tiny)).setup()
-        service = cls(mixer=mixer, workspace=workspace, banner=banner, fallback_reason=reason, previewer=previewer)
-        if examples and service.install_example_loras():
-            service.banner += (" The example LoRAs (`kenney_flat`, `pixel_city`) were trained for the tiny model "
-                               "from the example sets in a few steps: drag their sliders to see mixing work.")
+        service = cls(mixer=mixer, workspace=workspace, banner="", fallback_reason=reason, previewer=previewer)
+        if examples:
+            service.install_example_loras()
+        service.model_line, service.banner_details = model_banner(loaded, reason, bool(service.example_loras()),
+                                                                  zero_gpu())
+        service.banner = "  \n".join([service.model_line] + service.banner_details)
         from stylemix.accel import compile_wanted
 
         if compile_wanted(loaded.device, compile):
@@ -265,6 +259,12 @@ class StyleMixService:
 
     # ---------------------------------------------------------------- example LoRAs
 
+    def example_loras(self) -> list[str]:
+        """The example LoRAs in the library that fit the running model (the tiny model only)."""
+        if not self.mixer.loaded.is_tiny or not EXAMPLE_LORAS.is_dir():
+            return []
+        return [d.name for d in sorted(EXAMPLE_LORAS.iterdir()) if (self.workspace.loras / d.name).is_dir()]
+
     def install_example_loras(self) -> list[str]:
         """Copy assets/example_loras/* into the library, tiny model only, never over an existing LoRA.
 
@@ -357,7 +357,8 @@ class StyleMixService:
         return {"path": path, "style": style, "trigger_word": info.get("trigger_word"),
                 "kept": [(str(path / f), c) for f, c in captions.items()], "captions": [[f, c] for f, c in captions.items()],
                 "rejected": rejected, "summary": report.get("summary", ""), "size": info.get("size"),
-                "captioner": info.get("captioner"), "captioner_is_fallback": info.get("captioner_is_fallback")}
+                "captioner": info.get("captioner"), "captioner_is_fallback": info.get("captioner_is_fallback"),
+                "captioner_is_demo": info.get("captioner") == "tiny"}  # captioning.TINY_CAPTIONER: random words
 
     def save_captions(self, owner: str, style: str, rows: list[list[str]]) -> dict[str, str]:
         from stylemix.datasets.prepare import save_captions
@@ -742,6 +743,40 @@ def experiment_record(result: dict, prompts: list[str], seeds: list[int], gen: d
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 EXAMPLE_LORAS = Path(__file__).resolve().parents[1] / "assets" / "example_loras"
 EXAMPLE_SETS = {"kenney_flat": "knyflt", "pixel_city": "pxcty"}  # example set -> trigger word
+
+
+def model_banner(loaded, reason: str | None, examples: bool, on_zero_gpu: bool) -> tuple[str, list[str]]:
+    """(the model's state in one line, the details a user may unfold), as Markdown.
+
+    The line never holds a raw error: a model that failed to load is named, and why it failed (the
+    loader's message, exception text included) is the first detail, shown as text."""
+    details = []
+    if reason:
+        line = ("⚠️ **Model:** the requested model could not be loaded, so the built-in tiny demo model runs "
+                "instead (pictures are noise, scores are demo values).")
+        details.append(f"**Why the requested model could not be loaded:** `{_md_code(reason)}`")
+    elif loaded.is_tiny:
+        line = ("**Model:** built-in tiny demo model (the SD1.5 architecture with random weights): pictures "
+                "look like coloured noise and every score is a demo value.")
+    else:
+        line = f"**Model:** {loaded.description}."
+    if loaded.is_tiny:
+        details.append(f"Running: {loaded.description}. It is StyleMix's offline model: the real SD1.5 "
+                       "architecture with random weights, so everything works but nothing looks real.")
+        details.append("For real images, start the app with `--model stable-diffusion-v1-5/stable-diffusion-v1-5` "
+                       "(a Hugging Face id), a local diffusers folder, or an SD1.5 `.safetensors` checkpoint.")
+    if examples:
+        details.append("The example LoRAs (`kenney_flat`, `pixel_city`) were trained for the tiny model from the "
+                       "example sets in a few steps: drag their sliders to see mixing work.")
+    if on_zero_gpu:
+        details.append("Running on a ZeroGPU Space: images are made on a GPU lent per request; training is "
+                       "switched off here (see the README).")
+    return line, details
+
+
+def _md_code(text: str) -> str:
+    """Text for inside an inline code span: one line, no backticks to end it early."""
+    return " ".join(str(text).split()).replace("`", "'")
 
 
 def experiment_images(kind: str, loras: int, prompts: int, seeds: int, values: list | None = None) -> int:

@@ -65,3 +65,39 @@ def test_style_loading_raises_or_notes_problems(tmp_path):
         load_styles(library, ["gone"], "tiny-clip")
     with pytest.raises(StyleMixError, match="no style centroid"):
         load_styles(library, ["a"], "tiny-clip", require=True)
+
+
+def test_first_page_banner_is_one_line_with_details_folded():
+    """The model's state is one line; a load failure's raw error is a detail (as text), never in that line."""
+    from stylemix.models import load_model
+    from stylemix.service import model_banner
+    from ui.home import start_here
+
+    tiny = load_model("tiny", "cpu", "fp32")
+    reason = ("Cannot load base model 'sd15' (OSError: We couldn't connect to 'https://huggingface.co' to load "
+              "the files, and couldn't find them in the cached files.). Check the name and your connection.")
+    line, details = model_banner(tiny, reason, examples=True, on_zero_gpu=False)
+    assert "\n" not in line and "OSError" not in line and "could not be loaded" in line and "demo" in line
+    assert "OSError: We couldn't connect" in details[0]  # the reason, whole, as the first detail
+    assert any("kenney_flat" in d for d in details) and any("--model" in d for d in details)
+    line, details = model_banner(tiny, None, examples=False, on_zero_gpu=False)
+    assert "\n" not in line and "random weights" in line and not any("kenney_flat" in d for d in details)
+    assert "Compose" in start_here(["kenney_flat", "pixel_city"]) and "`kenney_flat`" in start_here(["kenney_flat"])
+    assert "Dataset" in start_here([]) and "kenney" not in start_here([])
+
+
+def test_demo_captions_are_marked_as_random_words(workspace, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from stylemix.service import StyleMixService
+
+    service = StyleMixService.start("tiny", workspace, examples=False)
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"i{i}.png")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(files[-1])
+    service.prepare_dataset("u" + "7" * 24, [str(f) for f in files], "demoset", "zqxdemo", 64, "off", 0.0)
+    view = service.dataset_view("u" + "7" * 24, "demoset")
+    assert view["captioner"] == "tiny" and view["captioner_is_demo"] is True

@@ -74,7 +74,11 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
     def dataset_outputs(who, style, message=None):
         v = service.dataset_view(who, style)
         summary = f"**{style}** (trigger `{v['trigger_word']}`, {v['size']} px): {v['summary']}"
-        if v.get("captioner_is_fallback"):
+        if v.get("captioner_is_demo"):
+            summary += ("  \n⚠️ *Demo captions: the built-in tiny captioner has random weights, so these captions "
+                        "are **random words**. Describe each image below (or start the app with a real BLIP "
+                        "captioner) before training a real LoRA.*")
+        elif v.get("captioner_is_fallback"):
             summary += "  \n*Captions are the neutral fallback: edit them below for better training.*"
         if message:
             summary = message + "  \n" + summary
