@@ -611,9 +611,10 @@ class StyleMixService:
         # long work takes the GPU per image and lets interactive requests go first (gpu_queue.py)
         with gpu_queue.background():
             result = self._run_experiment(owner, kind, names, prompts, seeds, gen, values, progress)
-        result["record"] = experiment_record(result, prompts, seeds, gen)
-        atomic_write_text(Path(result["out_dir"]) / EXPERIMENT_FILE, json.dumps(result["record"], indent=1))
+        record = experiment_record(result, prompts, seeds, gen)
+        atomic_write_text(Path(result["out_dir"]) / EXPERIMENT_FILE, json.dumps(record, indent=1))
         self.trim_outputs(owner)
+        result["record"] = self.open_experiment(owner, record["id"])  # read back: the page shows what a reload will
         return result
 
     def list_experiments(self, owner: str, limit: int | None = None) -> list[dict]:
