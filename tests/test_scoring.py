@@ -407,3 +407,12 @@ def test_score_result_of_a_mix(tmp_path, monkeypatch, scorer):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # surely not cached
     out = score_result(real, result, clip_model="ViT-B-32")
     assert set(out) == {"unavailable"} and "ViT-B-32/openai" in out["unavailable"]
+
+
+def test_cli_generate_says_no_style_detected():
+    from stylemix.cli.generate import format_scores
+
+    none = {"clip_score": 0.3, "shares": {}, "shares_basis": "calibrated", "style_detected": False, "is_demo": True}
+    assert format_scores(none) == "CLIP 0.3000, no style detected, (demo values: tiny random CLIP)"
+    some = {**none, "shares": {"a": 1.0}, "style_detected": True, "is_demo": False}
+    assert format_scores(some) == "CLIP 0.3000, a 100%"

@@ -129,6 +129,8 @@ def format_scores(s: dict) -> str:
     if shares:
         basis = "" if s.get("shares_basis") == "calibrated" else " (uncalibrated)"
         parts.append(" / ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items()) + basis)
+    elif s.get("style_detected") is False:  # no style above the noise floor: no shares (docs/scores.md)
+        parts.append("no style detected")
     if s.get("is_demo"):
         parts.append("(demo values: tiny random CLIP)")
     return ", ".join(parts)
