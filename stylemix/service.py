@@ -322,10 +322,10 @@ class StyleMixService:
         from stylemix.datasets.prepare import DatasetConfig, prepare_dataset
 
         check_name(style or "", "style name")
+        config = DatasetConfig(size=_whole(size), pixel_art=pixel_art, blur_threshold=blur_threshold)
         files = [Path(f) for f in (files or [])]
         if not files:
             raise StyleMixError("Nothing uploaded: add images or a zip archive (or load an example set).")
-        config = DatasetConfig(size=int(size), pixel_art=pixel_art, blur_threshold=float(blur_threshold))
         root = self.user_dir(owner, "data")
         used = folder_bytes(root) - (folder_bytes(inside(root, style)) if overwrite else 0)
         self.quotas.check_dataset(used, sum(f.stat().st_size for f in files if f.is_file()))
@@ -773,6 +773,16 @@ def model_banner(loaded, reason: str | None, examples: bool, on_zero_gpu: bool) 
         details.append("Running on a ZeroGPU Space: images are made on a GPU lent per request; training is "
                        "switched off here (see the README).")
     return line, details
+
+
+def _whole(value):
+    """A whole number from a form or an API caller ("128", 128.0) as an int; anything else as it came, for
+    the config's check to name (never int("abc")'s message, never a silent default)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _md_code(text: str) -> str:

@@ -374,3 +374,23 @@ def StyleMixService_for(ws):
     from stylemix.service import StyleMixService
 
     return StyleMixService.start("tiny", ws, examples=False)
+
+
+def test_a_user_error_is_one_log_line_and_readable_on_the_page(app_url, caplog, capfd):
+    """A refusal reaches the caller whole (tags and quotes as typed) and the log as one line, no traceback;
+    a bad form value never becomes int()'s message."""
+    import logging
+
+    url, ws, _ = app_url
+    c = _client(url)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="stylemix.app"):
+        with pytest.raises(Exception, match="Invalid size 'abc'"):
+            c.predict([], "ds", "zqx", "abc", "off", 0, False, OWNER, api_name="/prepare_dataset")
+        with pytest.raises(Exception, match=r"No LoRA named 'ghost' in your library"):
+            c.predict("ghost", "kohya", OWNER, api_name="/export_lora")
+    err = capfd.readouterr()
+    assert "Traceback" not in err.out + err.err, (err.out + err.err)[-2000:]
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert any("export_fn refused: No LoRA named 'ghost'" in m for m in refusals), refusals
+    assert all("\n" not in m for m in refusals)

@@ -283,3 +283,17 @@ def test_example_sets_are_small_licensed_and_traced():
         for p in pngs:
             assert f"| {p.name} |" in source and hashlib.sha256(p.read_bytes()).hexdigest() in source
     assert "CC0" in (EXAMPLES / "kenney_flat" / "LICENSE.txt").read_text()
+
+
+@pytest.mark.parametrize("size, blur, message", [
+    (None, 100.0, "Invalid size None"), ("abc", 100.0, "Invalid size 'abc'"), (100, 100.0, "Invalid size 100"),
+    (True, 100.0, "Invalid size True"), (128, None, "Invalid blur threshold None"),
+    (128, -1.0, "Invalid blur threshold -1.0"), (128, "x", "Invalid blur threshold 'x'"),
+    (128, float("nan"), "Invalid blur threshold nan")])
+def test_dataset_config_names_every_bad_form_value(size, blur, message):
+    """One check for the CLI, the form and API callers: a cleared box or text is named, never int()'s error."""
+    from stylemix.datasets.prepare import DatasetConfig
+
+    with pytest.raises(StyleMixError, match=re.escape(message)):
+        DatasetConfig(size=size, blur_threshold=blur)
+    assert DatasetConfig(size=128, blur_threshold=0).size == 128

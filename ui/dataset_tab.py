@@ -8,7 +8,7 @@ import gradio as gr
 
 from stylemix.errors import StyleMixError
 from stylemix.service import StyleMixService
-from ui.common import owner_of, readable_errors
+from ui.common import badge_sink, owner_of, readable_errors, user_error
 
 DATASET_SIZES = [512, 768, 256, 128, 64]
 
@@ -31,6 +31,7 @@ class DatasetTab:
     select: gr.Dropdown
     captions: gr.Dataframe
     save: gr.Button
+    sink: gr.HTML  # show_progress_on target for events whose outputs are form fields
 
 
 def build_dataset_tab(service: StyleMixService, tiny: bool) -> DatasetTab:
@@ -46,8 +47,9 @@ def build_dataset_tab(service: StyleMixService, tiny: bool) -> DatasetTab:
             style = gr.Textbox(label="Style name (the dataset's folder)", elem_id="ds-style")
             trigger = gr.Textbox(label="Trigger word (a rare word, e.g. 'knyflt')", elem_id="ds-trigger")
             with gr.Accordion("Options", open=False):
+                # any multiple of 64 may be typed; DatasetConfig checks it (the CLI's check)
                 size = gr.Dropdown(DATASET_SIZES, value=128 if tiny else 512, label="Image size (px)",
-                                   elem_id="ds-size")
+                                   allow_custom_value=True, elem_id="ds-size")
                 pixel = gr.Radio(["auto", "on", "off"], value="auto", label="Pixel art (sharp resize)")
                 blur = gr.Number(value=100.0, label="Blur threshold (0 keeps all)")
                 overwrite = gr.Checkbox(value=False, label="Replace my dataset of the same name")
@@ -63,8 +65,9 @@ def build_dataset_tab(service: StyleMixService, tiny: bool) -> DatasetTab:
             captions = gr.Dataframe(headers=["file", "caption"], label="Captions (edit, then save)",
                                     interactive=True, elem_id="ds-captions")
             save = gr.Button("Save captions", elem_id="ds-save")
+            sink = badge_sink()
     return DatasetTab(upload, example_set, example, style, trigger, size, pixel, blur, overwrite, run, summary,
-                      kept, rejected, select, captions, save)
+                      kept, rejected, select, captions, save, sink)
 
 
 def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.BrowserState,
@@ -96,13 +99,13 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
         who = owner_of(owner_, request)
         paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
         try:
-            result = service.prepare_dataset(who, paths, (style or "").strip(), trigger, int(size_), pixel,
-                                             float(blur or 0), bool(overwrite),
+            result = service.prepare_dataset(who, paths, (style or "").strip(), trigger, size_, pixel,
+                                             blur, bool(overwrite),
                                              progress=lambda d, t, m: progress((d, max(t, 1)), desc=m))
         except EmptyDatasetError as e:
             reasons = "; ".join(f"{i.input.split(':', 1)[-1].split('/')[-1]}: {i.reason} ({i.detail})"
                                 for i in e.items[:8])
-            raise gr.Error(f"{e} {reasons}") from None
+            raise user_error(f"{e} {reasons}") from None
         notes = list(result.trigger_check.warnings)
         for note in notes:
             gr.Warning(note)
@@ -110,7 +113,8 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
 
     tab.run.click(prepare_fn, inputs=[tab.upload, tab.style, tab.trigger, tab.size, tab.pixel, tab.blur,
                                       tab.overwrite, owner], outputs=outputs, api_name="prepare_dataset",
-                  concurrency_id="datasets", concurrency_limit=2)
+                  concurrency_id="datasets", concurrency_limit=2,
+                  show_progress_on=[tab.kept])  # progress (and a failure's badge) on the gallery, not the form
 
     @readable_errors
     def example_fn(name, owner_, request: gr.Request):
@@ -119,7 +123,7 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
         return [str(f) for f in files], name, service.example_sets()[name]
 
     tab.example.click(example_fn, inputs=[tab.example_set, owner], outputs=[tab.upload, tab.style, tab.trigger],
-                      api_name="load_example_set")
+                      api_name="load_example_set", show_progress_on=[tab.sink])
 
     @readable_errors
     def view_dataset_fn(style, owner_, request: gr.Request):
@@ -127,7 +131,8 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
             return [gr.update()] * len(outputs)
         return dataset_outputs(owner_of(owner_, request), style)
 
-    tab.select.input(view_dataset_fn, inputs=[tab.select, owner], outputs=outputs, api_name="dataset_view")
+    tab.select.input(view_dataset_fn, inputs=[tab.select, owner], outputs=outputs, api_name="dataset_view",
+                     show_progress_on=[tab.sink])
 
     @readable_errors
     def save_captions_fn(style, table, owner_, request: gr.Request):
@@ -139,4 +144,4 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
         return dataset_outputs(who, style, f"Saved {len(saved)} captions.")
 
     tab.save.click(save_captions_fn, inputs=[tab.select, tab.captions, owner], outputs=outputs,
-                   api_name="save_captions")
+                   api_name="save_captions", show_progress_on=[tab.sink])

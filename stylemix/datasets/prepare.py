@@ -64,9 +64,12 @@ class DatasetConfig:
     limits: UploadLimits = field(default_factory=UploadLimits)  # archive/folder intake limits
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 64 or self.size % 64 or self.size > 2048:
+        # one check for the CLI, the app's form and API callers: a cleared box (None) or text is named as it came
+        if (not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 64 or self.size % 64
+                or self.size > 2048):
             raise StyleMixError(f"Invalid size {self.size!r}: use a multiple of 64 between 64 and 2048.")
-        if not self.blur_threshold >= 0:
+        if (not isinstance(self.blur_threshold, (int, float)) or isinstance(self.blur_threshold, bool)
+                or not self.blur_threshold >= 0 or self.blur_threshold == float("inf")):
             raise StyleMixError(f"Invalid blur threshold {self.blur_threshold!r}: use a number >= 0.")
         if self.pixel_art not in ("auto", "on", "off"):
             raise StyleMixError(f"Invalid pixel-art mode {self.pixel_art!r}: use auto, on or off.")
