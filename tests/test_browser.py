@@ -115,10 +115,10 @@ def test_upload_preprocess_train_then_mix(page, server):
     assert any(s < TRAIN_STEPS for s in at_work), f"the page never showed the job at work before it completed: {texts}"
     steps = at_work + [progress_step(last)[0]]
     assert steps == sorted(steps) and steps[-1] == TRAIN_STEPS, texts
-    phases = ("Starting the training process", "Loading the model", "Caching latents", "Training: step",
-              "Making samples (step", "Saving", "Scoring the style")
+    named = ("Starting the training process", "Loading the model", "Caching latents", "Training: step",
+             "Making samples (step", "Saving", "Scoring the style")
     job_texts = [t for t in texts[:-1] if t.startswith(f"{TRAINED}: ")]  # not "No training job yet."
-    assert job_texts and all(any(p in t for p in phases) for t in job_texts), f"a progress text without its phase: {texts}"
+    assert job_texts and all(any(n in t for n in named) for t in job_texts), f"a progress text without its phase: {texts}"
     assert not any("0/?" in t or re.search(r"\b0 ?s left", t) for t in texts), texts
     widths = [float(w.rstrip("%")) for _, w in seen if w.endswith("%")]
     assert widths == sorted(widths) and widths[-1] == 100 and widths[0] < 100, seen
