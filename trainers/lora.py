@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from stylemix.training import jobs
 from stylemix.training import progress as phases
@@ -47,6 +46,7 @@ from stylemix.paths import Workspace, atomic_write_text, check_name
 # TrainConfig and its options live in the library (the app and the queue build configs without this module);
 # re-exported here, where the training code and its tests have always found them.
 from stylemix.training.config import HELP, TrainConfig, add_config_arguments, config_from_args  # noqa: F401
+from trainers import losses
 from trainers.data import LatentCache, load_pixels
 
 logger = logging.getLogger("stylemix.train")
@@ -264,7 +264,7 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
     """
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
     config.validate()
@@ -406,7 +406,6 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
                     "mixed precision %s, device %s", config.name, len(data), total_steps, steps_per_epoch,
                     config.batch_size, procs, config.grad_accumulation, accelerator.mixed_precision, device)
     scaling = vae.config.scaling_factor
-    prediction_type = noise_scheduler.config.prediction_type
     n_timesteps = noise_scheduler.config.num_train_timesteps
     bad_in_a_row = 0
     cancelled = False
@@ -428,9 +427,7 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
                 flip = (torch.rand(b, generator=g) < 0.5) if config.random_flip else torch.zeros(b, dtype=torch.bool)
                 lat_shape = (b, vae.config.latent_channels, config.resolution // 8, config.resolution // 8)
                 eps = torch.randn(lat_shape, generator=g)
-                noise = torch.randn(lat_shape, generator=g)
-                if config.noise_offset:
-                    noise += config.noise_offset * torch.randn(lat_shape[:2] + (1, 1), generator=g)
+                noise = losses.draw_noise(lat_shape, g, config.noise_offset)
                 timesteps = torch.randint(0, n_timesteps, (b,), generator=g)
                 if cache is not None:
                     latents = cache.sample(idx, flip, eps)
@@ -451,13 +448,10 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
                     else:
                         hidden = models["text_encoder"](input_ids[idx].to(device), return_dict=False)[0]
                     pred = models["unet"](noisy.to(weight_dtype), timesteps, hidden, return_dict=False)[0]
-                target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-                if config.min_snr_gamma:
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    w = torch.clamp(snr, max=config.min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
-                    loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
-                else:
-                    loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+                target = losses.training_target(noise_scheduler, latents, noise, timesteps)
+                weights = (losses.min_snr_weights(noise_scheduler, timesteps, config.min_snr_gamma)
+                           if config.min_snr_gamma else None)
+                loss = losses.diffusion_loss(pred, target, weights)
                 # Every process must agree on skipping, or DDP would wait forever for a missing backward.
                 finite = bool(torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all())
                 if finite and not bad:
