@@ -1,15 +1,16 @@
 """Turn an upload into a training set: `data/<style>/` in the Hugging Face imagefolder layout.
 
 Per image, in order: decode (first frame) and EXIF-orient; composite transparency on a
-background; reject too-small images and decompression bombs; the blur filter; near-duplicate
-removal; centre-crop and resize to `size` (LANCZOS when shrinking, NEAREST for pixel art when
-enlarging); caption (sidecar `name.txt` first, else the captioner); trigger word first.
+background; reject too-small images and decompression bombs; choose its aspect-ratio bucket
+(kohya's rule, stylemix.datasets.buckets; the square `size` x `size` with enable_bucket=False);
+the blur filter, at the bucket's scale; near-duplicate removal (stylemix.datasets.dedup); resize
+to cover the bucket and centre-crop (images.resize_to_bucket: area interpolation when shrinking,
+whole-number NEAREST factors for pixel art when enlarging); caption (sidecar `name.txt` first,
+else the captioner); trigger word first.
 
-The blur score is the variance of the 3x3 Laplacian of the luminance (OpenCV's default), taken
-at a *fair scale*: images larger than the training size are first shrunk so their short side
-is `size` (the resolution the model will see: a sharp 2000 px photo is not punished for its
-soft per-pixel detail), and smaller images are measured at their own resolution (enlarging adds
-no detail, and interpolation would make every small sprite look blurry).  See docs/datasets.md.
+Every stored image's pixel size IS its bucket, and metadata.jsonl records it per image with the
+original size (`bucket`, `original_size`): the trainer batches images of one size together.
+The blur score is images.blur_score, at the scale the image will be trained on.  See docs/datasets.md.
 
 The folder is built next to its final place and renamed in at the end, so a failed run leaves
 nothing behind and an existing set is only replaced with `overwrite=True`.
@@ -27,13 +28,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
-import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
 from stylemix.errors import StyleMixError
-from stylemix.datasets.images import ImageRejected, is_image_name, untrusted_image
+from stylemix.datasets.buckets import BucketChoice, BucketRule, bucket_name, cover, default_bucket_limits
+from stylemix.datasets.dedup import NearDuplicates, fingerprint
+from stylemix.datasets.images import ImageRejected, blur_score, is_image_name, resize_to_bucket, untrusted_image
 from stylemix.paths import atomic_write_text, check_name, inside, read_json_object
 from stylemix.datasets.uploads import Intake, UploadLimits, collect_upload, remove_tree
 
@@ -46,13 +48,18 @@ REPORT_NAME = "report.json"
 DATASET_NAME = "dataset.json"
 MAX_CAPTION_CHARS = 2000  # a caption longer than this is a pasted document, not a caption
 ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF"}  # MPO: multi-picture JPEG from cameras
+MAX_BUCKET_RESO = 4096  # the largest max_bucket_reso accepted: twice the largest size
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
 class DatasetConfig:
     """How an upload becomes a training set.  Every default is documented in docs/datasets.md."""
 
-    size: int = 512  # output side in pixels (square); a multiple of 64 as SD1.5's VAE needs multiples of 8x8
+    size: int = 512  # the training resolution R: buckets hold at most R x R pixels; the square's side
     blur_threshold: float = 100.0  # keep when Laplacian variance (at the fair scale) > this; 0 keeps all
     pixel_art: str = "auto"  # auto | on | off: NEAREST enlarging, detected from a small palette in auto
     pixel_art_max_colors: int = 64  # auto: at most this many distinct colours (after compositing) -> pixel art
@@ -62,6 +69,12 @@ class DatasetConfig:
     dedup_distance: int = 4  # near-duplicate: dHash Hamming distance <= this (of 64 bits) ...
     dedup_color_tolerance: float = 12.0  # ... and mean colour difference of 8x8 thumbnails <= this (0-255)
     limits: UploadLimits = field(default_factory=UploadLimits)  # archive/folder intake limits
+    # Aspect-ratio buckets, kohya's options and names (stylemix.datasets.buckets).
+    enable_bucket: bool = True  # False: every image centre-cropped to the square size x size
+    min_bucket_reso: int | None = None  # None: kohya's 256, at most size/2 (buckets.default_bucket_limits)
+    max_bucket_reso: int | None = None  # None: kohya's 1024, at most 2 x size and at least size
+    bucket_reso_steps: int = 64  # bucket sides are multiples of this; SD1.5's UNet needs multiples of 64 px
+    bucket_no_upscale: bool = False  # buckets from each image's own size, never enlarged (kohya's meaning)
 
     def __post_init__(self) -> None:
         # one check for the CLI, the app's form and API callers: a cleared box (None) or text is named as it came
@@ -81,6 +94,47 @@ class DatasetConfig:
         if self.min_side < 1 or self.max_image_pixels < 1:
             raise StyleMixError(f"Invalid image limits: min_side={self.min_side!r}, "
                                 f"max_image_pixels={self.max_image_pixels!r}.")
+        self._check_buckets()
+
+    def _check_buckets(self) -> None:
+        # kohya adjusts bad limits with a warning; we refuse them, naming the option and what it accepts
+        for name in ("enable_bucket", "bucket_no_upscale"):
+            if not isinstance(getattr(self, name), bool):
+                raise StyleMixError(f"Invalid {name} {getattr(self, name)!r}: use true or false.")
+        step = self.bucket_reso_steps
+        if not _is_whole(step) or step < 64 or step % 64 or self.size % step:
+            raise StyleMixError(f"Invalid bucket_reso_steps {step!r}: use a multiple of 64 that divides the "
+                                f"size ({self.size}), such as 64.")
+        low, high = default_bucket_limits(self.size, step)
+        lo = self.min_bucket_reso
+        if lo is not None and (not _is_whole(lo) or lo < step or lo % step or lo > self.size):
+            raise StyleMixError(f"Invalid min_bucket_reso {lo!r}: use a multiple of bucket_reso_steps ({step}) from "
+                                f"{step} to the size ({self.size}), or leave it out for {low}.")
+        hi = self.max_bucket_reso
+        if hi is not None and (not _is_whole(hi) or hi < self.size or hi % step or hi > MAX_BUCKET_RESO):
+            raise StyleMixError(f"Invalid max_bucket_reso {hi!r}: use a multiple of bucket_reso_steps ({step}) from "
+                                f"the size ({self.size}) to {MAX_BUCKET_RESO}, or leave it out for {high}.")
+        if self.bucket_no_upscale and not self.enable_bucket:
+            raise StyleMixError("Invalid bucket_no_upscale True with enable_bucket False: it makes a bucket from each "
+                                "image's size, so it needs buckets; drop one of the two options.")
+
+    def bucket_rule(self) -> BucketRule:
+        """The buckets of this config, with the default limits filled in."""
+        low, high = default_bucket_limits(self.size, self.bucket_reso_steps)
+        return BucketRule(self.size, low if self.min_bucket_reso is None else self.min_bucket_reso,
+                          high if self.max_bucket_reso is None else self.max_bucket_reso,
+                          self.bucket_reso_steps, self.bucket_no_upscale)
+
+    def choose_bucket(self, size: tuple[int, int], rule: BucketRule | None = None) -> BucketChoice | None:
+        """Where an image of `size` goes: its bucket, or the square with enable_bucket=False; None: no bucket."""
+        if not self.enable_bucket:
+            return cover(size, (self.size, self.size))
+        return (rule or self.bucket_rule()).choose(size)
+
+    def recorded(self) -> dict:
+        """The config as dataset.json records it: the bucket limits actually used, not None."""
+        rule = self.bucket_rule()
+        return {**asdict(self), "min_bucket_reso": rule.min_reso, "max_bucket_reso": rule.max_reso}
 
 
 @dataclass
@@ -94,6 +148,7 @@ class ItemResult:
     blur: float | None = None  # Laplacian variance at the fair scale
     file: str | None = None  # output file name inside the dataset folder
     original_size: list[int] | None = None
+    bucket: list[int] | None = None  # [width, height] of the stored image
     pixel_art: bool | None = None
     caption: str | None = None
     caption_source: str | None = None  # sidecar | captioner | fallback
@@ -203,28 +258,6 @@ def with_trigger(trigger: str, caption: str) -> str:
 # --------------------------------------------------------------------------- per-image steps
 
 
-def blur_score(image: Image.Image, size: int = 512) -> float:
-    """Variance of the 3x3 Laplacian of the luminance, at the fair scale (see the module doc)."""
-    gray = image.convert("L")
-    short = min(gray.size)
-    if short > size:  # shrink to the training resolution, never enlarge
-        scale = size / short
-        gray = gray.resize((max(3, round(gray.width * scale)), max(3, round(gray.height * scale))),
-                           Image.Resampling.LANCZOS)
-    a = np.asarray(gray, dtype=np.float64)
-    if a.shape[0] < 3 or a.shape[1] < 3:
-        return 0.0
-    lap = a[:-2, 1:-1] + a[2:, 1:-1] + a[1:-1, :-2] + a[1:-1, 2:] - 4.0 * a[1:-1, 1:-1]
-    # Perfectly flat areas (a sprite's plain background, a flat-shaded fill) say nothing about
-    # sharpness but dilute the variance: measure where the 3x3 neighbourhood is not constant.
-    # Camera images have no exactly flat areas, so for them this is the classic measure.
-    win = np.lib.stride_tricks.sliding_window_view(a, (3, 3))
-    detail = win.max(axis=(-1, -2)) != win.min(axis=(-1, -2))
-    if detail.sum() >= max(9, 0.01 * detail.size):
-        lap = lap[detail]
-    return float(lap.var())
-
-
 def composite(image: Image.Image, background: str) -> Image.Image:
     """RGB image; transparency (alpha channel or palette transparency) composited on `background`."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -246,32 +279,6 @@ def is_pixel_art(image: Image.Image, config: DatasetConfig) -> bool:
     if config.pixel_art != "auto":
         return config.pixel_art == "on"
     return count_colors(image, config.pixel_art_max_colors) <= config.pixel_art_max_colors
-
-
-def resize_crop(image: Image.Image, size: int, pixel_art: bool) -> Image.Image:
-    """Centre-crop to a square and resize to size x size.
-
-    Shrinking always uses LANCZOS.  Enlarging pixel art uses NEAREST on a square cropped on the
-    pixel grid, so every output pixel is one of the input's colours (no blended edges); other
-    images are enlarged with LANCZOS too.
-    """
-    w, h = image.size
-    side = min(w, h)
-    if pixel_art and side < size:
-        left, top = (w - side) // 2, (h - side) // 2
-        return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.NEAREST)
-    return ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
-
-
-def dhash(image: Image.Image) -> int:
-    """64-bit difference hash: sign of horizontal gradients on a 9x8 grey thumbnail."""
-    a = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
-    bits = (a[:, 1:] > a[:, :-1]).flatten()
-    return int("".join("1" if b else "0" for b in bits), 2)
-
-
-def _color_thumb(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB").resize((8, 8), Image.Resampling.BOX), dtype=np.float32)
 
 
 class _Rejected(Exception):
@@ -309,6 +316,12 @@ def _safe_stem(name: str) -> str:
     stem = Path(name.replace("\\", "/").split(":")[-1]).stem
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:40]
     return stem or "image"
+
+
+def count_buckets(sizes: Iterable[tuple[int, int]]) -> dict[str, int]:
+    """{"320x768": images, ...}, the fullest bucket first (then by name, for a stable order)."""
+    counts = Counter(bucket_name(s) for s in sizes)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def summarize(items: list[ItemResult]) -> str:
@@ -365,7 +378,8 @@ def prepare_dataset(sources: Iterable[str | os.PathLike], style: str, trigger_wo
         summary = summarize(items)
         kept = [i for i in items if i.status == "kept"]
         remove_tree(staging)
-        lines = [json.dumps({"file_name": i.file, "text": i.caption}, ensure_ascii=False) for i in kept]
+        lines = [json.dumps({"file_name": i.file, "text": i.caption, "original_size": i.original_size,
+                             "bucket": i.bucket}, ensure_ascii=False) for i in kept]
         atomic_write_text(build / METADATA_NAME, "\n".join(lines) + "\n")
         atomic_write_text(build / REPORT_NAME, json.dumps(
             {"style": style, "summary": summary, "items": [i.to_json() for i in items]}, indent=1))
@@ -375,7 +389,8 @@ def prepare_dataset(sources: Iterable[str | os.PathLike], style: str, trigger_wo
             "captioner": getattr(captioner, "name", type(captioner).__name__),
             "captioner_is_fallback": bool(getattr(captioner, "is_fallback", False)),
             "pixel_art_images": sum(1 for i in kept if i.pixel_art),
-            "config": {k: v for k, v in asdict(config).items()},
+            "buckets": count_buckets(tuple(i.bucket) for i in kept),
+            "config": config.recorded(),
             "summary": summary, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }, indent=1))
         _move_into_place(build, final, overwrite)
@@ -392,8 +407,9 @@ def prepare_dataset(sources: Iterable[str | os.PathLike], style: str, trigger_wo
 def _filter_and_crop(intake: Intake, build: Path, config: DatasetConfig,
                      progress: Progress) -> tuple[list[ItemResult], dict[int, Image.Image]]:
     items: list[ItemResult] = []
-    kept_images: dict[int, Image.Image] = {}  # index in items -> cropped image, for captioning
-    seen: list[tuple[int, np.ndarray, str]] = []  # (dhash, colour thumbnail, input name) of kept images
+    kept_images: dict[int, Image.Image] = {}  # index in items -> stored image, for captioning
+    duplicates = NearDuplicates(config.dedup_distance, config.dedup_color_tolerance)
+    rule = config.bucket_rule()
     total = len(intake.items)
     for n, entry in enumerate(intake.items):
         progress(n, total, f"checking {entry.name}")
@@ -405,27 +421,32 @@ def _filter_and_crop(intake: Intake, build: Path, config: DatasetConfig,
             if min(w, h) < config.min_side:
                 raise _Rejected("too_small", f"{w}x{h} is below min_side={config.min_side}", original_size=[w, h])
             image = composite(image, config.background)
-            score = blur_score(image, config.size)
+            choice = config.choose_bucket(image.size, rule)  # image.size: after the EXIF rotation
+            if choice is None:
+                raise _Rejected("no_bucket", f"{w}x{h} fits no bucket: with bucket_no_upscale both sides must "
+                                f"reach bucket_reso_steps ({rule.step}) once shrunk to at most "
+                                f"{config.size}x{config.size} pixels", original_size=[w, h])
+            score = blur_score(image, choice.bucket)
             if score <= config.blur_threshold:
                 raise _Rejected("blurry", f"blur score {score:.1f} <= threshold {config.blur_threshold:g}",
                                 blur=round(score, 2), original_size=[w, h])
-            h64, thumb = dhash(image), _color_thumb(image)
-            for other_hash, other_thumb, other_name in seen:
-                if (bin(h64 ^ other_hash).count("1") <= config.dedup_distance
-                        and float(np.abs(thumb - other_thumb).mean()) <= config.dedup_color_tolerance):
-                    raise _Rejected("duplicate", f"a near-duplicate of {other_name}", blur=round(score, 2),
-                                    original_size=[w, h])
+            fp = fingerprint(image)
+            other = duplicates.find(fp)
+            if other is not None:
+                raise _Rejected("duplicate", f"a near-duplicate of {other}", blur=round(score, 2),
+                                original_size=[w, h])
             pixel = is_pixel_art(image, config)
-            out = resize_crop(image, config.size, pixel)
+            out = resize_to_bucket(image, choice.bucket, choice.resized, pixel)
         except _Rejected as e:
             items.append(ItemResult(entry.name, "rejected", e.reason, e.detail, **e.extra))
             continue
-        seen.append((h64, thumb, entry.name))
+        duplicates.add(fp, entry.name)
         file_name = f"{len(kept_images):04d}_{_safe_stem(entry.name)}.png"
         out.save(build / file_name, format="PNG")
         kept_images[len(items)] = out
         items.append(ItemResult(entry.name, "kept", blur=round(score, 2), file=file_name, original_size=[w, h],
-                                pixel_art=pixel, caption_source=entry.caption_key))  # key replaced below
+                                bucket=list(out.size), pixel_art=pixel,
+                                caption_source=entry.caption_key))  # key replaced below
     return items, kept_images
 
 
@@ -475,8 +496,16 @@ def _move_into_place(build: Path, final: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------- caption editing
 
 
-def read_metadata(meta_path: Path) -> list[tuple[int, str, str]]:
-    """(line number, file_name, text) for each record of a metadata.jsonl, or StyleMixError naming the bad line.
+class MetadataRow(NamedTuple):
+    line: int
+    file_name: str
+    text: str
+    extra: dict  # the record's other keys: `original_size` and `bucket` ([w, h]) in sets made since buckets
+
+
+def read_metadata(meta_path: Path) -> list[MetadataRow]:
+    """(line number, file_name, text, other keys) for each record of a metadata.jsonl, or StyleMixError naming
+    the bad line.
 
     The one parser of the dataset format; `load_captions` (caption editing) and
     `load_dataset_folder` (training) differ only in what they check on top of it.
@@ -492,7 +521,13 @@ def read_metadata(meta_path: Path) -> list[tuple[int, str, str]]:
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
             raise StyleMixError(f"{meta_path.name} line {n}: expected {{\"file_name\": str, \"text\": str}}, "
                                 f"got {line[:120]!r}.")
-        rows.append((n, row["file_name"], row["text"]))
+        for key in ("original_size", "bucket"):
+            size = row.get(key)
+            if size is not None and not (isinstance(size, list) and len(size) == 2
+                                         and all(_is_whole(v) and v > 0 for v in size)):
+                raise StyleMixError(f"{meta_path.name} line {n}: {key} must be [width, height] in pixels, got {size!r}.")
+        rows.append(MetadataRow(n, row["file_name"], row["text"],
+                                {k: v for k, v in row.items() if k not in ("file_name", "text")}))
     return rows
 
 
@@ -501,7 +536,7 @@ def load_captions(dataset_dir: str | os.PathLike) -> dict[str, str]:
     path = Path(dataset_dir) / METADATA_NAME
     if not path.is_file():
         raise StyleMixError(f"No {METADATA_NAME} in {str(dataset_dir)!r}: is it a StyleMix dataset folder?")
-    return {file_name: text for _, file_name, text in read_metadata(path)}
+    return {row.file_name: row.text for row in read_metadata(path)}
 
 
 def save_captions(dataset_dir: str | os.PathLike, captions: dict[str, str], keep_trigger: bool = True) -> dict[str, str]:
@@ -512,6 +547,7 @@ def save_captions(dataset_dir: str | os.PathLike, captions: dict[str, str], keep
     """
     dataset_dir = Path(dataset_dir)
     current = load_captions(dataset_dir)
+    extras = {row.file_name: row.extra for row in read_metadata(dataset_dir / METADATA_NAME)}  # kept as they are
     unknown = [f for f in captions if f not in current]
     if unknown:
         raise StyleMixError(f"Unknown image(s) {unknown[:5]} in {str(dataset_dir)!r}: captions not saved.")
@@ -524,7 +560,8 @@ def save_captions(dataset_dir: str | os.PathLike, captions: dict[str, str], keep
     for f, text in captions.items():
         text = " ".join(text.split())
         current[f] = with_trigger(trigger, text) if trigger else text
-    lines = [json.dumps({"file_name": f, "text": t}, ensure_ascii=False) for f, t in current.items()]
+    lines = [json.dumps({"file_name": f, "text": t, **extras.get(f, {})}, ensure_ascii=False)
+             for f, t in current.items()]
     atomic_write_text(dataset_dir / METADATA_NAME, "\n".join(lines) + "\n")
     return current
 
@@ -534,13 +571,20 @@ def save_captions(dataset_dir: str | os.PathLike, captions: dict[str, str], keep
 
 @dataclass
 class DatasetInfo:
-    """A validated dataset folder: image paths with their captions, plus the folder's summary."""
+    """A validated dataset folder: image paths with their captions and pixel sizes, plus the folder's summary."""
 
     root: Path
     files: list[Path]
     captions: list[str]
     trigger_word: str
     summary: dict = field(default_factory=dict)  # dataset.json content (+ what we counted)
+    # (width, height) of each stored image, read from the file: its bucket in a bucketed set (the metadata's
+    # `bucket`, checked equal), size x size in a square one; images of one size can share a batch
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def buckets(self) -> dict[str, int]:
+        """{"320x768": images, ...}: how many stored images have each size, the fullest first."""
+        return count_buckets(self.sizes)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -567,8 +611,8 @@ def load_dataset_folder(data_dir: str | Path) -> DatasetInfo:
     info_path = root / DATASET_NAME
     if info_path.is_file():
         info = read_json_object(info_path)
-    files, captions = [], []
-    for n, file_name, text in read_metadata(meta_path):
+    files, captions, sizes = [], [], []
+    for n, file_name, text, extra in read_metadata(meta_path):
         if len(text) > MAX_CAPTION_CHARS:
             raise StyleMixError(f"{meta_path.name} line {n}: caption longer than {MAX_CAPTION_CHARS} characters.")
         path = inside(root, file_name)  # refuses '../x.png' and symlinks out of the folder
@@ -576,15 +620,22 @@ def load_dataset_folder(data_dir: str | Path) -> DatasetInfo:
             raise StyleMixError(f"{meta_path.name} line {n}: image {file_name!r} is missing or not an image file.")
         try:
             with Image.open(path) as im:
+                size = im.size
                 im.verify()  # header + structure; cheap, no full decode
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise StyleMixError(f"{meta_path.name} line {n}: {file_name!r} is not a readable image ({e}).") from None
+        bucket = extra.get("bucket")
+        if bucket is not None and tuple(bucket) != size:
+            # the trainer batches by the stored size: an image edited after preprocessing must not pass unseen
+            raise StyleMixError(f"{meta_path.name} line {n}: {file_name!r} is {size[0]}x{size[1]} but its bucket is "
+                                f"{bucket[0]}x{bucket[1]}; run `stylemix preprocess` on the originals again.")
         files.append(path)
         captions.append(text.strip())
+        sizes.append(size)
     if not files:
         raise StyleMixError(f"Dataset folder {str(root)!r} has no images listed in {METADATA_NAME}: nothing to train on.")
     trigger = info.get("trigger_word") or ""
     if not isinstance(trigger, str):
         raise StyleMixError(f"{info_path}: trigger_word must be a string.")
-    summary = {**info, "count": len(files), "folder": root.name}
-    return DatasetInfo(root=root, files=files, captions=captions, trigger_word=trigger, summary=summary)
+    summary = {**info, "count": len(files), "folder": root.name, "buckets": count_buckets(sizes)}
+    return DatasetInfo(root=root, files=files, captions=captions, trigger_word=trigger, summary=summary, sizes=sizes)
