@@ -101,8 +101,12 @@ def test_weight_map_2d_and_path_drawing(mixer, tmp_path):
     assert wmap.cells[2].weights == {"watercolor": 1.0, "pixelart": 0.0}
     # the all-zero cell is the base image itself, the calibration's 0: no style at all
     assert wmap.cells[0].calibrated == {"watercolor": 0.0, "pixelart": 0.0}
-    assert wmap.cells[0].shares == {"watercolor": 0.0, "pixelart": 0.0}
-    assert all(abs(sum(c.shares.values()) - 1) < 1e-6 for c in wmap.cells[1:])
+    assert wmap.cells[0].shares == {}  # nothing in the mix: nothing to share
+    # a LoRA at weight 0 never gets a share; the others share 1, or nothing when no style shows
+    for c in wmap.cells[1:]:
+        assert set(c.shares) <= {n for n, w in c.weights.items() if w}, (c.weights, c.shares)
+        assert abs(sum(c.shares.values()) - 1) < 1e-6 or c.shares == {}
+    assert wmap.cells[2].shares == {"watercolor": 1.0}  # watercolor alone at 1: all of the style shown is its own
     assert all(c.clip_score is not None for c in wmap.cells)
     imgs = [np.asarray(c.image) for c in wmap.cells]
     assert len({i.tobytes() for i in imgs}) == 6  # every weight pair gives its own image
@@ -124,7 +128,8 @@ def test_three_way_lines(mixer, tmp_path):
     wmap = weight_map_lines(mixer, RECIPE, [({"watercolor": 1.0}, {"pixelart": 0.5, "anime": 0.5}),
                                             ({"anime": 1.0}, {"watercolor": 1.0})], n=3, judge=judge)
     assert wmap.kind == "lines" and len(wmap.cells) == 6 and set(wmap.names) == set(STYLES)
-    assert all(abs(sum(c.shares.values()) - 1) < 1e-6 or not any(c.shares.values()) for c in wmap.cells)
+    assert all(abs(sum(c.shares.values()) - 1) < 1e-6 or c.shares == {} for c in wmap.cells)
+    assert all(set(c.shares) <= {n for n, w in c.weights.items() if w} for c in wmap.cells)  # weight 0: no share
     write_map(wmap, tmp_path / "lines")
     assert (tmp_path / "lines" / "map.png").is_file() and (tmp_path / "lines" / "grid.png").is_file()
 

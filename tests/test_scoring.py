@@ -217,10 +217,11 @@ def test_whole_path_with_tiny_clip_on_pipeline_images(scorer, tiny_pipe):
         assert r.clip_model == TINY_CLIP_NAME and r.is_demo and r.prompt_scored == "a cat"
         assert -1.0 <= r.clip_score <= 1.0 and r.clip_score_100 == pytest.approx(100 * max(r.clip_score, 0))
         d = json.loads(json.dumps(r.to_dict()))
-        assert "demo values" in d["label"] and set(d["shares"]) == {"stripes", "blobs"}
+        assert "demo values" in d["label"] and set(d["shares"]) in ({"stripes", "blobs"}, set())
         assert "DEMO" in r.summary()
-    # a generated image paired with itself as base: calibrated 0 for every style
+    # a generated image paired with itself as base: calibrated 0 for every style, so no style detected
     assert results[0].calibrated == pytest.approx({"stripes": 0.0, "blobs": 0.0}, abs=1e-5)
+    assert results[0].shares == {} and results[0].style_detected is False
     # a stripes image calibrated against a blobs base: stripes gets the larger share
     last = results[-1]
     assert last.shares["stripes"] > last.shares["blobs"] and sum(last.shares.values()) == pytest.approx(1.0)
