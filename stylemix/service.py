@@ -317,12 +317,15 @@ class StyleMixService:
 
     def prepare_dataset(self, owner: str, files: list, style: str, trigger_word: str, size: int = 512,
                         pixel_art: str = "auto", blur_threshold: float = 100.0, overwrite: bool = False,
-                        progress=None):
-        """Build data/<owner>/<style>/ from uploaded files (images, zips).  Returns a DatasetResult."""
+                        progress=None, enable_bucket: bool = True):
+        """Build data/<owner>/<style>/ from uploaded files (images, zips).  Returns a DatasetResult.
+
+        enable_bucket: kohya's aspect-ratio buckets (DatasetConfig's limits); False: square size x size crops."""
         from stylemix.datasets.prepare import DatasetConfig, prepare_dataset
 
         check_name(style or "", "style name")
-        config = DatasetConfig(size=_whole(size), pixel_art=pixel_art, blur_threshold=blur_threshold)
+        config = DatasetConfig(size=_whole(size), pixel_art=pixel_art, blur_threshold=blur_threshold,
+                               enable_bucket=enable_bucket)
         files = [Path(f) for f in (files or [])]
         if not files:
             raise StyleMixError("Nothing uploaded: add images or a zip archive (or load an example set).")
@@ -344,8 +347,9 @@ class StyleMixService:
         return path
 
     def dataset_view(self, owner: str, style: str) -> dict:
-        """What the Dataset tab shows: kept images with captions, rejected inputs with reasons, summary."""
-        from stylemix.datasets.prepare import load_captions
+        """What the Dataset tab shows: kept images with captions, rejected inputs with reasons, summary, and
+        images per bucket ({"320x768": n}, the fullest first; a set made before buckets counts its square)."""
+        from stylemix.datasets.prepare import bucket_counts, load_captions
 
         path = self.dataset_dir(owner, style)
         captions = load_captions(path)
@@ -357,6 +361,7 @@ class StyleMixService:
         return {"path": path, "style": style, "trigger_word": info.get("trigger_word"),
                 "kept": [(str(path / f), c) for f, c in captions.items()], "captions": [[f, c] for f, c in captions.items()],
                 "rejected": rejected, "summary": report.get("summary", ""), "size": info.get("size"),
+                "buckets": bucket_counts(path),
                 "captioner": info.get("captioner"), "captioner_is_fallback": info.get("captioner_is_fallback"),
                 "captioner_is_demo": info.get("captioner") == "tiny"}  # captioning.TINY_CAPTIONER: random words
 

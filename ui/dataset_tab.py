@@ -23,6 +23,7 @@ class DatasetTab:
     size: gr.Dropdown
     pixel: gr.Radio
     blur: gr.Number
+    buckets: gr.Checkbox
     overwrite: gr.Checkbox
     run: gr.Button
     summary: gr.Markdown
@@ -52,6 +53,9 @@ def build_dataset_tab(service: StyleMixService, tiny: bool) -> DatasetTab:
                                    allow_custom_value=True, elem_id="ds-size")
                 pixel = gr.Radio(["auto", "on", "off"], value="auto", label="Pixel art (sharp resize)")
                 blur = gr.Number(value=100.0, label="Blur threshold (0 keeps all)")
+                buckets = gr.Checkbox(value=True, label="Aspect-ratio buckets",
+                                      info="Keep each image's shape (kohya's buckets, at most size x size pixels); "
+                                           "off: crop every image to a square", elem_id="ds-buckets")
                 overwrite = gr.Checkbox(value=False, label="Replace my dataset of the same name")
             run = gr.Button("Prepare dataset", variant="primary", elem_id="ds-run")
         with gr.Column(scale=2):
@@ -66,8 +70,15 @@ def build_dataset_tab(service: StyleMixService, tiny: bool) -> DatasetTab:
                                     interactive=True, elem_id="ds-captions")
             save = gr.Button("Save captions", elem_id="ds-save")
             sink = badge_sink()
-    return DatasetTab(upload, example_set, example, style, trigger, size, pixel, blur, overwrite, run, summary,
-                      kept, rejected, select, captions, save, sink)
+    return DatasetTab(upload, example_set, example, style, trigger, size, pixel, blur, buckets, overwrite, run,
+                      summary, kept, rejected, select, captions, save, sink)
+
+
+def bucket_line(buckets: dict[str, int]) -> str:
+    """'Images per bucket: 320x768: 3, 512x512: 2' (width x height in pixels), as the summary's second line."""
+    if not buckets:
+        return ""
+    return "Images per bucket: " + ", ".join(f"{name}: {n}" for name, n in buckets.items()) + "."
 
 
 def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.BrowserState,
@@ -77,6 +88,7 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
     def dataset_outputs(who, style, message=None):
         v = service.dataset_view(who, style)
         summary = f"**{style}** (trigger `{v['trigger_word']}`, {v['size']} px): {v['summary']}"
+        summary += "  \n" + bucket_line(v["buckets"])
         if v.get("captioner_is_demo"):
             summary += ("  \n⚠️ *Demo captions: the built-in tiny captioner has random weights, so these captions "
                         "are **random words**. Describe each image below (or start the app with a real BLIP "
@@ -92,8 +104,8 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
     outputs = [tab.summary, tab.kept, tab.rejected, tab.captions, tab.select, train_dataset]
 
     @readable_errors
-    def prepare_fn(files, style, trigger, size_, pixel, blur, overwrite, owner_, request: gr.Request,
-                   progress=gr.Progress()):
+    def prepare_fn(files, style, trigger, size_, pixel, blur, overwrite, owner_, buckets=True,
+                   request: gr.Request = None, progress=gr.Progress()):
         from stylemix.datasets.prepare import EmptyDatasetError
 
         who = owner_of(owner_, request)
@@ -101,7 +113,8 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
         try:
             result = service.prepare_dataset(who, paths, (style or "").strip(), trigger, size_, pixel,
                                              blur, bool(overwrite),
-                                             progress=lambda d, t, m: progress((d, max(t, 1)), desc=m))
+                                             progress=lambda d, t, m: progress((d, max(t, 1)), desc=m),
+                                             enable_bucket=buckets)
         except EmptyDatasetError as e:
             reasons = "; ".join(f"{i.input.split(':', 1)[-1].split('/')[-1]}: {i.reason} ({i.detail})"
                                 for i in e.items[:8])
@@ -111,8 +124,9 @@ def wire_dataset_tab(tab: DatasetTab, service: StyleMixService, owner: gr.Browse
             gr.Warning(note)
         return dataset_outputs(who, style.strip(), "  \n".join(f"⚠️ {n}" for n in notes) or None)
 
+    # buckets comes last: API callers that send the older eight values get its default (on)
     tab.run.click(prepare_fn, inputs=[tab.upload, tab.style, tab.trigger, tab.size, tab.pixel, tab.blur,
-                                      tab.overwrite, owner], outputs=outputs, api_name="prepare_dataset",
+                                      tab.overwrite, owner, tab.buckets], outputs=outputs, api_name="prepare_dataset",
                   concurrency_id="datasets", concurrency_limit=2,
                   show_progress_on=[tab.kept])  # progress (and a failure's badge) on the gallery, not the form
 

@@ -176,6 +176,11 @@ class DatasetResult:
     def rejected(self) -> list[ItemResult]:
         return [i for i in self.items if i.status == "rejected"]
 
+    @property
+    def buckets(self) -> dict[str, int]:
+        """{"320x768": images, ...}, the fullest bucket first."""
+        return count_buckets(tuple(i.bucket) for i in self.kept)
+
 
 class EmptyDatasetError(StyleMixError):
     """Every input was rejected; `.items` says why for each one.  Nothing was written."""
@@ -537,6 +542,23 @@ def load_captions(dataset_dir: str | os.PathLike) -> dict[str, str]:
     if not path.is_file():
         raise StyleMixError(f"No {METADATA_NAME} in {str(dataset_dir)!r}: is it a StyleMix dataset folder?")
     return {row.file_name: row.text for row in read_metadata(path)}
+
+
+def bucket_counts(dataset_dir: str | os.PathLike) -> dict[str, int]:
+    """{"320x768": images, ...} of a dataset folder, the fullest first: each record's `bucket`, or for a set made
+    before buckets (no such key) its image's size, read from the file's header."""
+    dataset_dir = Path(dataset_dir)
+    sizes = []
+    for row in read_metadata(dataset_dir / METADATA_NAME):
+        if row.extra.get("bucket") is not None:
+            sizes.append(tuple(row.extra["bucket"]))
+            continue
+        try:
+            with Image.open(inside(dataset_dir, row.file_name)) as im:
+                sizes.append(im.size)
+        except (OSError, StyleMixError) as e:
+            raise StyleMixError(f"{METADATA_NAME} line {row.line}: {row.file_name!r} is not a readable image ({e}).") from None
+    return count_buckets(sizes)
 
 
 def save_captions(dataset_dir: str | os.PathLike, captions: dict[str, str], keep_trigger: bool = True) -> dict[str, str]:
