@@ -96,6 +96,9 @@ def other_users_job(ws, owner: str) -> str:
 
 def test_bad_values_get_one_message_and_change_nothing(page, server, owner_dataset):
     url, ws, service = server
+    for tab, picker in (("Library", "#lib-select"), ("Experiments", "#ex-loras")):  # tabs render when first opened
+        open_tab(page, tab)
+        page.locator(picker).wait_for()
     open_tab(page, "Train")
     choose(page, "tr-dataset", DATASET)
     page.locator("#tr-name input, #tr-name textarea").fill("badvalues")
