@@ -298,3 +298,12 @@ def test_service_view_and_dataset_tab_report_bucket_counts(tmp_path, workspace):
     assert service.dataset_view(owner, "square")["buckets"] == {"128x128": 4}
     with pytest.raises(StyleMixError, match="Invalid enable_bucket None"):
         service.prepare_dataset(owner, files, "x", "zqxshape", 128, "off", 0.0, enable_bucket=None)
+
+
+def test_a_rotated_photo_is_bucketed_as_displayed(tmp_path, workspace):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 300x100, shown rotated 90 degrees: 100x300
+    a = np.random.default_rng(0).integers(0, 255, (10, 30, 3), dtype=np.uint8).repeat(10, 0).repeat(10, 1)
+    Image.fromarray(a).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    res = prepare_dataset([tmp_path / "rot.jpg"], "rot", "zqxrot", workspace.data, DatasetConfig(size=128))
+    assert (res.kept[0].original_size, res.kept[0].bucket) == ([100, 300], [64, 192])

@@ -422,11 +422,12 @@ def _filter_and_crop(intake: Intake, build: Path, config: DatasetConfig,
             items.append(ItemResult(entry.name, "rejected", entry.reason, entry.detail))
             continue
         try:
-            image, (w, h) = decode(entry.path, config)
+            image, _ = decode(entry.path, config)
+            w, h = image.size  # as displayed (EXIF-rotated): the shape its bucket is chosen for
             if min(w, h) < config.min_side:
                 raise _Rejected("too_small", f"{w}x{h} is below min_side={config.min_side}", original_size=[w, h])
             image = composite(image, config.background)
-            choice = config.choose_bucket(image.size, rule)  # image.size: after the EXIF rotation
+            choice = config.choose_bucket((w, h), rule)
             if choice is None:
                 raise _Rejected("no_bucket", f"{w}x{h} fits no bucket: with bucket_no_upscale both sides must "
                                 f"reach bucket_reso_steps ({rule.step}) once shrunk to at most "
