@@ -27,8 +27,8 @@ def register(sub) -> None:
                    help="shortest bucket side, a multiple of --bucket-reso-steps up to --size (default 256, "
                         "or size/2 for sizes under 512)")
     b.add_argument("--max-bucket-reso", type=int, default=None,
-                   help="longest bucket side, a multiple of --bucket-reso-steps from --size to 4096 (default 1024, "
-                        "or 2 x size for sizes under 512)")
+                   help="longest bucket side, a multiple of --bucket-reso-steps from --size to 4096 (default 1024; "
+                        "2 x size under 512, the size above 1024)")
     b.add_argument("--bucket-reso-steps", type=int, default=64,
                    help="bucket sides are multiples of this, a multiple of 64 dividing --size (default 64)")
     b.add_argument("--bucket-no-upscale", action="store_true",
@@ -39,7 +39,7 @@ def register(sub) -> None:
                    help="BLIP model (hub id or folder; default Salesforce/blip-image-captioning-base), "
                         "'tiny' (random, offline) or 'none' (neutral captions)")
     p.add_argument("--pixel-art", choices=["auto", "on", "off"], default="auto",
-                   help="enlarge with NEAREST to keep pixels crisp (default auto: small palettes)")
+                   help="enlarge by whole-number NEAREST factors to keep pixels crisp (default auto: small palettes)")
     p.add_argument("--background", default="white", help="colour behind transparent pixels (default white)")
     p.add_argument("--out-dir", default=None, help="parent folder of the dataset (default: the workspace data/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
