@@ -591,14 +591,17 @@ class StyleMixService:
     def run_experiment(self, owner: str, kind: str, loras: list[str], prompts: list[str], seeds: list[int],
                        steps: int = 25, size: int = 512, values: list[float] | None = None,
                        progress=None, sampler: str = DEFAULT_SAMPLER) -> dict:
-        """Run the seed protocol ("protocol") or a 2-LoRA weight sweep ("sweep") into outputs/<owner>/.
+        """Run the seed protocol ("protocol"), a 2-LoRA weight sweep ("sweep"), balancing ("balance") or the
+        comparison of one LoRA's saved epochs ("epochs") into outputs/<owner>/.
 
         Returns data, formatted for the page by ui/experiments_tab.py: {"kind", "out_dir", "names",
         "is_demo"} and "protocol" (experiments.ProtocolResult), or "map" (weight_maps.WeightMap), "values",
         "files" and "clash" (clash.ClashMap) for a sweep, or "balance" (balance.BalanceResult) and "files"
-        (the share map with the search path, two LoRAs only); and "record", the run as saved in its folder
-        (`experiment_record`: what `open_experiment` returns after a reload).
+        (the share map with the search path, two LoRAs only), or "epochs" (epochs.EpochsResult) and "files"
+        (plot and contact sheet); and "record", the run as saved in its folder (`experiment_record`: what
+        `open_experiment` returns after a reload).
         steps and sampler: as in Compose (Recipe.validate checks them, with the CLI's words).
+        epochs: `loras` is the one LoRA (or one of its versions) and `values` its one weight (default 1).
         Only LoRAs the owner may see; at most `quotas.max_experiment_images` images, checked first.
         """
         names = [check_name(n, "LoRA name") for n in (loras or [])]
@@ -612,15 +615,41 @@ class StyleMixService:
         # the settings every image of the run uses, checked as a Compose recipe is, before anything runs
         gen = {"steps": steps, "width": size, "height": size, "sampler": sampler}
         Recipe(prompt=prompts[0], seed=0, **gen).validate()
-        self.quotas.check_experiment(experiment_images(kind, len(names), len(prompts), len(seeds), values))
+        versions = None
+        if kind == "epochs":  # the versions are found first: their number sizes the run
+            names, versions = self.epochs_to_compare(owner, names)
+        counted = len(versions) if versions is not None else len(names)
+        self.quotas.check_experiment(experiment_images(kind, counted, len(prompts), len(seeds), values))
         # long work takes the GPU per image and lets interactive requests go first (gpu_queue.py)
         with gpu_queue.background():
-            result = self._run_experiment(owner, kind, names, prompts, seeds, gen, values, progress)
+            result = self._run_experiment(owner, kind, names, prompts, seeds, gen, values, progress, versions)
         record = experiment_record(result, prompts, seeds, gen)
         atomic_write_text(Path(result["out_dir"]) / EXPERIMENT_FILE, json.dumps(record, indent=1))
         self.trim_outputs(owner)
         result["record"] = self.open_experiment(owner, record["id"])  # read back: the page shows what a reload will
         return result
+
+    def lora_versions(self, owner: str | None, name: str) -> list[tuple[int, str]]:
+        """The saved epochs (`name@eNN`) of a LoRA `owner` may see, as (epoch, name) by epoch.  Only versions
+        the owner may see count, and only when the LoRA itself is visible: another user's private LoRA
+        reads as missing, its versions included."""
+        from stylemix.experiments.epochs import find_versions
+
+        self.visible_entry(owner, name)
+        return find_versions(name, [e.name for e in self.library.visible_to(owner)])
+
+    def epochs_to_compare(self, owner: str, names: list[str]) -> tuple[list[str], list[tuple[int, str]]]:
+        """([the final LoRA], its versions) for an epochs run: exactly one LoRA, which has saved epochs.
+        A version chosen by name stands for its LoRA (watercolor@e05: the epochs of watercolor)."""
+        from stylemix.experiments.epochs import epoch_rows, parse_version
+
+        if len(names) != 1:
+            raise StyleMixError(f"Comparing epochs needs exactly one LoRA; {len(names)} chosen"
+                                f"{' (' + ', '.join(names) + ')' if names else ''}.")
+        name = (parse_version(names[0]) or (names[0], 0))[0]
+        versions = self.lora_versions(owner, name)
+        epoch_rows(name, versions)  # refuses a LoRA without versions, naming the training option
+        return [name], versions
 
     def list_experiments(self, owner: str, limit: int | None = None) -> list[dict]:
         """The owner's own saved experiment runs, newest first, at most `limit`: {"id", "kind", "names",
@@ -658,7 +687,8 @@ class StyleMixService:
         return rec
 
     def _run_experiment(self, owner: str, kind: str, names: list[str], prompts: list[str], seeds: list[int],
-                        gen: dict, values: list[float] | None, progress) -> dict:
+                        gen: dict, values: list[float] | None, progress,
+                        versions: list[tuple[int, str]] | None = None) -> dict:
         from stylemix.experiments.balance import BalanceConfig, balance_mix
         from stylemix.experiments.clash import clash_map, draw_heatmap
         from stylemix.experiments.protocol import ProtocolConfig, run_protocol
@@ -714,11 +744,22 @@ class StyleMixService:
                 files = write_map(wmap, out, path_points=[p.weights for p in result.path])
             return {"kind": kind, "out_dir": str(out), "names": names, "balance": result, "files": files,
                     "is_demo": self.mixer.loaded.is_tiny}
-        raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol, sweep or balance.")
+        if kind == "epochs":
+            from stylemix.experiments.epochs import run_epochs
+
+            weights = [float(v) for v in (values or [1.0])]
+            if len(weights) != 1:
+                raise StyleMixError(f"Comparing epochs renders every epoch at one weight: give one (e.g. 1), "
+                                    f"not {weights!r}.")
+            result = run_epochs(self.mixer, names[0], versions or [], out, prompts, [int(s) for s in seeds], gen,
+                                weights[0], progress=say)
+            return {"kind": kind, "out_dir": str(out), "names": names, "epochs": result, "files": result.files,
+                    "is_demo": result.is_demo}
+        raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol, sweep, balance or epochs.")
 
 
 EXPERIMENT_FILE = "experiment.json"  # in each run's folder: what the page shows of it, reopened after a reload
-EXPERIMENT_KINDS = ("protocol", "sweep", "balance")
+EXPERIMENT_KINDS = ("protocol", "sweep", "balance", "epochs")
 MAX_LISTED_RUNS = 20
 MAX_EXPERIMENT_FILE_BYTES = 2_000_000
 
@@ -727,7 +768,8 @@ def experiment_record(result: dict, prompts: list[str], seeds: list[int], gen: d
     """A run's results as plain JSON data (saved beside its files, returned by `open_experiment`):
     {"id", "kind", "created", "names", "prompts", "seeds", "settings", "is_demo", "files" (name -> path
     relative to the run's folder)} and per kind: "intro" and "summary" (the protocol's summary rows),
-    "values", "cells" and "clash" {"overall", "blocks"} (a sweep), or "balance" (BalanceResult.to_dict())."""
+    "values", "cells" and "clash" {"overall", "blocks"} (a sweep), "balance" (BalanceResult.to_dict()), or
+    "epochs" {"lora", "weight", "rows", "images", "clip_model", "has_centroid", "note"} (EpochsResult)."""
     out = Path(result["out_dir"])
     kind = result["kind"]
     rec = {"id": out.name, "kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "names": result["names"],
@@ -741,6 +783,9 @@ def experiment_record(result: dict, prompts: list[str], seeds: list[int], gen: d
         rec["cells"] = [{k: c[k] for k in ("weights", "clip_score", "shares", "calibrated")}
                         for c in result["map"].to_dict()["cells"]]
         rec["clash"] = {"overall": result["clash"].overall, "blocks": result["clash"].blocks}
+    elif kind == "epochs":
+        full = result["epochs"].to_dict()
+        rec["epochs"] = {k: full[k] for k in ("lora", "weight", "rows", "images", "clip_model", "has_centroid", "note")}
     else:
         rec["balance"] = result["balance"].to_dict()
     return rec
@@ -806,6 +851,8 @@ def experiment_images(kind: str, loras: int, prompts: int, seeds: int, values: l
 
         c = BalanceConfig()
         return (1 + loras + c.max_evaluations) * len(c.preview_seeds) + (17 if loras == 2 else 0)
+    if kind == "epochs":  # loras: the saved versions; with the base model and the final LoRA
+        return (2 + loras) * prompts * seeds
     return 0
 
 

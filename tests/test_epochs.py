@@ -5,6 +5,7 @@ Versions are library LoRAs named `<name>@eNN`.  The experiment itself takes its 
 names and need the library to list them (see `versions_listed`).
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -112,3 +113,142 @@ def test_refused_before_any_image(mixer, tmp_path):
     with pytest.raises(ValueError, match="weight of LoRA 'mystyle_e02' is 3"):
         run_epochs(mixer, "mystyle", [(2, "mystyle_e02")], tmp_path / "c", ["a cat"], [0], SETTINGS, weight=3.0)
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+# --------------------------------------------------------------------------- the app's epochs runs (service)
+
+ANN, BOB = "u" + "a" * 24, "u" + "b" * 24
+
+
+def _versions_supported(library) -> bool:
+    """Whether the library holds epoch versions (NAME@eNN) yet: the trainer/library side of issue 17."""
+    try:
+        library.folder(version_name("x", 2))
+        return True
+    except StyleMixError:
+        return False
+
+
+def _add_version(library, name, epoch, seed):
+    """Epoch `epoch` of LoRA `name`, written wherever the library keeps versions."""
+    folder = library.folder(version_name(name, epoch))
+    return make_library_lora(folder.parent, folder.name, seed=seed, trigger="mystyle")
+
+
+@pytest.fixture
+def service(mixer, tmp_path):
+    from stylemix.paths import Workspace
+    from stylemix.service import StyleMixService
+
+    ws = Workspace.at(tmp_path / "ws")
+    for p in (ws.loras, ws.data, ws.jobs, ws.outputs):
+        p.mkdir(parents=True)
+    return StyleMixService(mixer=mixer, workspace=ws, banner="")
+
+
+@pytest.fixture(scope="module")
+def versioned(mixer):
+    """mystyle@e02 and mystyle@e10 (other files than mystyle's), and ann's private annpriv with annpriv@e01."""
+    from stylemix import access
+
+    lib = mixer.library
+    if not _versions_supported(lib):
+        pytest.skip("the library does not hold epoch versions (NAME@eNN) yet: re-enabled by itself once it does")
+    _add_version(lib, "mystyle", 2, seed=2)
+    _add_version(lib, "mystyle", 10, seed=3)
+    d = make_library_lora(lib.root, "annpriv", seed=5, trigger="mystyle")
+    meta = json.loads((d / "stylemix.json").read_text())
+    (d / "stylemix.json").write_text(json.dumps({**meta, "owner": access.owner_key(ANN), "visibility": "private"}))
+    _add_version(lib, "annpriv", 1, seed=6)
+    return lib
+
+
+def test_service_compares_a_loras_epochs_and_reopens_the_run(service, versioned):
+    from ui.experiments_tab import experiment_view
+
+    assert service.lora_versions(ANN, "mystyle") == [(2, "mystyle@e02"), (10, "mystyle@e10")]
+    res = service.run_experiment(ANN, "epochs", ["mystyle"], ["a cat"], [0], 1, 64, sampler="Euler")
+    rows = res["epochs"].rows
+    assert [(r["epoch"], r["lora"]) for r in rows] == [("base", ""), ("e02", "mystyle@e02"), ("e10", "mystyle@e10"),
+                                                       ("final", "mystyle")]
+    assert len({r["clip_mean"] for r in rows}) == 4  # each version really rendered
+    # the run is listed and reopens with the same table
+    runs = service.list_experiments(ANN)
+    assert runs[0] == {"id": res["record"]["id"], "kind": "epochs", "names": ["mystyle"],
+                       "created": res["record"]["created"]}
+    again = service.open_experiment(ANN, res["record"]["id"])
+    assert again["epochs"]["rows"] == json.loads(json.dumps(rows))
+    assert set(again["files"]) == {"plot", "contact", "json"} and all(Path(p).is_file() for p in again["files"].values())
+    md, header, table, images = experiment_view(again)
+    assert header[:5] == ["epoch", "LoRA", "weight", "n", "CLIP score"] and [r[0] for r in table] == \
+        ["base", "e02", "e10", "final"]
+    numbers = [x for r in table for x in r[4:] if isinstance(x, float)]
+    assert numbers and all(len(f"{abs(x):.10g}".replace(".", "").lstrip("0")) <= 4 for x in numbers), numbers
+    assert "Epochs of **mystyle** at weight 1" in md and "demo values" in md and len(images) == 2
+    # a version chosen by name stands for its LoRA; one weight for every epoch
+    res = service.run_experiment(ANN, "epochs", ["mystyle@e10"], ["a cat"], [0], 1, 64, [0.5], sampler="Euler")
+    assert res["names"] == ["mystyle"] and [r["weight"] for r in res["epochs"].rows] == [0.0, 0.5, 0.5, 0.5]
+
+
+def test_service_refuses_other_users_private_epochs_and_counts_the_quota(service, versioned):
+    from stylemix.quotas import QuotaError
+
+    assert service.lora_versions(ANN, "annpriv") == [(1, "annpriv@e01")]
+    for name in ("annpriv", "annpriv@e01"):  # bob sees neither the LoRA nor its versions
+        with pytest.raises(StyleMixError, match=f"No LoRA named {name!r}"):
+            service.run_experiment(BOB, "epochs", [name], ["a cat"], [0], 1, 64)
+    with pytest.raises(StyleMixError, match="No LoRA named 'annpriv'"):
+        service.lora_versions(BOB, "annpriv")
+    # base + 2 versions + final, x 2 prompts x 2 seeds = 16 images, counted before any is made
+    service.quotas = dataclasses.replace(service.quotas, max_experiment_images=15)
+    with pytest.raises(QuotaError, match="16 images"):
+        service.run_experiment(ANN, "epochs", ["mystyle"], ["a cat", "a dog"], [0, 1], 1, 64)
+    assert service.list_experiments(ANN) == []
+
+
+def test_service_refuses_bad_epoch_requests_before_any_image(service):
+    cases = [([], [], "exactly one LoRA; 0 chosen"),
+             (["mystyle", "mystyle_e02"], [], r"exactly one LoRA; 2 chosen \(mystyle, mystyle_e02\)"),
+             (["mystyle_e02"], [], "'mystyle_e02' has no saved epochs .*train with --save-every-epochs N"),
+             (["ghost"], [], "No LoRA named 'ghost'")]
+    for loras, values, match in cases:
+        with pytest.raises(StyleMixError, match=match):
+            service.run_experiment(ANN, "epochs", loras, ["a cat"], [0], 1, 64, values)
+    assert service.list_experiments(ANN) == []
+
+
+def test_experiments_tab_compares_epochs_through_the_app(mixer, tmp_path):
+    """The tab's radio offers the kind, its one-LoRA rule reads as a message, and the table and gallery show
+    the run (through the app's named endpoint, as the page calls it)."""
+    gradio_client = pytest.importorskip("gradio_client")
+    import app
+    from stylemix.paths import Workspace
+    from stylemix.service import StyleMixService
+
+    ws = Workspace.at(tmp_path / "ws")
+    for p in (ws.loras, ws.data, ws.jobs, ws.outputs):
+        p.mkdir(parents=True)
+    service = StyleMixService(mixer=tiny_mixer(ws.loras), workspace=ws, banner="")
+    make_library_lora(ws.loras, "mystyle", seed=1, trigger="mystyle")
+    make_library_lora(ws.loras, "other", seed=2, trigger="other")
+    versions = _versions_supported(service.library)
+    if versions:
+        _add_version(service.library, "mystyle", 3, seed=3)
+    demo = app.build_demo(service)
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                        allowed_paths=[str(ws.outputs)])
+    try:
+        c = gradio_client.Client(demo.local_url, verbose=False)
+        run = ("a cat", "0", "1", 1, 64, "Euler", ANN)
+        with pytest.raises(Exception, match=r"exactly one LoRA; 2 chosen \(mystyle, other\)"):
+            c.predict("epochs", ["mystyle", "other"], *run, api_name="/run_experiment")
+        with pytest.raises(Exception, match="train with --save-every-epochs N to compare epochs"):
+            c.predict("epochs", ["other"], *run, api_name="/run_experiment")
+        if not versions:
+            pytest.skip("the library does not hold epoch versions (NAME@eNN) yet: the run itself is not tried")
+        md, table, gallery = c.predict("epochs", ["mystyle"], *run, api_name="/run_experiment")
+        assert [r[0] for r in table["data"]] == ["base", "e03", "final"]
+        assert table["headers"][4:] == ["CLIP score", "style similarity", "calibrated style"]
+        assert "Epochs of **mystyle**" in md and "no style centroid" in md and len(gallery) == 2
+    finally:
+        demo.close()

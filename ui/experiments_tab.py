@@ -1,4 +1,5 @@
-"""The Experiments tab: the seed protocol, a weight sweep of two LoRAs, or balancing toward target shares."""
+"""The Experiments tab: the seed protocol, a weight sweep of two LoRAs, balancing toward target shares, or
+the epochs of one LoRA compared."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class ExperimentsTab:
     gallery: gr.Gallery
 
 
+VALUES_FOR_KIND = {"sweep": "0, 0.5, 1", "balance": "0.5, 0.5", "epochs": "1"}  # the protocol has none
 SIGNIFICANT = 4  # digits of a number in the results table (the CSV files keep full precision)
 
 
@@ -70,6 +72,8 @@ def experiment_view(rec: dict) -> tuple[str, list[str], list[list], list[tuple[s
               + "A blank share: that LoRA is not in the mix (weight 0), or no style was detected.  \n"
               + clash_summary(rec.get("clash") or {}))
         return md, header, rows, images
+    if kind == "epochs":
+        return epochs_view(rec, ran)
     result = rec["balance"]  # balance
     header = ["step"] + [f"w {n}" for n in names] + [f"share {n}" for n in names] + ["CLIP score", "error"]
     rows = [[i] + [rounded(p["weights"].get(n, 0.0)) for n in names]
@@ -82,6 +86,25 @@ def experiment_view(rec: dict) -> tuple[str, list[str], list[list], list[tuple[s
           f"{result['naive']['error']:.3f}). {'Reached' if result['reached'] else 'Did not reach'} the targets "
           f"in {result['evaluations']} search previews ({result['generations']} generations in all; {ran})."
           + (" **Demo values (tiny random CLIP judge).**" if rec.get("is_demo") else ""))
+    return md, header, rows, images
+
+
+def epochs_view(rec: dict, ran: str) -> tuple[str, list[str], list[list], list[tuple[str, str]]]:
+    """An epochs run (service "epochs" record): one row per epoch, base first and final last."""
+    ep, files = rec.get("epochs") or {}, rec.get("files") or {}
+    header = ["epoch", "LoRA", "weight", "n", "CLIP score", "style similarity", "calibrated style"]
+    rows = [[r.get("epoch"), r.get("lora"), rounded(r.get("weight")), r.get("n"), rounded(r.get("clip_mean")),
+             rounded(r.get("style_sim_mean")), rounded(r.get("style_cal_mean"))] for r in ep.get("rows") or []]
+    images = [(files[k], caption) for k, caption in
+              (("plot", "CLIP score and style similarity per epoch"),
+               ("contact", "base and each epoch (rows) x prompt and seed")) if k in files]
+    lora = ep.get("lora", "")
+    md = (f"Epochs of **{lora}** at weight {ep.get('weight', 1.0):g} on {len(rec.get('prompts') or [])} prompt(s) "
+          f"x {len(rec.get('seeds') or [])} seed(s) ({ran}); means per epoch, the base model for reference"
+          + (" — **demo values (tiny random CLIP judge)**" if rec.get("is_demo") else "") + ".  \n"
+          + (ep.get("note") or f"Style similarity: cosine to {lora}'s style centroid (the style it was trained on); "
+             "calibrated: 0 = the base model's image of the same prompt and seed, 1 = the style's own images "
+             "(blank where that scale does not exist)."))
     return md, header, rows, images
 
 
@@ -105,16 +128,18 @@ def build_experiments_tab(service: StyleMixService, tiny: bool) -> ExperimentsTa
         with gr.Column(scale=1):
             kind = gr.Radio([("Seed protocol (base, singles, 50/50 mixes)", "protocol"),
                              ("Weight sweep of two LoRAs", "sweep"),
-                             ("Balance LoRAs toward target shares", "balance")], value="protocol",
+                             ("Balance LoRAs toward target shares", "balance"),
+                             ("Compare the epochs of one LoRA", "epochs")], value="protocol",
                             label="Experiment", elem_id="ex-kind")
             loras = gr.Dropdown([e["name"] for e in service.usable_loras(None)], multiselect=True,
                                 label="LoRAs", elem_id="ex-loras")
             prompts = gr.Textbox(value="a cat sitting by a window", lines=3, label="Prompts (one per line)",
                                  elem_id="ex-prompts")
             seeds = gr.Textbox(value="0, 1", label="Seeds", elem_id="ex-seeds")
-            values = gr.Textbox(value="0, 0.5, 1", label="Sweep weights / target shares",
+            values = gr.Textbox(value="0, 0.5, 1", label="Sweep weights / target shares / epoch weight",
                                 info="sweep: the weights each LoRA takes; balance: one target share per "
-                                     "chosen LoRA, in order, summing to 1 (e.g. 0.6, 0.4)",
+                                     "chosen LoRA, in order, summing to 1 (e.g. 0.6, 0.4); epochs: the one "
+                                     "weight every epoch is rendered at (e.g. 1)",
                                 elem_id="ex-values")
             with gr.Row():  # as in Compose; no client-side bounds: Recipe.validate names a bad value
                 steps = gr.Number(value=4 if tiny else 25, label=f"Steps (1-{MAX_STEPS})", elem_id="ex-steps")
@@ -165,6 +190,9 @@ def wire_experiments_tab(tab: ExperimentsTab, service: StyleMixService, owner: g
         runs = service.list_experiments(owner_of(owner_, request))
         return gr.update(choices=run_choices(runs), value=runs[0]["id"] if runs else None)
 
+    # each kind reads the values box differently: show a value that fits the kind just chosen
+    tab.kind.input(lambda k: VALUES_FOR_KIND.get(k, gr.skip()), inputs=[tab.kind], outputs=[tab.values],
+                   api_visibility="private", show_progress="hidden")
     tab.run.click(experiment_fn, inputs=[tab.kind, tab.loras, tab.prompts, tab.seeds, tab.values, tab.steps,
                                          tab.size, tab.sampler, owner], outputs=results,
                   api_name="run_experiment", show_progress_on=results, **EXPERIMENTS).success(
