@@ -252,3 +252,48 @@ def test_experiments_tab_compares_epochs_through_the_app(mixer, tmp_path):
         assert "Epochs of **mystyle**" in md and "no style centroid" in md and len(gallery) == 2
     finally:
         demo.close()
+
+
+EPOCHS_TOML = """
+name = "epochs"
+[styles]
+mystyle = "mystyle"
+[protocol]
+prompts = ["a cat"]
+seeds = [4]
+[generation]
+steps = 1
+width = 64
+height = 64
+sampler = "Euler"
+"""
+
+
+def test_cli_evaluate_epochs(tmp_path, capsys):
+    from stylemix.cli import main
+    from stylemix.lora.library import LoraLibrary
+
+    loras = tmp_path / "loras"
+    make_library_lora(loras, "mystyle", seed=1, trigger="mystyle")
+    cfg = tmp_path / "e.toml"
+    cfg.write_text(EPOCHS_TOML)
+    g = ["--model", "tiny", "--device", "cpu", "--loras-dir", str(loras), "evaluate", "--config", str(cfg)]
+    assert main(g + ["--epochs", "mystyle", "--out", str(tmp_path / "none")]) == 1
+    assert "train with --save-every-epochs N" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()  # refused before anything was written
+    assert main(g + ["--epochs", "ghost"]) == 1 and "No LoRA named 'ghost'" in capsys.readouterr().err
+    library = LoraLibrary(loras)
+    if not _versions_supported(library):
+        pytest.skip("the library does not hold epoch versions (NAME@eNN) yet: the run itself is not tried")
+    _add_version(library, "mystyle", 2, seed=2)
+    assert main(g + ["--epochs", "mystyle@e02", "--dry-run"]) == 0  # a version stands for its LoRA
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["versions"] == ["mystyle@e02"] and plan["images"] == 3 and plan["settings"]["steps"] == 1
+    out = tmp_path / "run"
+    assert main(g + ["--epochs", "mystyle", "--weight", "0.5", "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [(r["epoch"], r["weight"]) for r in res["rows"]] == [("base", 0.0), ("e02", 0.5), ("final", 0.5)]
+    assert not res["has_centroid"] and "no style centroid" in res["note"]
+    assert sorted(p.name for p in out.iterdir()) == ["contact.png", "epochs.json", "images", "plot.png"]
+    assert main(g + ["--epochs", "mystyle", "--out", str(out)]) == 1  # never mixed with an earlier run
+    assert "not empty" in capsys.readouterr().err

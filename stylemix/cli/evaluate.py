@@ -3,6 +3,10 @@
 Runs (or resumes) the experiment of a protocol TOML file (default: the seed report's 110 images)
 and writes results.csv, summary.csv/.md, contact sheets and a plot into --out.  Under
 `accelerate launch` the images are split between the GPUs.
+
+`stylemix evaluate --epochs LORA [--weight W]` compares instead the saved epochs of one LoRA
+(LORA@eNN, from `stylemix train --save-every-epochs N`) and the final LoRA, on the protocol
+file's prompts, seeds and settings (experiments/epochs.py): epochs.json, plot.png, contact.png.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ def register(sub) -> None:
                    help="output folder (default: outputs/evaluate/<protocol name>); rerun to resume")
     p.add_argument("--map", action="append", default=[], metavar="STYLE=LORA",
                    help="use library LoRA LORA for protocol style STYLE (repeatable)")
+    p.add_argument("--epochs", default=None, metavar="LORA",
+                   help="compare the saved epochs of LoRA LORA (LORA@eNN) on the protocol's prompts, seeds and "
+                        "settings, instead of running the protocol")
+    p.add_argument("--weight", type=float, default=1.0, help="with --epochs: every epoch's weight (default 1)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved mapping and image count, make nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -48,6 +56,8 @@ def run(args) -> int:
         from accelerate import PartialState
 
         args.device = str(PartialState().device)  # one GPU per process
+    if args.epochs:
+        return run_epochs_cli(args, config)
     out = args.out or str(workspace(args).outputs / "evaluate" / config.name)
     mixer = open_mixer(args)
     if args.dry_run:
@@ -80,3 +90,61 @@ def run(args) -> int:
         if res.is_demo:
             print("NOTE: demo values (tiny model / tiny random CLIP), not real measurements.")
     return 0
+
+
+def run_epochs_cli(args, config) -> int:
+    """`--epochs LORA`: the LoRA's versions and the final LoRA on the protocol's prompts, seeds and settings."""
+    import time
+    from pathlib import Path
+
+    from stylemix.cli.common import open_mixer, workspace
+    from stylemix.experiments.epochs import epoch_rows, find_versions, parse_version, run_epochs
+    from stylemix.paths import check_name
+    from stylemix.scores.judge import StyleJudge
+
+    # a version's name stands for its LoRA (watercolor@e05: the epochs of watercolor)
+    name = check_name((parse_version(args.epochs) or (args.epochs, 0))[0], "LoRA name")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise StyleMixError("--epochs runs in one process: start it without `accelerate launch`.")
+    if args.map:
+        raise StyleMixError("--map maps the protocol's styles; --epochs uses none: leave --map out.")
+    out = Path(args.out or workspace(args).outputs / "evaluate" / f"epochs-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()):  # no resume: a run's rows must all come from one run
+        raise StyleMixError(f"{out} is not empty: give --epochs a new --out folder.")
+    mixer = open_mixer(args)
+    mixer.library.get(name)  # a missing LoRA is named as such, not as one without versions
+    versions = find_versions(name, mixer.library.names())
+    rows = epoch_rows(name, versions)  # refuses a LoRA without versions, naming the training option
+    settings = config.settings(mixer.loaded.is_tiny)
+    if args.dry_run:
+        print(json.dumps({"lora": name, "versions": [n for _, n in versions], "weight": args.weight,
+                          "images": len(rows) * len(config.prompts) * len(config.seeds), "out": str(out),
+                          "settings": settings}, indent=2))
+        return 0
+    judge = StyleJudge.for_mixer(mixer, [name], config.clip_model, config.pretrained)
+
+    def report(done, total, message):
+        if done == total or done % 10 == 0:
+            print(f"stylemix: epochs {done}/{total} {message}", file=sys.stderr)
+
+    res = run_epochs(mixer, name, versions, out, config.prompts, config.seeds, settings, args.weight,
+                     progress=report, judge=judge)
+    if args.json:
+        print(json.dumps({"out": str(out), "lora": name, "weight": res.weight, "rows": res.rows, "files": res.files,
+                          "has_centroid": res.has_centroid, "note": res.note, "is_demo": res.is_demo}, indent=2))
+        return 0
+    print(f"Epochs of {name} at weight {res.weight:g}, {len(config.prompts)} prompts x {len(config.seeds)} seeds "
+          f"(CLIP {res.clip_model}):")
+    for r in res.rows:
+        print(f"  {r['epoch']:>6}  CLIP {_num(r['clip_mean'])}  style similarity {_num(r['style_sim_mean'])}  "
+              f"calibrated {_num(r['style_cal_mean'])}")
+    if res.note:
+        print(res.note)
+    print(f"plot: {res.files['plot']}  contact sheet: {res.files['contact']}")
+    if res.is_demo:
+        print("NOTE: demo values (tiny model / tiny random CLIP), not real measurements.")
+    return 0
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
