@@ -298,3 +298,33 @@ def test_results_view_one_table_with_rounded_numbers(service):
     assert "demo values" in md and "Clash map" in md and len(images) == 3
     for wa, wb, _, sa, sb in rows:
         assert (sa is None or wa) and (sb is None or wb)  # weight 0: no share
+
+
+# --------------------------------------------------------------------------- stylemix score's text
+
+
+def test_cli_score_says_no_style_detected(tmp_path, capsys):
+    """An image measured against its own base image shows no style above the noise floor: said in words,
+    as `stylemix generate` says it (an image of the style itself gets its share)."""
+    import numpy as np
+    from PIL import Image
+
+    from stylemix.cli import main
+
+    rng = np.random.default_rng(0)
+    refs = []
+    for i in range(4):  # the style's reference images: red noise
+        refs.append(tmp_path / f"r{i}.png")
+        Image.fromarray((rng.random((64, 64, 3)) * [255, 40, 40]).astype("uint8")).save(refs[-1])
+    gray = tmp_path / "gray.png"
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(gray)
+    make_library_lora(tmp_path / "loras", "red", seed=0)
+    g = ["--loras-dir", str(tmp_path / "loras"), "--model", "tiny", "score"]
+    assert main(g + [*map(str, refs), "--save-centroid", "red"]) == 0
+    capsys.readouterr()
+    assert main(g + [str(gray), "--lora", "red", "--base-image", str(gray)]) == 0  # calibrated 0: nothing detected
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(str(gray)) and line.endswith("| no style detected"), line
+    assert main(g + [str(refs[0]), "--lora", "red", "--base-image", str(gray)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "no style detected" not in line and line.endswith("shares red 100%"), line

@@ -122,5 +122,7 @@ def run(args) -> int:
             line += " | shares " + " / ".join(f"{k} {100 * v:.0f}%" for k, v in s.shares.items())
             if s.shares_basis == "raw":
                 line += " (uncalibrated)"
+        elif s.style_detected is False:  # no style above the noise floor (docs/scores.md), as `generate` says
+            line += " | no style detected"
         print(line)
     return 0
