@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 from stylemix.errors import StyleMixError
-from stylemix.paths import check_name
+from stylemix.paths import check_lora_name
 
 LBW_IDS_17: tuple[str, ...] = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04",
                                "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
@@ -157,7 +157,7 @@ def _parse_tag(text: str, body: str) -> LoraTag:
     if not name:
         raise ValueError(f"Malformed LoRA tag {text!r}: it names no LoRA (write <lora:NAME:WEIGHT>).")
     try:
-        check_name(name, "LoRA name")
+        check_lora_name(name, "LoRA name")
     except StyleMixError as e:
         raise ValueError(f"LoRA tag {text!r}: {e}") from None
     weight, lbw = 1.0, None

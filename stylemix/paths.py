@@ -27,6 +27,36 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+# Epoch versions of a trained LoRA (`--save-every-epochs`): NAME@eNN, stored in loras/NAME/versions/eNN/.
+# '@' is valid in a LoRA name only there: names chosen by users (training, import, rename) never have it.
+VERSIONS_DIR = "versions"
+_VERSION = re.compile(r"e\d{2,5}")
+
+
+def version_name(name: str, epoch: int) -> str:
+    """'watercolor@e05': how the library lists the LoRA `name` of epoch `epoch`."""
+    return f"{name}@e{epoch:02d}"
+
+
+def split_version(name: str) -> tuple[str, str | None]:
+    """('watercolor', 'e05') for 'watercolor@e05', (name, None) for a name without a version."""
+    base, at, version = name.partition("@") if isinstance(name, str) else (name, "", "")
+    return (base, version) if at else (name, None)
+
+
+def check_lora_name(name: str, what: str = "LoRA name") -> str:
+    """A LoRA the library may hold: a safe name (`check_name`), or NAME@eNN, an epoch version of one."""
+    base, version = split_version(name)
+    if version is not None and not _VERSION.fullmatch(version):
+        raise StyleMixError(f"Invalid {what} {name!r}: '@' only names an epoch version, as in {base or 'name'}@e05.")
+    try:
+        check_name(base, what)
+    except StyleMixError:
+        raise StyleMixError(f"Invalid {what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', not starting "
+                            "with '.' and without '..' (and NAME@eNN for an epoch version).") from None
+    return name
+
+
 def _default_root() -> Path:
     persistent = Path("/data")
     if os.environ.get("SPACE_ID") and persistent.is_dir() and os.access(persistent, os.W_OK):

@@ -18,7 +18,7 @@ from PIL import Image, PngImagePlugin
 
 from stylemix.a1111 import LBW_IDS, lbw_text, lbw_weights, parse_prompt_tags
 from stylemix.errors import StyleMixError
-from stylemix.paths import check_name
+from stylemix.paths import check_lora_name
 
 # A1111 sampler names -> (diffusers scheduler class, extra config)
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -80,12 +80,12 @@ class Recipe:
         if not isinstance(self.loras, dict) or len(self.loras) > MAX_LORAS:
             raise ValueError(f"loras must be a mapping of at most {MAX_LORAS} names to weights.")
         for name, w in self.loras.items():
-            check_name(name, "LoRA name")
+            check_lora_name(name, "LoRA name")
             if not _is_number(w) or abs(w) > WEIGHT_LIMIT:
                 raise ValueError(f"weight of LoRA {name!r} is {_shown(w)}; it must be a number in "
                                  f"[{-WEIGHT_LIMIT:g}, {WEIGHT_LIMIT:g}].")
         for name, blocks in self.block_weights.items():
-            check_name(name, "LoRA name")
+            check_lora_name(name, "LoRA name")
             if not isinstance(blocks, dict) or not all(isinstance(k, str) and _is_number(v) and abs(v) <= 4
                                                        for k, v in blocks.items()):
                 raise ValueError(f"block_weights of {name!r} must map block names to numbers in [-4, 4].")

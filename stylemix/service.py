@@ -28,7 +28,7 @@ from stylemix.lora.names import pipeline_targets
 from stylemix.mixer import Mixer, MixResult
 from stylemix.preview import PreviewConfig, Previewer, PreviewResult
 from stylemix.models import ModelLoadError, load_model
-from stylemix.paths import Workspace, atomic_write_text, check_name, inside
+from stylemix.paths import Workspace, atomic_write_text, check_lora_name, check_name, inside
 from stylemix.quotas import Quotas, folder_bytes
 from stylemix.compose import BaseImageCache, ComposeOutput, compose, score_mix
 from stylemix.recipe import DEFAULT_SAMPLER, Recipe
@@ -133,7 +133,7 @@ class StyleMixService:
 
     def visible_entry(self, owner: str | None, name: str) -> LoraEntry:
         """The LoRA if `owner` may see it; another user's private LoRA reads exactly like a missing one."""
-        check_name(name or "", "LoRA name")
+        check_lora_name(name or "", "LoRA name")  # a LoRA or one of its epoch versions (NAME@eNN)
         try:
             entry = self.library.get(name)
         except StyleMixError:
@@ -553,7 +553,7 @@ class StyleMixService:
         self.visible_entry(owner, name)
         dest = inside(self.user_dir(owner, "outputs"), "exports")
         dest.mkdir(parents=True, exist_ok=True)
-        return self.library.export(check_name(name or "", "LoRA name"), dest / f"{name}-{fmt}.safetensors", fmt)
+        return self.library.export(check_lora_name(name or "", "LoRA name"), dest / f"{name}-{fmt}.safetensors", fmt)
 
     def rename_lora(self, owner: str, old: str, new: str) -> dict:
         self.owned_entry(owner, old, "rename")
@@ -604,7 +604,7 @@ class StyleMixService:
         epochs: `loras` is the one LoRA (or one of its versions) and `values` its one weight (default 1).
         Only LoRAs the owner may see; at most `quotas.max_experiment_images` images, checked first.
         """
-        names = [check_name(n, "LoRA name") for n in (loras or [])]
+        names = [check_lora_name(n, "LoRA name") for n in (loras or [])]
         for n in names:
             self.visible_entry(owner, n)
         prompts = [p.strip() for p in prompts or [] if p and p.strip()]

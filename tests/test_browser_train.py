@@ -27,7 +27,7 @@ BAD_VALUES = [
     ("tr-steps", "", "No max steps given"),
     ("tr-steps", "-5", "Invalid max steps -5: use a whole number from 1 to 100000, or 0 to train by epochs"),
     ("tr-steps", "1e9", "Invalid max steps 1000000000"),
-    ("tr-lr", "0", "Invalid learning rate 0: use a number greater than 0 and below 1"),
+    ("tr-lr", "0", "Invalid learning rate 0: use a number greater than 0 and at most 1"),
     ("tr-lr", "", "No learning rate given"),
     ("tr-rank", "2.5", "Invalid rank 2.5"),
     ("tr-epochs", "0", "Invalid epochs 0: use a whole number from 1 to 10000"),

@@ -173,7 +173,7 @@ def test_cli_jobs_commands(ws, monkeypatch, capsys):
 @pytest.mark.parametrize("name, raw, message", [
     ("max_steps", "-5", "Invalid max steps -5: use a whole number from 1 to 100000"),
     ("max_steps", "1e9", "Invalid max steps 1000000000: use a whole number from 1 to 100000"),
-    ("learning_rate", "0", "Invalid learning rate 0: use a number greater than 0 and below 1"),
+    ("learning_rate", "0", "Invalid learning rate 0: use a number greater than 0 and at most 1"),
     ("learning_rate", "fast", "Invalid learning rate 'fast': not a number"),
     ("rank", "2.5", "Invalid rank 2.5: use a whole number from 1 to 1024"),
     ("epochs", "0", "Invalid epochs 0: use a whole number from 1 to 10000"),

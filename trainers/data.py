@@ -7,12 +7,14 @@ checked by `stylemix.datasets.prepare.load_dataset_folder`, the one reader of th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 
-def load_pixels(path: Path, resolution: int) -> torch.Tensor:
-    """An image as a [3, R, R] tensor in [-1, 1]: resized on its short side, then centre-cropped.
+def load_pixels(path: Path, size: int | tuple[int, int]) -> torch.Tensor:
+    """An image as a [3, H, W] tensor in [-1, 1] for `size` (W, H; an int is the square): resized so that it
+    covers the size, then centre-cropped.
 
     Deterministic (no random crop), so the latent cache is exactly what an uncached loop would
     encode; randomness in training comes from flips, noise and timesteps.
@@ -20,15 +22,16 @@ def load_pixels(path: Path, resolution: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
+    tw, th = (size, size) if isinstance(size, int) else size
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
-        s = resolution / min(w, h)
-        if (w, h) != (resolution, resolution):
-            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        if (w, h) != (tw, th):
+            s = max(tw / w, th / h)
+            im = im.resize((max(tw, round(w * s)), max(th, round(h * s))), Image.BICUBIC)
             w, h = im.size
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
+            left, top = (w - tw) // 2, (h - th) // 2
+            im = im.crop((left, top, left + tw, top + th))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
@@ -40,29 +43,49 @@ class LatentCache:
     encoding every step: each step draws `mean + std * eps` with fresh noise, exactly what
     `vae.encode(x).latent_dist.sample()` does.  Flipped images are encoded too (flipping a
     latent is not the same as the latent of a flipped image), so random flip still works.
+    One tensor [views, C, h, w] per image: images of different buckets have different sizes.
     """
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        self.mean, self.std = mean, std  # [N, 2 (orig, flipped), C, h, w]
+    def __init__(self, mean: list[torch.Tensor], std: list[torch.Tensor]):
+        self.mean, self.std = mean, std
 
-    @classmethod
+    @staticmethod
     @torch.no_grad()
-    def build(cls, vae, pixels: list[torch.Tensor] | torch.Tensor, device, flips: bool, batch_size: int = 4) -> "LatentCache":
-        means, stds = [], []
-        for i in range(0, len(pixels), batch_size):
-            x = torch.stack(list(pixels[i:i + batch_size])).to(device, torch.float32)
-            views = [x, x.flip(-1)] if flips else [x]
-            m, s = [], []
-            for v in views:
-                dist = vae.encode(v).latent_dist
-                m.append(dist.mean)
-                s.append(dist.std)
-            means.append(torch.stack(m, 1))
-            stds.append(torch.stack(s, 1))
-        return cls(torch.cat(means), torch.cat(stds))
+    def encode(vae, pixels: list[torch.Tensor], device, flips: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Encode one batch of same-size images: (means, stds), one [views, C, h, w] per image."""
+        x = torch.stack(list(pixels)).to(device, torch.float32)
+        views = [x, x.flip(-1)] if flips else [x]
+        m, s = [], []
+        for v in views:
+            dist = vae.encode(v).latent_dist
+            m.append(dist.mean)
+            s.append(dist.std)
+        mean, std = torch.stack(m, 1), torch.stack(s, 1)
+        return list(mean.unbind(0)), list(std.unbind(0))
 
     def sample(self, idx: torch.Tensor, flip: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        view = flip.long() if self.mean.shape[1] == 2 else torch.zeros_like(flip, dtype=torch.long)
-        idx = idx.to(self.mean.device)
-        view = view.to(self.mean.device)
-        return self.mean[idx, view] + self.std[idx, view] * eps.to(self.mean.device)
+        views = flip.long().tolist() if self.mean[0].shape[0] == 2 else [0] * len(idx)
+        mean = torch.stack([self.mean[i][v] for i, v in zip(idx.tolist(), views)])
+        std = torch.stack([self.std[i][v] for i, v in zip(idx.tolist(), views)])
+        return mean + std * eps.to(mean.device)
+
+
+def build_latent_cache(vae, pixels: list[torch.Tensor], sizes: list[tuple[int, int]], device, flips: bool,
+                       batch_size: int, done: Callable[[int], None]) -> LatentCache:
+    """The latent cache of every image, encoded bucket by bucket in training-sized batches (a bigger batch
+    would raise the peak memory above the uncached loop's); `done(n)` after each batch, so a long encode
+    shows its progress.  A one-size set is encoded in the same batches, in dataset order, as before buckets."""
+    from trainers.batches import bucket_groups
+
+    mean: list = [None] * len(pixels)
+    std: list = [None] * len(pixels)
+    n = 0
+    for members in bucket_groups(sizes).values():
+        for i in range(0, len(members), batch_size):
+            chunk = members[i:i + batch_size]
+            m, s = LatentCache.encode(vae, [pixels[j] for j in chunk], device, flips)
+            for j, mj, sj in zip(chunk, m, s):
+                mean[j], std[j] = mj, sj
+            n += len(chunk)
+            done(n)
+    return LatentCache(mean, std)

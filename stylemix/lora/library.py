@@ -28,7 +28,8 @@ from stylemix.lora.canonical import canonical_state, describe, tag_counts, to_ko
 from stylemix.lora.names import Target, sd15_targets
 from stylemix.lora.update import mismatch
 from stylemix.errors import StyleMixError
-from stylemix.paths import atomic_write_text, check_name, inside, read_json_object, replace_folder
+from stylemix.paths import (VERSIONS_DIR, atomic_write_text, check_lora_name, check_name, inside, read_json_object,
+                            replace_folder, split_version, version_name)
 
 META_NAME = "stylemix.json"
 MAX_META_BYTES = 4 * 1024**2
@@ -150,9 +151,14 @@ class LoraLibrary:
         return self._sha_cache[key]
 
     def folder(self, name: str) -> Path:
-        return inside(self.root, check_name(name, "LoRA name"))
+        """loras/<name>/, or loras/<base>/versions/eNN/ for an epoch version <base>@eNN."""
+        base, version = split_version(check_lora_name(name))
+        if version is None:
+            return inside(self.root, name)
+        return inside(self.root, base, VERSIONS_DIR, version)
 
     def names(self) -> list[str]:
+        """Every LoRA, each followed by its epoch versions (<name>@eNN, from a --save-every-epochs run)."""
         if not self.root.is_dir():
             return []
         out = []
@@ -162,7 +168,20 @@ class LoraLibrary:
                     out.append(check_name(d.name))
                 except StyleMixError:
                     continue  # a hand-made folder with an unsafe name is ignored, never opened
+                out += self.versions(d.name)
         return out
+
+    def versions(self, name: str) -> list[str]:
+        """The epoch versions of LoRA `name` (<name>@e05, ...), oldest first."""
+        root = self.root / name / VERSIONS_DIR
+        if not root.is_dir() or root.is_symlink():
+            return []
+        found = []
+        for d in root.iterdir():
+            if (d.name[:1] == "e" and d.name[1:].isdigit() and d.is_dir() and not d.is_symlink()
+                    and (d / lora_files.WEIGHTS_NAME).is_file()):
+                found.append(int(d.name[1:]))
+        return [version_name(name, e) for e in sorted(found)]
 
     def list(self) -> list[LoraEntry]:
         return [self.get(n) for n in self.names()]
@@ -180,7 +199,7 @@ class LoraLibrary:
         for n in self.names():
             for f in (META_NAME, lora_files.WEIGHTS_NAME):
                 try:
-                    st = (self.root / n / f).stat()
+                    st = (self.folder(n) / f).stat()
                     out.append((n, f, st.st_mtime_ns, st.st_size))
                 except OSError:
                     out.append((n, f, None))
@@ -192,6 +211,12 @@ class LoraLibrary:
             known = ", ".join(self.names()) or "none"
             raise StyleMixError(f"No LoRA named {name!r} in {self.root} (known: {known}).")
         meta = _read_meta(folder)
+        base, version = split_version(name)
+        if version is not None:
+            # a version belongs to its LoRA: same owner, visibility and trigger word, whatever its file says
+            parent = _read_meta(self.folder(base))
+            meta.update({k: parent.get(k) for k in ("owner", "visibility", "trigger_word")})
+            meta.update(name=name, version_of=base)
         # the file's own hash, not the one stylemix.json claims: weights replaced by hand beside an old
         # stylemix.json must show (and reload) as what they are; hashed once per size and mtime
         meta["sha256"] = self.file_sha256(folder / lora_files.WEIGHTS_NAME)
@@ -213,7 +238,7 @@ class LoraLibrary:
     def add(self, name: str, state: dict[str, torch.Tensor], header: dict[str, str], meta: dict,
             overwrite: bool = False, extra_files: dict[str, Path] | None = None) -> LoraEntry:
         """Write a new LoRA folder atomically (temp folder, then rename)."""
-        folder = self.folder(name)
+        folder = self.folder(check_name(name, "LoRA name"))  # never a version: those come with their LoRA
         if folder.exists() and not overwrite:
             raise StyleMixError(f"A LoRA named {name!r} already exists; choose another name or remove it first.")
         if self.targets is not None:
@@ -323,7 +348,11 @@ class LoraLibrary:
         return dest
 
     def rename(self, old: str, new: str) -> LoraEntry:
-        src, dst = self.get(old).folder, self.folder(new)
+        """Rename a LoRA; its epoch versions (in its folder) follow it."""
+        base, version = split_version(old)
+        if version is not None:
+            raise StyleMixError(f"{old!r} is an epoch version of {base!r}: rename {base!r} and its versions follow.")
+        src, dst = self.get(old).folder, self.folder(check_name(new, "LoRA name"))
         if dst.exists():
             raise StyleMixError(f"A LoRA named {new!r} already exists.")
         meta = _read_meta(src)
@@ -333,6 +362,7 @@ class LoraLibrary:
         return self.get(new)
 
     def remove(self, name: str) -> None:
+        """Remove a LoRA with its epoch versions, or one version alone."""
         folder = self.get(name).folder
         trash = folder.with_name(f".removed-{name}-{time.monotonic_ns()}")
         os.replace(folder, trash)  # atomic: the LoRA disappears at once, the delete can take its time
