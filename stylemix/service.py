@@ -480,6 +480,9 @@ class StyleMixService:
                 "loss": s.get("loss"), "lr": s.get("lr"), "eta_s": s.get("eta_s") if running else None,
                 "error": s.get("error"), "samples": samples[-MAX_SAMPLES_SHOWN:], "samples_total": len(samples),
                 "loss_curve": curve, "done": job.state in jobs.TERMINAL,
+                # the smoothed loss and the learning rate the trainer reports (trainers/trackers.py), steps/s
+                "loss_ema": s.get("loss_ema"), "loss_ema_curve": s.get("loss_ema_curve") or [],
+                "lr_curve": s.get("lr_curve") or [], "steps_per_sec": s.get("steps_per_sec") if running else None,
                 "started": s.get("started") or s.get("queued") or job.config.get("created")}
 
     def list_job_views(self, owner: str, limit: int = 50) -> list[dict]:

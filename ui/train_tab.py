@@ -41,6 +41,7 @@ class TrainTab:
     status: gr.Markdown
     job_id: gr.Textbox
     loss: gr.LinePlot
+    lr_plot: gr.LinePlot
     samples: gr.Gallery
     jobs: gr.Dataframe
     timer: gr.Timer
@@ -86,6 +87,8 @@ def job_text(view: dict) -> str:
     """One line about a job: what it does, its share done, loss and (while running) the time left."""
     return (f"{phase_text(view)} ({view['percent']}%)"
             + (f", loss {view['loss']:.4f}" if isinstance(view.get("loss"), (int, float)) else "")
+            + (f" (smoothed {view['loss_ema']:.4f})" if isinstance(view.get("loss_ema"), (int, float)) else "")
+            + (f", {view['steps_per_sec']:.2f} steps/s" if isinstance(view.get("steps_per_sec"), (int, float)) else "")
             + (f", {time_left(view.get('eta_s'))}" if view["state"] == "running" else ""))
 
 
@@ -124,10 +127,20 @@ def job_rows(views: list[dict]) -> list[list[str]]:
              (v["started"] or "")[:19].replace("T", " ")] for v in views]
 
 
-def _loss_frame(curve: list):
+def _loss_frame(view: dict):
+    """The loss and, beside it, its smoothed curve (an exponential moving average), one series each."""
     import pandas as pd
 
-    return pd.DataFrame({"step": [float(s) for s, _ in curve], "loss": [float(v) for _, v in curve]})
+    rows = [(float(s), float(v), series) for series, key in (("loss", "loss_curve"), ("smoothed", "loss_ema_curve"))
+            for s, v in view.get(key) or []]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def _lr_frame(view: dict):
+    import pandas as pd
+
+    return pd.DataFrame({"step": [float(s) for s, _ in view.get("lr_curve") or []],
+                         "lr": [float(v) for _, v in view.get("lr_curve") or []]})
 
 
 # --------------------------------------------------------------------------- the form's numbers
@@ -198,13 +211,15 @@ def build_train_tab() -> TrainTab:
             progress = gr.HTML(progress_html(None), elem_id="tr-progress")
             status = gr.Markdown(elem_id="tr-status")
             job_id = gr.Textbox(label="Job", interactive=False, max_lines=1, elem_id="tr-job")
-            loss = gr.LinePlot(x="step", y="loss", label="Loss", height=220, elem_id="tr-loss")
+            loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss (and smoothed)", height=220,
+                               elem_id="tr-loss")
+            lr_plot = gr.LinePlot(x="step", y="lr", label="Learning rate", height=160, elem_id="tr-lr-curve")
             samples = gr.Gallery(label="Samples (step · prompt)", columns=6, height=260, elem_id="tr-samples")
             jobs = gr.Dataframe(headers=JOB_COLUMNS, value=[], interactive=False, label="Your jobs (click one to show it)",
                                 max_height=260, elem_id="tr-jobs")
     timer = gr.Timer(1.0)
     return TrainTab(dataset, name, steps, lr, rank, epochs, batch, res, text, seed, start, cancel, resume, progress,
-                    status, job_id, loss, samples, jobs, timer)
+                    status, job_id, loss, lr_plot, samples, jobs, timer)
 
 
 def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserState, lora_names: gr.State,
@@ -214,18 +229,19 @@ def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserSta
     `fill(view, history, names_now, who)` (history is unused: the loss curve is the job's own)."""
 
     def train_outputs_for(view, history, names_now, who):
-        """progress, status, loss plot, samples, job id, the user's jobs, then the library outputs (sliders,
+        """progress, status, loss plot, samples, job id, the user's jobs, learning-rate plot, then the library outputs (sliders,
         table, dropdowns) only when the usable LoRAs changed (a job finished)."""
         keep_library = (gr.skip(),) * len(library_outputs)
         rows = job_rows(service.list_job_views(who)) if who else []
         if view is None:
-            return (progress_html(None), "", gr.skip(), gr.skip(), None, rows) + keep_library
+            return (progress_html(None), "", gr.skip(), gr.skip(), None, rows, gr.skip()) + keep_library
         usable = [e["name"] for e in service.usable_loras(who)]
         library = library_updates(who) if names_now is not None and usable != list(names_now) else keep_library
-        return (progress_html(view), status_markdown(view), _loss_frame(view["loss_curve"]), gallery(view),
-                view["id"], rows) + library
+        return (progress_html(view), status_markdown(view), _loss_frame(view), gallery(view), view["id"], rows,
+                _lr_frame(view)) + library
 
-    outputs = [tab.progress, tab.status, tab.loss, tab.samples, tab.job_id, tab.jobs] + library_outputs
+    # the learning-rate chart after the original six, so API callers' positions stay as they were
+    outputs = [tab.progress, tab.status, tab.loss, tab.samples, tab.job_id, tab.jobs, tab.lr_plot] + library_outputs
     # Errors and the spinner sit on the progress bar: the form and the library's inputs stay usable.
     on_progress = dict(show_progress_on=[tab.progress])
 
