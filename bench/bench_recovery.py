@@ -58,7 +58,8 @@ ROWS = {
     "locon": {"network": "locon", "conv_rank": 8, "conv_alpha": 8, "learning_rate": 1e-3},
     "buckets": {"network": "attention", "learning_rate": 3e-3, "_buckets": True},
     # Prodigy's default d_coef 1 overshoots on this small problem (the loss ends above the base's, though
-    # the images move the right way): 0.2 is what its authors suggest trying first when it does
+    # the images move the right way); a smaller d_coef is Prodigy's own knob to damp the step size it
+    # estimates: 0.5 / 0.2 / 0.1 closed 0.52 / 0.65 / 0.70 of the gap (bench/RESULTS.md)
     "prodigy": {"network": "attention", "optimizer": "prodigy", "learning_rate": 1.0, "prodigy_d_coef": 0.2},
 }
 MUTATIONS = ("noise_target", "latent_scale", "no_text")
