@@ -28,17 +28,31 @@ pytestmark = pytest.mark.browser
 SLOW_POLL_S = 1.5  # the poll reads the library this long after it was sent (a loaded server)
 
 
-@pytest.fixture
-def busy_machine():
-    """Two processes spinning on the CPU beside the app (CI has 2 cores), stopped after the test."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 600\n"
-                                  "while time.time() < end: pass"]) for _ in range(2)]
-    try:
-        yield
-    finally:
-        for p in spinners:
+class BusyMachine:
+    """Two processes spinning on the CPU beside the app (CI has 2 cores) while the race can happen."""
+
+    def __init__(self):
+        self.spinners = []
+
+    def start(self):
+        self.spinners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 600\n"
+                                           "while time.time() < end: pass"]) for _ in range(2)]
+
+    def stop(self):
+        for p in self.spinners:
             p.kill()
             p.wait(timeout=10)
+        self.spinners = []
+
+
+@pytest.fixture
+def busy_machine():
+    busy = BusyMachine()
+    busy.start()
+    try:
+        yield busy
+    finally:
+        busy.stop()
 
 
 @pytest.fixture
@@ -123,6 +137,7 @@ def test_library_actions_hit_the_selected_lora_while_the_poll_runs(page, server,
     assert one.get("visibility", "private") == "private" and one["trigger_word"] != "zqxrace", one
     for builtin in ("watercolor", "pixelart"):  # the read-only LoRAs are untouched too
         assert meta(ws, builtin).get("trigger_word") == f"{builtin}style"
+    busy_machine.stop()  # the race is over; what follows is the delete's confirmation, checked at full speed
 
     # delete asks first, naming the LoRA; a double click on Delete deletes nothing
     page.locator("#lib-delete-btn").dblclick()

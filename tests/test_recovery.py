@@ -16,8 +16,8 @@ import torch
 
 from bench.bench_recovery import base_components, run_recovery
 
-DENOISER_STEPS = 150  # the tiny UNet made a denoiser of plain latents first (about 1.3-1.5x the ideal loss)
-STEPS = 100
+DENOISER_STEPS = 120  # the tiny UNet made a denoiser of plain latents first (about 1.4-1.6x the ideal loss)
+STEPS = 80
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_trained_lora_recovers_the_planted_style_and_a_broken_trainer_does_not(b
     good = run_recovery(base, tmp_path / "good", "attention", None, STEPS)
     print(good.line())
     assert good.teacher_loss < good.base_loss - 0.005, "no gap between base and teacher: nothing is measured"
-    assert good.fraction >= 0.35, good.line()  # bench: about 0.7 in 200 steps
+    assert good.fraction >= 0.35, good.line()  # about 0.6 here (80 steps), 0.67 in the bench (200)
     assert good.image_fraction >= 0.5, good.line()  # sampled images moved toward the teacher's
 
     broken = run_recovery(base, tmp_path / "broken", "attention", "noise_target", STEPS)

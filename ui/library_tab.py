@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import gradio as gr
@@ -187,26 +188,53 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
     api_samples = gr.Button(visible=False)  # API only: the samples of a LoRA the caller may see
     api_samples.click(select_lora_fn, inputs=[tab.select, owner], outputs=tab.samples, api_name="lora_samples")
 
-    @readable_errors
-    def show_selection_fn(name, owner_, request: gr.Request):
-        """The form follows the selection (and any pending delete is disarmed: it named another LoRA)."""
+    def form_view(who, name) -> tuple:
+        """The form for `name` (None: nothing selected), and any pending delete disarmed."""
         try:
-            return selection_view(service, owner_of(owner_, request), name) + hide_confirm
+            return selection_view(service, who, name) + hide_confirm
         except StyleMixError:  # gone meanwhile (deleted by its owner elsewhere): nothing selected
             return selection_view(service, None, None) + hide_confirm
 
-    tab.select.change(show_selection_fn, inputs=[tab.select, owner], outputs=form + [tab.pending_delete, tab.confirm_row],
-                      show_progress_on=quiet, api_visibility="private")
+    form_outputs = form + [tab.pending_delete, tab.confirm_row]
+
+    @readable_errors
+    def show_selection_fn(name, owner_, request: gr.Request):
+        return form_view(owner_of(owner_, request), name)
+
+    # only the user's own pick fills the form (`.input`): an action's answer carries its form itself, in
+    # the same response as the selection it makes, so no later event can overwrite what the user types
+    tab.select.input(show_selection_fn, inputs=[tab.select, owner], outputs=form_outputs,
+                     show_progress_on=quiet, api_visibility="private")
 
     def clear_msg():
         return ""
 
-    def action(button: gr.Button, fn, inputs: list, outputs: list, api_name: str):
-        """A Library button: the old message goes at once (so a refusal, shown as a toast, never sits beside
-        an earlier success), then `fn` runs, its progress and badges on the invisible sink, not the form."""
+    def with_form(fn):
+        """The page's version of an action: its answer (message, lists, the selection it makes) and, in the
+        same response, the form of the LoRA it selects."""
+        @functools.wraps(fn)
+        def page_fn(*args):
+            out = fn(*args)
+            selection = out[len(with_msg) - len(library_outputs) + library_outputs.index(tab.select)]
+            name = selection.get("value", KEEP) if isinstance(selection, dict) else KEEP
+            if name is KEEP:
+                return out + (gr.skip(),) * len(form_outputs)
+            return out + form_view(owner_of(args[-2], args[-1]), name)
+
+        return page_fn
+
+    def action(button: gr.Button, fn, inputs: list, api_name: str):
+        """A Library button.  The page: the old message goes at once (so a refusal, shown as a toast, never
+        sits beside an earlier success), then `fn` runs with its form (with_form), its progress and badges
+        on the invisible sink.  API callers: `fn` alone, at `api_name`, answering the message and lists."""
+        api_button = gr.Button(visible=False)
+        api_button.click(fn, inputs=inputs, outputs=with_msg, api_name=api_name, show_progress_on=quiet)
         return button.click(clear_msg, outputs=tab.msg, queue=False, show_progress_on=quiet,
-                            api_visibility="private").then(fn, inputs=inputs, outputs=outputs, api_name=api_name,
-                                                           show_progress_on=quiet)
+                            api_visibility="private").then(with_form(fn), inputs=inputs,
+                                                           outputs=with_msg + form_outputs,
+                                                           show_progress_on=quiet, api_visibility="private")
+
+    with_msg = [tab.msg] + library_outputs
 
     @readable_errors
     def import_fn(path, name, trigger, owner_, request: gr.Request):
@@ -215,8 +243,7 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
         return (f"Imported **{escape_md(entry['name'])}** (private: share it to let others use it).",) + \
             updates(who, entry["name"])
 
-    with_msg = [tab.msg] + library_outputs
-    action(tab.import_btn, import_fn, [tab.import_file, tab.name, tab.trigger, owner], with_msg, "import_lora").success(
+    action(tab.import_btn, import_fn, [tab.import_file, tab.name, tab.trigger, owner], "import_lora").success(
         lambda: (None, "", ""), outputs=[tab.import_file, tab.name, tab.trigger], queue=False,
         show_progress_on=quiet, api_visibility="private")  # imported: the form is ready for the next file
 
@@ -228,7 +255,7 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
         entry = service.replace_lora(who, path, name, (trigger or "").strip() or None)
         return (f"Replaced the weights of **{escape_md(entry['name'])}**.",) + updates(who, entry["name"])
 
-    action(tab.replace_btn, replace_fn, [tab.import_file, tab.select, tab.trigger, owner], with_msg, "replace_lora")
+    action(tab.replace_btn, replace_fn, [tab.import_file, tab.select, tab.trigger, owner], "replace_lora")
 
     @readable_errors
     def export_fn(name, fmt, owner_, request: gr.Request):
@@ -259,14 +286,14 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
 
     # rename and delete wait for an image being made (the mixer's lock), not in the GPU queue
     action(tab.rename_btn, on_selected("Choose a LoRA to rename.", rename), [tab.select, tab.new_name, owner],
-           with_msg, "rename_lora")
+           "rename_lora")
 
     def set_trigger(who, name, word):
         entry = service.set_trigger_word(who, name, word)
         return f"Trigger word of **{escape_md(name)}**: `{escape_md(entry['trigger_word'] or 'none')}`.", name
 
     action(tab.trigger_btn, on_selected("Choose a LoRA first.", set_trigger), [tab.select, tab.new_trigger, owner],
-           with_msg, "set_trigger_word")
+           "set_trigger_word")
 
     def set_visibility(who, name, visibility):
         if not visibility:
@@ -275,7 +302,7 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
         return f"**{escape_md(name)}** is now {entry['visibility']}.", name
 
     action(tab.visibility_btn, on_selected("Choose a LoRA first.", set_visibility),
-           [tab.select, tab.visibility, owner], with_msg, "set_visibility")
+           [tab.select, tab.visibility, owner], "set_visibility")
 
     # ---- delete: the first click names the LoRA and asks; only the confirmation deletes, and only that LoRA
     @readable_errors
@@ -306,11 +333,10 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
         if pending != name:  # the selection moved since Delete… was clicked: ask again for what is shown now
             raise StyleMixError(f"The selection changed since you asked to delete {pending!r}; nothing was "
                                 "deleted. Click Delete… again.")
-        return delete_named(who, pending) + hide_confirm
+        return delete_named(who, pending) + form_view(who, None)  # nothing selected: an empty form
 
     tab.confirm_btn.click(confirm_delete_fn, inputs=[tab.pending_delete, tab.select, owner],
-                          outputs=with_msg + [tab.pending_delete, tab.confirm_row], show_progress_on=quiet,
-                          api_visibility="private")
+                          outputs=with_msg + form_outputs, show_progress_on=quiet, api_visibility="private")
     tab.keep_btn.click(lambda: hide_confirm, outputs=[tab.pending_delete, tab.confirm_row], queue=False,
                        show_progress_on=quiet, api_visibility="private")
 
