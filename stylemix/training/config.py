@@ -268,27 +268,25 @@ def eight_bit_unavailable(device: str | None) -> str | None:
     return None
 
 
-def _choice_type(name: str):
+def _checked_type(check, name: str, label: str):
+    """argparse `type=` that runs `check(name, text)`: the same parsing, limits and words as the app's form."""
     def parse(text: str):
         try:
-            return check_choice(name, text)
+            return check(name, text)
         except StyleMixError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    parse.__name__ = name
+    parse.__name__ = label  # argparse names the type in some messages
     return parse
+
+
+def _choice_type(name: str):
+    return _checked_type(check_choice, name, name)
 
 
 def _argument_type(name: str):
-    """argparse `type=` for a LIMITS setting: the same parsing and limits as the app's form."""
-    def parse(text: str):
-        try:
-            return check_setting(name, text)
-        except StyleMixError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parse.__name__ = LIMITS[name].label  # argparse names the type in some messages
-    return parse
+    """argparse `type=` for a LIMITS setting."""
+    return _checked_type(check_setting, name, LIMITS[name].label)
 
 
 # --------------------------------------------------------------------------- command line
