@@ -75,6 +75,9 @@ def test_compose_errors_are_readable(app_url):
 # --------------------------------------------------------------------------- the other tabs
 
 OWNER = "u" + "4" * 24
+# /start_training's kohya options: network, conv rank, optimizer, shuffle, keep tokens, caption and tag dropout,
+# save every N epochs
+KOHYA_DEFAULTS = ("attention", 0, "adamw", False, 1, 0, 0, 0)
 OTHER = "u" + "5" * 24
 
 
@@ -173,9 +176,10 @@ def test_train_tab_job_progress_isolation_and_library_refresh(app_url, tmp_path)
     c.predict([gradio_client.handle_file(str(tmp_path / f"img{i}.png")) for i in range(4)], "squares",
               "zqxsq", 64, "off", 0, False, OWNER, api_name="/prepare_dataset")
     with pytest.raises(Exception, match="no dataset named 'squares'"):  # not another session's dataset
-        c.predict("squares", "newlora", 2, 1e-3, 0, 20, 2, 0, False, 0, OTHER, api_name="/start_training")
-    progress, status, _, _, job, *_ = c.predict("squares", "sqlora", 2, 1e-3, 0, 20, 2, 0, False, 0, OWNER,
-                                            api_name="/start_training")
+        c.predict("squares", "newlora", 2, 1e-3, 0, 20, 2, 0, False, 0, *KOHYA_DEFAULTS, OTHER,
+                  api_name="/start_training")
+    progress, status, _, _, job, *_ = c.predict("squares", "sqlora", 2, 1e-3, 0, 20, 2, 0, False, 0, *KOHYA_DEFAULTS,
+                                                OWNER, api_name="/start_training")
     assert job and job in status and "sqlora: Starting the training process" in progress  # a named phase at once
     # another session can neither see nor cancel the job
     with pytest.raises(Exception, match="No training job"):
@@ -394,3 +398,23 @@ def test_a_user_error_is_one_log_line_and_readable_on_the_page(app_url, caplog, 
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert any("export_fn refused: No LoRA named 'ghost'" in m for m in refusals), refusals
     assert all("\n" not in m for m in refusals)
+
+
+def test_train_tab_offers_kohyas_options_checked_like_the_cli():
+    """The Train tab's kohya options reach TrainConfig under their names; a bad one is refused with the
+    CLI's words before any job starts."""
+    from stylemix.errors import StyleMixError
+    from stylemix.training.config import TrainConfig
+    from ui.train_tab import kohya_settings
+
+    s = kohya_settings("locon", 8, "prodigy", True, 2, 0.1, 0.2, 3)
+    assert s == {"network": "locon", "optimizer": "prodigy", "shuffle_caption": True, "keep_tokens": 2,
+                 "caption_dropout_rate": 0.1, "caption_tag_dropout_rate": 0.2, "conv_rank": 8, "conv_alpha": 4.0,
+                 "save_every_epochs": 3}
+    TrainConfig(data_dir="d", name="n", **s).validate()  # every key is a TrainConfig field, every value valid
+    assert "conv_rank" not in kohya_settings(*KOHYA_DEFAULTS) and "save_every_epochs" not in kohya_settings(*KOHYA_DEFAULTS)
+    for args, message in ((("lycoris",) + KOHYA_DEFAULTS[1:], "Invalid network 'lycoris': use attention, kohya or locon"),
+                          (KOHYA_DEFAULTS[:5] + (1.5,) + KOHYA_DEFAULTS[6:], "Invalid caption dropout rate 1.5"),
+                          (KOHYA_DEFAULTS[:2] + ("sgd",) + KOHYA_DEFAULTS[3:], "Invalid optimizer 'sgd'")):
+        with pytest.raises(StyleMixError, match=message):
+            kohya_settings(*args)

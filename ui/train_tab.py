@@ -16,7 +16,7 @@ import gradio as gr
 
 from stylemix.errors import StyleMixError
 from stylemix.service import StyleMixService
-from stylemix.training.config import LIMITS, check_setting, parse_number
+from stylemix.training.config import HELP, LIMITS, NETWORKS, OPTIMIZERS, check_choice, check_setting, parse_number
 from ui.common import escape_md, owner_of, readable_errors
 
 JOB_COLUMNS = ["job", "LoRA", "state", "steps", "started"]
@@ -45,6 +45,7 @@ class TrainTab:
     samples: gr.Gallery
     jobs: gr.Dataframe
     timer: gr.Timer
+    kohya: list  # network, conv rank, optimizer, shuffle, keep tokens, caption and tag dropout, save every epochs
 
 
 # --------------------------------------------------------------------------- wording
@@ -146,7 +147,8 @@ def _lr_frame(view: dict):
 # --------------------------------------------------------------------------- the form's numbers
 
 
-_ZERO_MEANS = {"max_steps": "train by epochs", "rank": "use the default", "resolution": "use the dataset's size"}
+_ZERO_MEANS = {"max_steps": "train by epochs", "rank": "use the default", "resolution": "use the dataset's size",
+               "conv_rank": "use the rank", "save_every_epochs": "keep the final LoRA only"}
 
 
 def form_setting(name: str, raw):
@@ -178,6 +180,23 @@ def form_settings(max_steps, lr, rank, epochs, batch, res, text, seed) -> tuple[
     return steps, settings
 
 
+def kohya_settings(network, conv_rank, optimizer, shuffle, keep_tokens, caption_dropout, tag_dropout,
+                   save_every) -> dict:
+    """The kohya-named options of the form as TrainConfig settings, each checked like the CLI's flag
+    (check_choice / LIMITS), before anything starts."""
+    settings = {"network": check_choice("network", network), "optimizer": check_choice("optimizer", optimizer),
+                "shuffle_caption": bool(shuffle), "keep_tokens": form_setting("keep_tokens", keep_tokens),
+                "caption_dropout_rate": form_setting("caption_dropout_rate", caption_dropout),
+                "caption_tag_dropout_rate": form_setting("caption_tag_dropout_rate", tag_dropout)}
+    conv = form_setting("conv_rank", conv_rank)
+    if conv is not None:
+        settings.update(conv_rank=conv, conv_alpha=conv / 2)
+    every = form_setting("save_every_epochs", save_every)
+    if every is not None:
+        settings["save_every_epochs"] = every
+    return settings
+
+
 def _box(label: str, value, name: str, elem_id: str) -> gr.Number:
     """A number box without Gradio's own min/max/precision: those would refuse or round a value before
     the server could say why (a typed 2.5 would silently become 2); `form_setting` checks it instead."""
@@ -203,6 +222,22 @@ def build_train_tab() -> TrainTab:
                 res = _box("Resolution (0 = the dataset's size)", 0, "resolution", "tr-res")
                 text = gr.Checkbox(value=True, label="Train the text encoder too")
                 seed = _box("Seed", 42, "seed", "tr-seed")
+            with gr.Accordion("Network, optimizer, captions, epochs (kohya's options)", open=False):
+                # dropdowns accept any value: the server names a bad one with the CLI's words
+                network = gr.Dropdown(list(NETWORKS), value="attention", label="Network (--network)",
+                                      allow_custom_value=True, elem_id="tr-network",
+                                      info=HELP["network"])
+                conv_rank = _box("Conv rank for LoCon (0 = the rank)", 0, "conv_rank", "tr-conv-rank")
+                optimizer = gr.Dropdown(list(OPTIMIZERS), value="adamw", label="Optimizer (--optimizer)",
+                                        allow_custom_value=True, elem_id="tr-optimizer", info=HELP["optimizer"])
+                shuffle = gr.Checkbox(value=False, label="Shuffle caption tags (--shuffle-caption)",
+                                      elem_id="tr-shuffle")
+                keep_tokens = _box("Keep tokens (the first N tags never move or drop; 1 = the trigger word)", 1,
+                                   "keep_tokens", "tr-keep-tokens")
+                caption_dropout = _box("Caption dropout rate", 0, "caption_dropout_rate", "tr-caption-dropout")
+                tag_dropout = _box("Caption tag dropout rate", 0, "caption_tag_dropout_rate", "tr-tag-dropout")
+                save_every = _box("Save every N epochs as NAME@eNN (0 = only the final LoRA)", 0,
+                                  "save_every_epochs", "tr-save-every")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="tr-start")
                 cancel = gr.Button("Cancel", elem_id="tr-cancel")
@@ -219,7 +254,8 @@ def build_train_tab() -> TrainTab:
                                 max_height=260, elem_id="tr-jobs")
     timer = gr.Timer(1.0)
     return TrainTab(dataset, name, steps, lr, rank, epochs, batch, res, text, seed, start, cancel, resume, progress,
-                    status, job_id, loss, lr_plot, samples, jobs, timer)
+                    status, job_id, loss, lr_plot, samples, jobs, timer,
+                    [network, conv_rank, optimizer, shuffle, keep_tokens, caption_dropout, tag_dropout, save_every])
 
 
 def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserState, lora_names: gr.State,
@@ -246,17 +282,20 @@ def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserSta
     on_progress = dict(show_progress_on=[tab.progress])
 
     @readable_errors
-    def start_fn(dataset, name, max_steps, lr, rank, epochs, batch, res, text, seed_, owner_, request: gr.Request):
+    def start_fn(dataset, name, max_steps, lr, rank, epochs, batch, res, text, seed_, network, conv_rank, optimizer,
+                 shuffle, keep_tokens, caption_dropout, tag_dropout, save_every, owner_, request: gr.Request):
         who = owner_of(owner_, request)
         if not dataset:
             raise StyleMixError("Choose a dataset (prepare one in the Dataset tab first).")
         steps, settings = form_settings(max_steps, lr, rank, epochs, batch, res, text, seed_)
+        settings.update(kohya_settings(network, conv_rank, optimizer, shuffle, keep_tokens, caption_dropout,
+                                       tag_dropout, save_every))
         job = service.start_training(who, dataset, (name or "").strip(), steps, settings)
         return train_outputs_for(service.job_view(who, job.id), None, None, who)
 
     tab.start.click(start_fn, inputs=[tab.dataset, tab.name, tab.steps, tab.lr, tab.rank, tab.epochs, tab.batch,
-                                      tab.res, tab.text, tab.seed, owner], outputs=outputs, api_name="start_training",
-                    **on_progress)
+                                      tab.res, tab.text, tab.seed] + tab.kohya + [owner], outputs=outputs,
+                    api_name="start_training", **on_progress)
 
     last_shown = gr.State(None)
 
