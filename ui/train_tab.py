@@ -290,6 +290,9 @@ def wire_train_tab(tab: TrainTab, service: StyleMixService, owner: gr.BrowserSta
         steps, settings = form_settings(max_steps, lr, rank, epochs, batch, res, text, seed_)
         settings.update(kohya_settings(network, conv_rank, optimizer, shuffle, keep_tokens, caption_dropout,
                                        tag_dropout, save_every))
+        if settings["optimizer"] == "prodigy" and settings["learning_rate"] < 0.1:
+            gr.Warning(f"Prodigy finds its own step size and multiplies it by the learning rate: the convention is "
+                       f"1.0, and {settings['learning_rate']:g} will train very slowly.")
         job = service.start_training(who, dataset, (name or "").strip(), steps, settings)
         return train_outputs_for(service.job_view(who, job.id), None, None, who)
 
