@@ -31,7 +31,7 @@ from stylemix.models import ModelLoadError, load_model
 from stylemix.paths import Workspace, atomic_write_text, check_lora_name, check_name, inside
 from stylemix.quotas import Quotas, folder_bytes
 from stylemix.compose import BaseImageCache, ComposeOutput, compose, score_mix
-from stylemix.recipe import DEFAULT_SAMPLER, Recipe
+from stylemix.recipe import DEFAULT_SAMPLER, Recipe, whole_number
 
 logger = logging.getLogger("stylemix")
 
@@ -483,7 +483,7 @@ class StyleMixService:
                 # the smoothed loss and the learning rate the trainer reports (trainers/trackers.py), steps/s
                 "loss_ema": s.get("loss_ema"), "loss_ema_curve": s.get("loss_ema_curve") or [],
                 "lr_curve": s.get("lr_curve") or [], "steps_per_sec": s.get("steps_per_sec") if running else None,
-                "started": s.get("started") or s.get("queued") or job.config.get("created")}
+                "started": _started(job)}
 
     def list_job_views(self, owner: str, limit: int = 50) -> list[dict]:
         """The owner's jobs, newest first (at most `limit`): id, LoRA name, state, step, total, started."""
@@ -491,7 +491,7 @@ class StyleMixService:
 
         return [{"id": j.id, "lora_name": j.lora_name, "state": j.state, "step": int(j.status.get("step") or 0),
                  "total_steps": j.status.get("total_steps"),
-                 "started": j.status.get("started") or j.status.get("queued") or j.config.get("created")}
+                 "started": _started(j)}
                 for j in jobs.list_jobs(self.workspace, owner)[:limit]]
 
     def cancel_job(self, owner: str, job_id: str):
@@ -833,9 +833,12 @@ def _whole(value):
     the config's check to name (never int("abc")'s message, never a silent default)."""
     if isinstance(value, str) and value.strip().isdigit():
         return int(value.strip())
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+    return whole_number(value)
+
+
+def _started(job) -> str | None:
+    """When a job started (or was queued, or made): the jobs table's and the job view's "started"."""
+    return job.status.get("started") or job.status.get("queued") or job.config.get("created")
 
 
 def _md_code(text: str) -> str:
