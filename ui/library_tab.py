@@ -209,30 +209,33 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
     def clear_msg():
         return ""
 
-    def with_form(fn):
+    def with_form(fn, resets: tuple = ()):
         """The page's version of an action: its answer (message, lists, the selection it makes) and, in the
-        same response, the form of the LoRA it selects."""
+        same response, the form of the LoRA it selects and the `resets` values (so no later event can
+        overwrite what the user types next)."""
         @functools.wraps(fn)
         def page_fn(*args):
             out = fn(*args)
-            selection = out[len(with_msg) - len(library_outputs) + library_outputs.index(tab.select)]
+            selection = out[with_msg.index(tab.select)]  # the dropdown's update: the LoRA it selects
             name = selection.get("value", KEEP) if isinstance(selection, dict) else KEEP
-            if name is KEEP:
-                return out + (gr.skip(),) * len(form_outputs)
-            return out + form_view(owner_of(args[-2], args[-1]), name)
+            form_values = ((gr.skip(),) * len(form_outputs) if name is KEEP
+                           else form_view(owner_of(args[-2], args[-1]), name))
+            return out + form_values + resets
 
         return page_fn
 
-    def action(button: gr.Button, fn, inputs: list, api_name: str):
+    def action(button: gr.Button, fn, inputs: list, api_name: str, resets: dict | None = None):
         """A Library button.  The page: the old message goes at once (so a refusal, shown as a toast, never
-        sits beside an earlier success), then `fn` runs with its form (with_form), its progress and badges
-        on the invisible sink.  API callers: `fn` alone, at `api_name`, answering the message and lists."""
+        sits beside an earlier success), then `fn` runs with its form (with_form) and `resets` ({component:
+        value} set on success), its progress and badges on the invisible sink.  API callers: `fn` alone,
+        at `api_name`, answering the message and lists."""
+        resets = resets or {}
         api_button = gr.Button(visible=False)
         api_button.click(fn, inputs=inputs, outputs=with_msg, api_name=api_name, show_progress_on=quiet)
-        return button.click(clear_msg, outputs=tab.msg, queue=False, show_progress_on=quiet,
-                            api_visibility="private").then(with_form(fn), inputs=inputs,
-                                                           outputs=with_msg + form_outputs,
-                                                           show_progress_on=quiet, api_visibility="private")
+        button.click(clear_msg, outputs=tab.msg, queue=False, show_progress_on=quiet,
+                     api_visibility="private").then(with_form(fn, tuple(resets.values())), inputs=inputs,
+                                                    outputs=with_msg + form_outputs + list(resets),
+                                                    show_progress_on=quiet, api_visibility="private")
 
     with_msg = [tab.msg] + library_outputs
 
@@ -243,9 +246,9 @@ def wire_library_tab(tab: LibraryTab, service: StyleMixService, owner: gr.Browse
         return (f"Imported **{escape_md(entry['name'])}** (private: share it to let others use it).",) + \
             updates(who, entry["name"])
 
-    action(tab.import_btn, import_fn, [tab.import_file, tab.name, tab.trigger, owner], "import_lora").success(
-        lambda: (None, "", ""), outputs=[tab.import_file, tab.name, tab.trigger], queue=False,
-        show_progress_on=quiet, api_visibility="private")  # imported: the form is ready for the next file
+    # imported: the import form is emptied for the next file, in the same response
+    action(tab.import_btn, import_fn, [tab.import_file, tab.name, tab.trigger, owner], "import_lora",
+           resets={tab.import_file: None, tab.name: "", tab.trigger: ""})
 
     @readable_errors
     def replace_fn(path, name, trigger, owner_, request: gr.Request):
