@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from stylemix.errors import StyleMixError
 from stylemix.paths import check_lora_name
+from stylemix.schedules import Schedule, apply_schedule_item, is_keyframes, make_schedule
 
 LBW_IDS_17: tuple[str, ...] = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04",
                                "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
@@ -121,6 +122,7 @@ class LoraTag:
     weight: float
     block_weights: dict[str, float] = field(default_factory=dict)  # LBW id -> multiplier (from lbw=)
     text: str = ""  # the tag as written
+    schedule: Schedule = field(default_factory=Schedule)  # keyframes, te=, start=/stop=, interp= (stylemix.schedules)
 
 
 def parse_prompt_tags(prompt: str) -> tuple[str, list[LoraTag]]:
@@ -158,33 +160,73 @@ def _parse_tag(text: str, body: str) -> LoraTag:
         raise ValueError(f"Malformed LoRA tag {text!r}: it names no LoRA (write <lora:NAME:WEIGHT>).")
     try:
         check_lora_name(name, "LoRA name")
-    except StyleMixError as e:
+        weight, lbw, schedule = parse_lora_args(items[1:])
+    except (StyleMixError, ValueError) as e:
         raise ValueError(f"LoRA tag {text!r}: {e}") from None
-    weight, lbw = 1.0, None
-    for i, item in enumerate(items[1:], start=1):
+    return LoraTag(name=name, weight=weight, block_weights=lbw, text=text, schedule=schedule)
+
+
+def parse_lora_args(items: list[str]) -> tuple[float, dict[str, float], Schedule]:
+    """What follows a LoRA's name in a `<lora:NAME:...>` tag (or `--lora NAME=...`), split at ':'.
+
+    Returns (weight, LBW block weights, schedule).  The grammar is A1111's with its two extensions:
+    positional `TE[:UNET]` (A1111 1.5: one number is both), each a number or loractl keyframes
+    (`0@0,1@0.5`); a second positional that is an LBW preset or 17/26 numbers is `lbw=` (LoRA Block
+    Weight's positional form); named te=, unet=, lbw=, start=, stop=, step=A-B and interp=.
+    The weight is the U-Net's: the peak keyframe when the U-Net is scheduled (stylemix.schedules).
+    """
+    positional: list[str] = []
+    fields: dict = {}
+    lbw = None
+    for item in items:
         key, eq, value = item.partition("=")
         key = key.strip().lower() if eq else ""
-        if i == 1 and not eq:
-            if not item or not _is_float(item):
-                raise ValueError(f"Malformed LoRA tag {text!r}: the weight {item!r} is not a number.")
-            weight = float(item)
-        elif key == "lbw" or (i == 2 and not eq and not _is_float(item)):
-            # lbw=SPEC, or the extension's positional form <lora:name:1:OUTD>
+        if not eq:
+            if len(positional) == 1 and not is_keyframes(item) and not _is_float(item):
+                if lbw is not None:  # <lora:name:1:OUTD>: LBW's positional form
+                    raise ValueError("lbw is given twice.")
+                lbw = lbw_weights(item)
+                continue
+            positional.append(item)
+            if len(positional) > 2:
+                raise ValueError(f"{item!r}: a tag takes at most two weights (text encoder, then U-Net); "
+                                 "dyn= and a third number are not supported.")
+            if not item:
+                raise ValueError("a weight is empty.")
+            if not is_keyframes(item) and not _is_float(item):
+                raise ValueError(f"the weight {item!r} is not a number.")
+            if not is_keyframes(item) and (not math.isfinite(float(item)) or abs(float(item)) > TAG_WEIGHT_LIMIT):
+                raise ValueError(f"weight {float(item):g} is outside [-2, 2].")
+        elif key == "lbw":
             if lbw is not None:
-                raise ValueError(f"LoRA tag {text!r}: lbw is given twice.")
-            try:
-                lbw = lbw_weights(value if eq else item)
-            except ValueError as e:
-                raise ValueError(f"LoRA tag {text!r}: {e}") from None
-        elif key in ("te", "unet") or (i == 2 and not eq):
-            raise ValueError(f"LoRA tag {text!r}: separate text-encoder/U-Net weights (te=, unet=, or a second "
-                             "number) are not supported; use lbw= (BASE is the text encoder) or per-block weights.")
+                raise ValueError("lbw is given twice.")
+            lbw = lbw_weights(value)
+        elif key in ("hr", "hrte", "hrunet"):
+            raise ValueError(f"{key}= sets loractl's hires-fix pass; StyleMix renders in one pass, so leave it out.")
+        elif not apply_schedule_item(fields, key, value.strip()):
+            raise ValueError(f"{item!r} is not supported; a tag takes a name, weights (te, unet, or keyframes "
+                             "w@s,...), lbw=, start=, stop=, step=A-B and interp=.")
+    if positional:
+        first = positional[0]
+        if "te" in fields:  # A1111 reads the first weight as te= (and unet= follows te= unless given)
+            raise ValueError("te is given twice (the first weight is the text encoder's); write te=...:unet=... "
+                             "or the two weights TE:UNET.")
+        if len(positional) == 2 or "unet" in fields:
+            apply_schedule_item(fields, "te", first)  # refuses keyframes: the text encoder runs once
+            if len(positional) == 2:
+                apply_schedule_item(fields, "unet", positional[1])
         else:
-            raise ValueError(f"LoRA tag {text!r}: {item!r} is not supported; a tag takes a name, a weight "
-                             "and lbw=PRESET or lbw=17/26 numbers.")
+            apply_schedule_item(fields, "unet", first)
+    if "unet" not in fields and "te" in fields:
+        fields["unet"] = fields["te"]  # A1111: te= alone sets both (loractl cascades it the same way)
+    unet = fields.get("unet", 1.0)
+    schedule = make_schedule(fields)
+    weight = schedule.peak(unet if isinstance(unet, float) else 0.0)
+    if schedule.te is not None and not schedule.unet and schedule.te == weight:
+        schedule = replace(schedule, te=None)  # te equal to the weight: the plain form
     if not math.isfinite(weight) or abs(weight) > TAG_WEIGHT_LIMIT:
-        raise ValueError(f"LoRA tag {text!r}: weight {weight:g} is outside [-2, 2].")
-    return LoraTag(name=name, weight=weight, block_weights=lbw or {}, text=text)
+        raise ValueError(f"weight {weight:g} is outside [-2, 2].")
+    return weight, lbw or {}, schedule
 
 
 def _is_float(s: str) -> bool:

@@ -70,7 +70,7 @@ def wants_base_images(mixer, result) -> bool:
 
 def base_recipe(recipe):
     """The same prompt, seed and settings with no LoRA: the calibration's zero point."""
-    return recipe.with_(loras={}, block_weights={}, total_strength=None, lora_hashes={})
+    return recipe.with_(loras={}, block_weights={}, schedules={}, mode="merge", total_strength=None, lora_hashes={})
 
 
 MAX_RECIPE_JSON_BYTES = 200_000  # a recipe is a few hundred bytes; a bigger "recipe" file is not read whole

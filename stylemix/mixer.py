@@ -20,6 +20,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +33,7 @@ from stylemix.lora.names import pipeline_targets
 from stylemix.lora.files import WEIGHTS_NAME
 from stylemix.models import LoadedModel
 from stylemix.recipe import SAMPLERS, Recipe
+from stylemix.schedules import WeightPlan, compile_plan, strength_factor
 
 logger = logging.getLogger("stylemix")
 
@@ -88,10 +90,15 @@ class MixResult:
     images: list  # PIL images
     recipe: Recipe  # as requested, with model and LoRA hashes filled in
     prompt_used: str  # the prompt after trigger words were added
-    weights_used: dict[str, float]  # after total-strength scaling
+    weights_used: dict[str, float]  # after total-strength scaling (a scheduled LoRA: its peak)
     seeds: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False  # `RenderOptions.should_stop` ended it between steps: no images
+    # the U-Net weight each LoRA had at each step, as the step callback saw the layers set (one dict
+    # per step), and each LoRA's text-encoder weight
+    step_weights: list[dict[str, float]] = field(default_factory=list)
+    te_weights: dict[str, float] = field(default_factory=dict)
+    unet_passes: int = 0  # U-Net forward passes per image (composite: one per LoRA per step)
 
 
 @dataclass
@@ -139,7 +146,7 @@ class Mixer:
         self._adapters: dict[str, tuple[str, str]] = {}  # LoRA name -> (adapter id, sha256)
         self._stats: dict[str, tuple[int, int]] = {}  # LoRA name -> (mtime_ns, size) of its file when loaded
         self._layers: list[_Layer] = []
-        self._stacks: dict = {}  # merge groups' stacked A and B, per set of active adapters
+        self._unet_now: dict[str, float] = {}  # the U-Net weight each LoRA is set to now (recorded per step)
         self._embeds: OrderedDict = OrderedDict()  # prompt-embedding cache
         self._schedulers: dict[str, object] = {}
         if not hasattr(self.pipe, "_stylemix_state"):
@@ -233,7 +240,6 @@ class Mixer:
                                        component, name)
                         self.merge = False
         self._layers = layers
-        self._stacks.clear()
         self.state.weights_key = None
         self._embeds.clear()
 
@@ -241,62 +247,74 @@ class Mixer:
 
     def effective_weights(self, recipe: Recipe) -> dict[str, float]:
         """The weights that reach the model: as given, or scaled to `total_strength` (absolute sum)."""
-        weights = {n: float(w) for n, w in recipe.loras.items()}
-        if recipe.total_strength is not None:
-            total = sum(abs(w) for w in weights.values())
-            if total > 0:
-                weights = {n: w * recipe.total_strength / total for n, w in weights.items()}
-        return weights
+        factor = strength_factor(recipe.loras, recipe.total_strength)
+        return {n: float(w) * factor for n, w in recipe.loras.items()}
 
     def set_weights(self, weights: dict[str, float], block_weights: dict[str, dict[str, float]] | None = None,
-                    extra_adapters: dict[str, float] | None = None) -> None:
+                    extra_adapters: dict[str, float] | None = None, te_weights: dict[str, float] | None = None) -> None:
         """Set LoRA weights (0 = off) and optional per-block multipliers; loads what is missing.
 
         `extra_adapters` (adapter id -> weight) adds adapters loaded outside the library, such as the
         preview's few-step LoRA: weighted like library LoRAs (no block multipliers) but always run
         on peft's unmerged path (see `RenderOptions`).
 
+        te_weights: the text encoder's weight of each LoRA where it differs from its U-Net weight (a
+        schedule's te=, stylemix.schedules); a LoRA missing there has the same weight in both.
+
         Cheap (milliseconds, no tensor math): it records each layer's adapters and peft scales.
         With merge=True the weighted sums are written into the layers by `apply()` (called by
         `generate`); with merge=False peft's active adapters and scales are set here.
         """
-        block_weights = block_weights or {}
         with self.lock:
-            self.ensure_loaded([n for n, w in weights.items() if w != 0])
-            by_id = {self._adapters[n][0]: (w, block_weights.get(n, {}))
-                     for n, w in weights.items() if w != 0 and n in self._adapters}
-            extras = {a: float(w) for a, w in (extra_adapters or {}).items() if w != 0}
-            unmerged = set() if self.state.fused_qkv else set(extras)  # adapters left on peft's path
-            by_id.update({a: (w, {}) for a, w in extras.items()})
-            key = (self.merge, tuple(sorted((a, w, tuple(sorted(b.items()))) for a, (w, b) in by_id.items())))
-            if self.state.layers_owner is not self:  # another mixer on this pipeline set the layers
-                for layer in self._layers:
-                    layer.active = None
-            elif key == self.state.weights_key:
-                return
+            te_weights = te_weights or {}
+            self.ensure_loaded([n for n in {**weights, **te_weights}
+                                if weights.get(n, 0) != 0 or te_weights.get(n, 0) != 0])
+            self._set_weights(weights, block_weights, extra_adapters, te_weights)
+
+    def _set_weights(self, weights, block_weights=None, extra_adapters=None, te_weights=None) -> None:
+        """set_weights for LoRAs already loaded, the lock held (also called between denoising steps)."""
+        block_weights, te_weights = block_weights or {}, te_weights or {}
+        by_id = {}
+        for n in {**weights, **te_weights}:
+            w_unet, w_te = weights.get(n, 0.0), te_weights.get(n, weights.get(n, 0.0))
+            if (w_unet != 0 or w_te != 0) and n in self._adapters:
+                by_id[self._adapters[n][0]] = (float(w_unet), float(w_te), block_weights.get(n, {}))
+        self._unet_now = {n: float(w) for n, w in weights.items()}
+        extras = {a: float(w) for a, w in (extra_adapters or {}).items() if w != 0}
+        unmerged = set() if self.state.fused_qkv else set(extras)  # adapters left on peft's path
+        by_id.update({a: (w, w, {}) for a, w in extras.items()})
+        key = (self.merge, tuple(sorted((a, wu, wt, tuple(sorted(b.items())))
+                                        for a, (wu, wt, b) in by_id.items())))
+        if self.state.layers_owner is not self:  # another mixer on this pipeline set the layers
             for layer in self._layers:
-                active = tuple(a for a in by_id if a in layer.adapters)
-                want = []
-                for a in active:
-                    w, blocks = by_id[a]
-                    mult = next((blocks[b] for b in layer.blocks if b in blocks), 1.0)
-                    layer.module.set_scale(a, w * mult)  # peft's own alpha/r (or rsLoRA) scaling
-                    if a not in unmerged:
-                        want.append((a, layer.module.scaling[a]))
-                layer.want = tuple(want)
-                if self.merge:
-                    # the merged weight carries the library LoRAs; only extras stay on peft's path
-                    active = tuple(a for a in active if a in unmerged)
-                if not active:
-                    if layer.active != () or not layer.module.disable_adapters:
-                        layer.module.enable_adapters(False)
-                        layer.active = ()
-                elif active != layer.active or layer.module.disable_adapters:
-                    layer.module.enable_adapters(True)
-                    layer.module.set_adapter(list(active), inference_mode=True)
-                    layer.active = active
-            self.state.weights_key = key
-            self.state.layers_owner = self
+                layer.active = None
+        elif key == self.state.weights_key:
+            return
+        for layer in self._layers:
+            te = layer.component == "text_encoder"
+            active = tuple(a for a in by_id if a in layer.adapters and by_id[a][1 if te else 0] != 0)
+            want = []
+            for a in active:
+                w_unet, w_te, blocks = by_id[a]
+                w = w_te if te else w_unet
+                mult = next((blocks[b] for b in layer.blocks if b in blocks), 1.0)
+                layer.module.set_scale(a, w * mult)  # peft's own alpha/r (or rsLoRA) scaling
+                if a not in unmerged:
+                    want.append((a, layer.module.scaling[a]))
+            layer.want = tuple(want)
+            if self.merge:
+                # the merged weight carries the library LoRAs; only extras stay on peft's path
+                active = tuple(a for a in active if a in unmerged)
+            if not active:
+                if layer.active != () or not layer.module.disable_adapters:
+                    layer.module.enable_adapters(False)
+                    layer.active = ()
+            elif active != layer.active or layer.module.disable_adapters:
+                layer.module.enable_adapters(True)
+                layer.module.set_adapter(list(active), inference_mode=True)
+                layer.active = active
+        self.state.weights_key = key
+        self.state.layers_owner = self
 
     @torch.no_grad()
     def apply(self) -> int:
@@ -310,24 +328,29 @@ class Mixer:
         if not self.merge:
             return 0
         with self.lock:
-            state, groups, changed = self.state, {}, 0
-            for layer in self._layers:
-                if state.merged.get(layer.key, ()) == layer.want:
-                    continue
-                changed += 1
-                weight = layer.module.get_base_layer().weight
-                if layer.key not in state.original:
-                    state.original[layer.key] = (weight, weight.detach().clone())
-                if not layer.want:
-                    weight.copy_(state.original[layer.key][1])
-                    state.merged[layer.key] = ()
-                    continue
-                ids = tuple(a for a, _ in layer.want)
-                ranks = tuple(layer.module.lora_A[a].weight.shape[0] for a in ids)
-                groups.setdefault((tuple(weight.shape), ids, ranks), []).append(layer)
-            for (_, ids, ranks), layers in groups.items():
-                self._merge_group(layers, ids, ranks)
-            return changed
+            return self._apply()
+
+    @torch.no_grad()
+    def _apply(self) -> int:
+        """apply() with the lock held (also called between denoising steps)."""
+        state, groups, changed = self.state, {}, 0
+        for layer in self._layers:
+            if state.merged.get(layer.key, ()) == layer.want:
+                continue
+            changed += 1
+            weight = layer.module.get_base_layer().weight
+            if layer.key not in state.original:
+                state.original[layer.key] = (weight, weight.detach().clone())
+            if not layer.want:
+                weight.copy_(state.original[layer.key][1])
+                state.merged[layer.key] = ()
+                continue
+            ids = tuple(a for a, _ in layer.want)
+            ranks = tuple(layer.module.lora_A[a].weight.shape[0] for a in ids)
+            groups.setdefault((tuple(weight.shape), ids, ranks), []).append(layer)
+        for (_, ids, ranks), layers in groups.items():
+            self._merge_group(layers, ids, ranks)
+        return changed
 
     def _merge_group(self, layers: list[_Layer], ids: tuple, ranks: tuple) -> None:
         """W_l = W_l(original) + B_l diag(s_l) A_l for every layer l of the group.
@@ -341,14 +364,14 @@ class Mixer:
             for layer in layers:
                 self._merge_layer(layer, ids, ranks)
             return
-        key = tuple(layer.key for layer in layers) + (ids,)
         originals = [self.state.original[layer.key][1] for layer in layers]
         dtype, device = originals[0].dtype, originals[0].device
-        if key not in self._stacks:  # A and B of the active adapters, stacked once per active set
-            factors = [_factors(layer, ids, ranks) for layer in layers]
-            self._stacks[key] = (torch.stack([a for a, _ in factors]).to(dtype),
-                                 torch.stack([b for _, b in factors]).to(dtype))
-        a, b = self._stacks[key]
+        # A and B of the active adapters, stacked for this merge only: a cache of stacks per set of active
+        # adapters grew with every new mix (40 3-LoRA mixes: 3840 stacks), and the copy is small next
+        # to the originals stacked below (rank x width against width x width per layer)
+        factors = [_factors(layer, ids, ranks) for layer in layers]
+        a = torch.stack([f for f, _ in factors]).to(dtype)
+        b = torch.stack([f for _, f in factors]).to(dtype)
         scales = torch.tensor([_rank_scales(layer, ranks) for layer in layers],
                               dtype=dtype).to(device, non_blocking=True)
         flat = torch.stack([o.reshape(o.shape[0], -1) for o in originals])
@@ -361,10 +384,8 @@ class Mixer:
     def _merge_layer(self, layer: _Layer, ids: tuple, ranks: tuple) -> None:
         """W = W(original) + B diag(s) A for one layer, computed into W's own storage."""
         original = self.state.original[layer.key][1]
-        key = (layer.key, ids)
-        if key not in self._stacks:  # the active adapters' A and B side by side, once per active set
-            self._stacks[key] = tuple(f.to(original.dtype) for f in _factors(layer, ids, ranks))
-        a, b = self._stacks[key]
+        # the active adapters' A and B side by side, for this merge only (see _merge_group: not cached)
+        a, b = (f.to(original.dtype) for f in _factors(layer, ids, ranks))
         scales = torch.tensor(_rank_scales(layer, ranks), dtype=original.dtype).to(original.device)
         weight = layer.module.get_base_layer().weight
         flat = original.reshape(original.shape[0], -1)
@@ -427,6 +448,10 @@ class Mixer:
                  options: RenderOptions | None = None) -> MixResult:
         """Make the recipe's images.  Thread-safe: requests from many users run one at a time.
 
+        The recipe's schedules and mode are compiled into a steps x LoRAs table first
+        (stylemix.schedules.compile_plan); the step callback rewrites the weights only where the table's
+        row changes, so a recipe without schedules runs exactly as a plain mix.  Composite mode runs the
+        U-Net once per LoRA at each step (`_composite_unet`).
         `options` is for previews only (stylemix/preview.py); without it this is the exact recipe
         image, the same pixels as `stylemix generate`.
         """
@@ -436,19 +461,22 @@ class Mixer:
         with self.lock:
             t0 = time.perf_counter()
             weights = self.effective_weights(recipe)
-            self.set_weights(weights, recipe.block_weights, opts.extra_adapters)
+            plan = compile_plan(recipe)
+            self.ensure_loaded(plan.names)
+            block_weights, extras = recipe.block_weights, opts.extra_adapters
+            self._set_weights(plan.row(0), block_weights, extras, plan.te)
             timings["set_weights_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            timings["layers_merged"] = self.apply()
+            timings["layers_merged"] = self._apply() if self.merge else 0
             timings["merge_s"] = time.perf_counter() - t0
             prompt = self.prompt_with_triggers(recipe, weights)
             # the embeddings depend on each text-encoder LoRA's weight and its BASE / text_encoder block multiplier
             te_ids = {a for l in self._layers if l.component == "text_encoder" for a in l.adapters}
             te_blocks = block_of("text_encoder", "")
             te_key = tuple(sorted((n, w, next((bw[b] for b in te_blocks if b in bw), 1.0))
-                                  for n, w in weights.items() for bw in [recipe.block_weights.get(n, {})]
+                                  for n, w in plan.te.items() for bw in [block_weights.get(n, {})]
                                   if w != 0 and self._adapters[n][0] in te_ids))
-            te_key += tuple(sorted((a, w) for a, w in opts.extra_adapters.items() if w != 0 and a in te_ids))
+            te_key += tuple(sorted((a, w) for a, w in extras.items() if w != 0 and a in te_ids))
             t1 = time.perf_counter()
             pos, neg = self._encode(prompt, recipe.negative_prompt, recipe.guidance, te_key)
             timings["encode_s"] = time.perf_counter() - t1
@@ -457,9 +485,17 @@ class Mixer:
             # CPU generators: the same seed gives the same image on cuda, mps and cpu (RenderOptions)
             noise_device = self.loaded.device if opts.noise_on_device else torch.device("cpu")
             gens = [torch.Generator(noise_device).manual_seed(s) for s in seeds]
-            stopped = []
+            stopped, recorded, now = [], [], {"step": 0, "passes": 0, "rewrite_s": 0.0}
 
             def on_step(pipe, step, timestep, kwargs):
+                # what the layers were set to for this step, then the next step's row where it changes
+                recorded.append(dict(self._unet_now) if plan.mode != "composite" else plan.row(step))
+                now["step"] = step + 1
+                if plan.mode != "composite" and step + 1 < len(plan.rows) and plan.rows[step + 1] != plan.rows[step]:
+                    t = time.perf_counter()
+                    self._set_weights(plan.row(step + 1), block_weights, extras, plan.te)
+                    self._apply() if self.merge else None
+                    now["rewrite_s"] += time.perf_counter() - t
                 if progress:
                     progress(step + 1, recipe.steps)
                 if opts.should_stop and opts.should_stop():
@@ -475,25 +511,69 @@ class Mixer:
                 out = self.pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=recipe.steps,
                                 guidance_scale=recipe.guidance, width=recipe.width, height=recipe.height,
                                 num_images_per_prompt=recipe.batch_size, generator=gens,
-                                output_type="latent" if own_decode else "pil",
-                                callback_on_step_end=on_step if progress or opts.should_stop else None)
+                                output_type="latent" if own_decode else "pil", callback_on_step_end=on_step)
                 if stopped and stopped[0] < self.pipe._num_timesteps:  # stopped before the last step
                     return []
                 return decode_latents(self.pipe, out.images, opts.decoder) if own_decode else out.images
+
+            def run() -> list:
+                if plan.mode != "composite":
+                    return denoise_and_decode()
+                with self._composite_unet(plan, block_weights, extras, now):
+                    return denoise_and_decode()
 
             t2 = time.perf_counter()
             if getattr(self.pipe, "_stylemix_compiled", None):
                 # on the pipeline's one model thread, while this thread holds the lock: torch records
                 # CUDA graphs per thread.  Eager pipelines stay on the caller's thread: on a CPU a
                 # second thread starts a second OpenMP pool (the tests ran 40% slower that way).
-                images = self.loaded.model_thread.run(denoise_and_decode)
+                images = self.loaded.model_thread.run(run)
             else:
-                images = denoise_and_decode()
+                images = run()
             timings["denoise_decode_s"] = time.perf_counter() - t2
+            timings["schedule_rewrites"] = len(plan.changes()) if plan.mode != "composite" else 0
+            timings["schedule_rewrite_s"] = now["rewrite_s"]
         hashes = {n: self.library.get(n).short_hash for n, w in weights.items() if w != 0}
         done = recipe.with_(model=self.loaded.model_id, lora_hashes=hashes)
+        passes = now["passes"] // max(1, len(recorded)) if plan.mode == "composite" else 1
         return MixResult(images=list(images), recipe=done, prompt_used=prompt, weights_used=weights,
-                         seeds=seeds, timings=timings, interrupted=not images)
+                         seeds=seeds, timings=timings, interrupted=not images, step_weights=recorded,
+                         te_weights=dict(plan.te), unet_passes=passes)
+
+    @contextmanager
+    def _composite_unet(self, plan: WeightPlan, block_weights, extras, now: dict):
+        """LoRA Composite (Zhong et al., arXiv 2402.16843): while it is entered, each U-Net call of the
+        pipeline runs the U-Net once per LoRA of the mix, that LoRA alone at its weight for the step, and
+        returns the mean prediction.  The pipeline batches the unconditional and conditional inputs, so
+        each half is averaged on its own, and classifier-free guidance is applied to the means after.
+        The text encoder ran once before, with every LoRA's te weight (stylemix.schedules)."""
+        unet = self.pipe.unet
+        own = unet.__dict__.get("forward")  # an instance-level forward (a compiled one) to put back
+        inner = unet.forward
+
+        def forward(*args, **kwargs):
+            row = plan.row(now["step"])
+            total = None
+            for name in plan.names:
+                self._set_weights({name: row[name]}, block_weights, extras, plan.te)
+                self._apply() if self.merge else None
+                out = inner(*args, **{**kwargs, "return_dict": False})[0]
+                now["passes"] += 1
+                total = out.clone() if total is None else total + out  # clone: a CUDA graph reuses its output
+            mean = total / len(plan.names)
+            if kwargs.get("return_dict", True):
+                from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+                return UNet2DConditionOutput(sample=mean)
+            return (mean,)
+
+        unet.forward = forward
+        try:
+            yield
+        finally:
+            if own is None:
+                del unet.forward
+            else:
+                unet.forward = own
 
 
 @torch.no_grad()
@@ -509,7 +589,11 @@ def decode_latents(pipe, latents: torch.Tensor, decoder: torch.nn.Module | None 
 
 
 def _factors(layer: _Layer, ids: tuple, ranks: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """The active adapters' A (rows) and B (columns) of one layer side by side: B @ A is their sum."""
+    """The active adapters' A (rows) and B (columns) of one layer side by side: B @ A is their sum
+    (one adapter: views of its own A and B, no copy)."""
+    if len(ids) == 1:
+        return (layer.module.lora_A[ids[0]].weight.reshape(ranks[0], -1),
+                layer.module.lora_B[ids[0]].weight.reshape(-1, ranks[0]))
     a = torch.cat([layer.module.lora_A[i].weight.reshape(r, -1) for i, r in zip(ids, ranks)])
     b = torch.cat([layer.module.lora_B[i].weight.reshape(-1, r) for i, r in zip(ids, ranks)], dim=1)
     return a, b

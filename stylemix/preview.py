@@ -35,6 +35,7 @@ import torch
 from stylemix.errors import StyleMixError
 from stylemix.mixer import Mixer, MixResult, RenderOptions
 from stylemix.recipe import Recipe
+from stylemix.schedules import parse_schedule
 
 logger = logging.getLogger("stylemix")
 
@@ -270,7 +271,11 @@ class Previewer:
             return min(v, max(cfg.min_side, int(v * cfg.scale) // 8 * 8))
 
         steps = cfg.steps or (kind.steps if kind else min(recipe.steps, max(2, round(recipe.steps / 4))))
-        changes = {"steps": steps, "width": side(recipe.width), "height": side(recipe.height), "batch_size": 1}
+        changes = {"steps": steps, "width": side(recipe.width), "height": side(recipe.height), "batch_size": 1,
+                   # step numbers of the recipe's schedules as fractions: the preview's fewer steps follow them
+                   "schedules": {n: parse_schedule(t).in_fractions(recipe.steps).text()
+                                 for n, t in recipe.schedules.items()},
+                   "switch_every": max(1, round(recipe.switch_every * steps / recipe.steps))}
         if kind:
             changes["guidance"] = kind.guidance
         cheap = recipe.with_(**changes)

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from stylemix.a1111 import LBW_IDS, lbw_text, lbw_weights, parse_prompt_tags
+from stylemix.schedules import DEFAULT_SWITCH_EVERY, MODES, Schedule, format_keyframes, parse_schedule
 from stylemix.errors import StyleMixError
 from stylemix.paths import check_lora_name
 
@@ -64,6 +65,11 @@ class Recipe:
     add_trigger_words: bool = True  # put the active LoRAs' trigger words in front of the prompt
     total_strength: float | None = None  # if set, weights are scaled so their absolute sum equals this
     block_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # LoRA -> {block: multiplier}
+    # LoRA -> its schedule over the steps (stylemix.schedules: "unet=0@0,1@0.5:te=1:start=0.3:interp=cosine");
+    # with U-Net keyframes the LoRA's weight in `loras` is their peak
+    schedules: dict[str, str] = field(default_factory=dict)
+    mode: str = "merge"  # merge | switch | composite (stylemix.schedules)
+    switch_every: int = DEFAULT_SWITCH_EVERY  # switch mode: steps each LoRA stays on
     model: str | None = None  # filled in by the mixer: the base model that made the image
     lora_hashes: dict[str, str] = field(default_factory=dict)  # filled in by the mixer: name -> sha256[:12]
 
@@ -93,6 +99,7 @@ class Recipe:
             if unknown:
                 raise ValueError(f"block_weights of {name!r}: unknown block {unknown[0]!r}; "
                                  f"use {BLOCK_IDS_HELP}.")
+        self._check_schedules()
         if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed {_shown(self.seed)} must be an integer in [0, 2^63).")
         if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
@@ -110,7 +117,43 @@ class Recipe:
             raise ValueError(f"batch_size {self.batch_size!r} must be from 1 to 8.")
         if self.total_strength is not None and (not _is_number(self.total_strength) or not 0 < self.total_strength <= 4):
             raise ValueError(f"total_strength {self.total_strength!r} must be a number in (0, 4] or None.")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {_shown(self.mode)} is not known; choose one of: {', '.join(MODES)}.")
+        if not _is_int(self.switch_every) or not 1 <= self.switch_every <= MAX_STEPS:
+            raise ValueError(f"switch_every {_shown(self.switch_every)} must be a whole number of steps from 1 "
+                             f"to {MAX_STEPS}.")
+        if self.mode == "composite" and not any(self.loras.values()):
+            raise ValueError("composite mode needs at least one LoRA in the mix (it runs the U-Net once per LoRA).")
+        for name, text in self.schedules.items():
+            try:
+                parse_schedule(text).check(self.steps)
+            except ValueError as e:
+                raise ValueError(f"schedule of LoRA {name!r}: {e}") from None
         return self
+
+    def _check_schedules(self) -> None:
+        """Each schedule parses, belongs to a LoRA of the mix, and is stored in its canonical text; a
+        LoRA with U-Net keyframes lists their peak as its weight."""
+        if not isinstance(self.schedules, dict) or len(self.schedules) > MAX_LORAS:
+            raise ValueError(f"schedules must be a mapping of at most {MAX_LORAS} LoRA names to schedule texts.")
+        canonical = {}
+        for name, text in self.schedules.items():
+            check_lora_name(name, "LoRA name")
+            if name not in self.loras:
+                raise ValueError(f"schedule of LoRA {name!r}: that LoRA is not in the mix (add it to loras).")
+            try:
+                sched = parse_schedule(text)
+            except ValueError as e:
+                raise ValueError(f"schedule of LoRA {name!r}: {e}") from None
+            if sched.unet:
+                self.loras[name] = sched.peak(0.0)
+            if not sched.is_plain:
+                canonical[name] = sched.text()
+        self.schedules = canonical
+
+    def schedule(self, name: str) -> Schedule:
+        """The parsed schedule of one LoRA (the plain weight at every step when it has none)."""
+        return parse_schedule(self.schedules[name]) if name in self.schedules else Schedule()
 
     def take_prompt_tags(self) -> "Recipe":
         """Move A1111 `<lora:name:weight[:lbw=...]>` tags out of the prompt into `loras` (the tag's
@@ -127,6 +170,10 @@ class Recipe:
             self.loras = {**self.loras, **{t.name: t.weight for t in tags}}
             self.block_weights = {**self.block_weights, **{t.name: dict(t.block_weights)
                                                            for t in tags if t.block_weights}}
+            if isinstance(self.schedules, dict):  # a tag replaces the LoRA's schedule too
+                tagged = {t.name for t in tags}
+                self.schedules = {**{n: text for n, text in self.schedules.items() if n not in tagged},
+                                  **{t.name: t.schedule.text() for t in tags if not t.schedule.is_plain}}
         return self
 
     def to_dict(self) -> dict:
@@ -140,10 +187,10 @@ class Recipe:
         kwargs = {k: v for k, v in data.items() if k in known}
         if "prompt" not in kwargs:
             raise ValueError("A recipe needs a prompt.")
-        for k in ("loras", "block_weights", "lora_hashes"):
+        for k in ("loras", "block_weights", "lora_hashes", "schedules"):
             if k in kwargs and not isinstance(kwargs[k], dict):
                 raise ValueError(f"recipe field {k!r} must be an object.")
-        for k in ("seed", "steps", "width", "height", "batch_size"):
+        for k in ("seed", "steps", "width", "height", "batch_size", "switch_every"):
             if isinstance(kwargs.get(k), float) and kwargs[k].is_integer():
                 kwargs[k] = int(kwargs[k])
         return cls(**kwargs).validate()
@@ -243,12 +290,18 @@ def a1111_parameters(recipe: Recipe, prompt_used: str | None = None) -> str:
 
     A LoRA whose per-block weights are exactly an LBW set gets `:lbw=...`, as A1111's LoRA Block
     Weight extension writes and reads it."""
-    tags = " ".join(_lora_tag(n, w, recipe.block_weights.get(n, {})) for n, w in recipe.loras.items() if w != 0)
+    tags = " ".join(_lora_tag(n, w, recipe.block_weights.get(n, {}), recipe.schedule(n), recipe.steps)
+                    for n, w in recipe.loras.items() if w != 0)
     lines = [" ".join(x for x in (prompt_used or recipe.prompt, tags) if x)]
     if recipe.negative_prompt:
         lines.append(f"Negative prompt: {recipe.negative_prompt}")
-    settings = [f"Steps: {recipe.steps}", f"Sampler: {recipe.sampler}", f"CFG scale: {_fmt(recipe.guidance)}",
-                f"Seed: {recipe.seed}", f"Size: {recipe.width}x{recipe.height}"]
+    sampler, schedule_type = split_sampler(recipe.sampler)
+    settings = [f"Steps: {recipe.steps}", f"Sampler: {sampler}"]
+    if schedule_type != "Automatic":
+        settings.append(f"Schedule type: {schedule_type}")  # A1111 1.9+ writes the sampler and its schedule apart
+    settings += [f"CFG scale: {_fmt(recipe.guidance)}", f"Seed: {recipe.seed}", f"Size: {recipe.width}x{recipe.height}"]
+    if recipe.mode != "merge":  # no A1111 equivalent: read back by StyleMix, ignored by A1111
+        settings.append(f"StyleMix mode: {recipe.mode}" + (f" every {recipe.switch_every}" if recipe.mode == "switch" else ""))
     if recipe.model:
         settings.append(f"Model: {recipe.model}")
     hashes = {n: h for n, h in recipe.lora_hashes.items() if recipe.loras.get(n)}
@@ -259,9 +312,45 @@ def a1111_parameters(recipe: Recipe, prompt_used: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _lora_tag(name: str, weight: float, blocks: dict[str, float]) -> str:
+def _lora_tag(name: str, weight: float, blocks: dict[str, float], schedule: Schedule, steps: int) -> str:
+    """One LoRA as A1111 and its extensions write it: `<lora:NAME:W>`, loractl's keyframes
+    (`<lora:NAME:0@0,1@0.5>`, `te=`/`unet=`), LoRA Block Weight's `lbw=` and `start=`/`stop=`
+    (step numbers: LBW reads no fractions, so a fraction becomes the first step it covers)."""
+    if schedule.unet:
+        kf = format_keyframes(schedule.unet)
+        args = [kf] if schedule.te is None else [f"te={_fmt(schedule.te)}", f"unet={kf}"]
+    elif schedule.te is not None:
+        args = [_fmt(schedule.te), _fmt(weight)]  # A1111's positional TE:UNET
+    else:
+        args = [_fmt(weight)]
     lbw = lbw_text(blocks)
-    return f"<lora:{name}:{_fmt(weight)}:lbw={lbw}>" if lbw else f"<lora:{name}:{_fmt(weight)}>"
+    if lbw:
+        args.append(f"lbw={lbw}")
+    for key in ("start", "stop"):
+        at = getattr(schedule, key)
+        if at is not None:
+            args.append(f"{key}={math.ceil(at * (steps - 1) - 1e-9) if at < 1 else int(at)}")
+    if schedule.interp != "linear":
+        args.append(f"interp={schedule.interp}")
+    return f"<lora:{name}:{':'.join(args)}>"
+
+
+def split_sampler(sampler: str) -> tuple[str, str]:
+    """'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'): A1111 1.9+ names the sampler and the schedule apart."""
+    if sampler.endswith(" Karras"):
+        return sampler[: -len(" Karras")], "Karras"
+    return sampler, "Automatic"
+
+
+def join_sampler(sampler: str, schedule_type: str | None) -> str:
+    """A1111's sampler and schedule type (1.9+) as one StyleMix sampler name; the old one-name form
+    ('DPM++ 2M Karras', before 1.9) comes in with no schedule type and stays as it is."""
+    sampler, schedule_type = sampler.strip(), (schedule_type or "Automatic").strip()
+    if schedule_type.lower() not in ("automatic", ""):
+        joined = f"{sampler} {schedule_type}"
+        if joined in SAMPLERS:
+            return joined
+    return sampler
 
 
 def _fmt(x: float) -> str:
@@ -286,7 +375,7 @@ def parse_a1111_parameters(text: str) -> Recipe:
     kv = dict(re.findall(r"(\w[\w ]*?): (\"[^\"]*\"|[^,]+)", settings_line))
     recipe = Recipe(prompt=prompt, negative_prompt=neg).take_prompt_tags()
     conv = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
-            "Sampler": ("sampler", str), "Model": ("model", str)}
+            "Sampler": ("sampler", lambda v: join_sampler(v, kv.get("Schedule type"))), "Model": ("model", str)}
     for key, (attr, typ) in conv.items():
         if key in kv:
             try:
@@ -299,6 +388,11 @@ def parse_a1111_parameters(text: str) -> Recipe:
             recipe.width, recipe.height = int(m.group(1)), int(m.group(2))
     if recipe.sampler not in SAMPLERS:
         recipe.sampler = DEFAULT_SAMPLER
+    m = re.fullmatch(r"(merge|switch|composite)(?: every (\d+))?", kv.get("StyleMix mode", "").strip())
+    if m:
+        recipe.mode = m.group(1)
+        if m.group(2):
+            recipe.switch_every = int(m.group(2))
     return recipe.validate()
 
 
