@@ -56,7 +56,7 @@ def test_generate_batch(tmp_path, loras, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["generate", "x", "--lora", "watercolor=lots"], "weight must be a number"),
+    (["generate", "x", "--lora", "watercolor=lots"], "the weight .lots. is not a number"),
     (["generate", "x", "--lora", "watercolor=3"], r"\[-2, 2\]"),
     (["generate", "x", "--lora", "missing=0.5", "--steps", "1", "--size", "64x64", "--no-score"], "No LoRA named 'missing'"),
     (["generate", "x", "--size", "big"], "WIDTHxHEIGHT"),
@@ -98,3 +98,34 @@ def test_subprocess_exit_codes_and_no_traceback(tmp_path, loras):
     usage = subprocess.run([sys.executable, "-m", "stylemix.cli", "frobnicate"], capture_output=True, text=True,
                            timeout=300)
     assert usage.returncode == 2
+
+
+def test_generate_with_schedules_and_modes_reports_each_steps_weights(tmp_path, loras, capsys):
+    out = tmp_path / "sched.png"
+    code = cli(tmp_path, loras, "generate", "a cat", "--lora", "watercolor=0@0,1@1:interp=hold",
+               "--lora", "pixelart=0.5:start=2", "--mode", "switch", "--switch-every", "2", "--steps", "4",
+               "--size", "64x64", "--seed", "5", "--out", str(out), "--no-score", "--json")
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    # switch: watercolor (held at 0 until the last keyframe) on steps 0-1, pixelart (on from step 2) on 2-3
+    assert result["step_weights"] == [{"watercolor": 0.0, "pixelart": 0.0}] * 2 + [{"watercolor": 0.0, "pixelart": 0.5}] * 2
+    recipe = read_recipe(out)
+    assert recipe.schedules == {"watercolor": "unet=0@0,1@1:interp=hold", "pixelart": "start=2"}
+    assert (recipe.mode, recipe.switch_every) == ("switch", 2)
+    assert cli(tmp_path, loras, "generate", "a cat", "--lora", "watercolor=1", "--preset", "style late",
+               "--steps", "4", "--size", "64x64", "--out", str(tmp_path / "late.png"), "--no-score") == 0
+    assert read_recipe(tmp_path / "late.png").schedules == {"watercolor": "unet=0@0.3,1@0.6:te=1"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora", "watercolor=1@0.5,0@0.1"], "--lora 'watercolor=1@0.5,0@0.1': keyframes out of order"),
+    (["--lora", "watercolor=0@0,1@9"], "schedule of LoRA 'watercolor': keyframe at step 9 is beyond the render's 2 steps"),
+    (["--lora", "watercolor=1:te=0@0,1@1"], "the text encoder runs once per prompt"),
+    (["--lora", "watercolor=1", "--mode", "switch", "--switch-every", "0"], "switch_every 0 must be"),
+    (["--mode", "composite"], "composite mode needs at least one LoRA"),
+])
+def test_bad_schedules_are_one_line_errors_before_any_render(tmp_path, loras, capsys, args, message):
+    code = cli(tmp_path, loras, "generate", "a cat", "--steps", "2", "--size", "64x64", "--no-score",
+               "--out", str(tmp_path / "x.png"), *args)
+    assert code != 0 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

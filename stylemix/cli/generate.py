@@ -8,7 +8,10 @@ from pathlib import Path
 
 from stylemix.errors import StyleMixError
 from stylemix.compose import compose, read_recipe_file
+from stylemix.a1111 import lbw_weights
+from stylemix.a1111 import parse_lora_args as tag_args
 from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, parse_block_weights
+from stylemix.schedules import DEFAULT_SWITCH_EVERY, MODES, PRESETS, apply_preset
 from stylemix.recipe import parse_size as recipe_size
 
 
@@ -16,7 +19,16 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images from a prompt and a LoRA mix")
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (optional with --from)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=WEIGHT",
-                   help="a LoRA from the library and its weight in [-2, 2]; repeat for a mix")
+                   help="a LoRA from the library and its weight in [-2, 2]; repeat for a mix.  The weight may be a "
+                        "schedule, as in a <lora:...> tag: loractl keyframes NAME=0@0,1@0.5, te=/unet=, LoRA Block "
+                        "Weight's start=/stop=/step=A-B and interp= (NAME=1:start=0.3; docs/mixing-modes.md)")
+    p.add_argument("--mode", default=None, choices=list(MODES),
+                   help="merge: one weighted sum (default); switch: one LoRA at a time, rotating every "
+                        "--switch-every steps; composite: one U-Net pass per LoRA per step, predictions averaged")
+    p.add_argument("--switch-every", type=int, default=None, metavar="K",
+                   help=f"switch mode: steps each LoRA stays on (default {DEFAULT_SWITCH_EVERY})")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="start the mix's schedules from a preset (docs/mixing-modes.md)")
     p.add_argument("--from", dest="from_file", default=None, metavar="PNG_OR_JSON",
                    help="start from the recipe in a StyleMix/A1111 PNG or a recipe JSON file")
     p.add_argument("--negative", default=None, help="negative prompt")
@@ -43,17 +55,26 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parse_lora_args(items: list[str]) -> dict[str, float]:
+def parse_lora_args(items: list[str]) -> tuple[dict[str, float], dict[str, str], dict[str, dict[str, float]]]:
+    """--lora NAME=ARGS items -> (weights, schedules, lbw block weights); ARGS as in <lora:NAME:ARGS>."""
     loras: dict[str, float] = {}
+    schedules: dict[str, str] = {}
+    blocks: dict[str, dict[str, float]] = {}
     for item in items:
-        name, sep, weight = item.partition("=")
-        if not sep:
-            name, weight = item, "1"
+        name, sep, args = item.partition("=")
+        name = name.strip()
+        if not name:
+            raise StyleMixError(f"--lora {item!r}: name a LoRA, as in NAME=0.6.")
         try:
-            loras[name.strip()] = float(weight)
-        except ValueError:
-            raise StyleMixError(f"--lora {item!r}: the weight must be a number, as in NAME=0.6.") from None
-    return loras
+            weight, lbw, schedule = tag_args(args.split(":") if sep else ["1"])
+        except ValueError as e:
+            raise StyleMixError(f"--lora {item!r}: {e}") from None
+        loras[name] = weight
+        if not schedule.is_plain:
+            schedules[name] = schedule.text()
+        if lbw:
+            blocks[name] = lbw
+    return loras, schedules, blocks
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -74,9 +95,21 @@ def build_recipe(args) -> Recipe:
     if args.prompt and args.from_file:
         changes["prompt"] = args.prompt
     if args.lora:
-        changes["loras"] = parse_lora_args(args.lora)
+        changes["loras"], changes["schedules"], lbw = parse_lora_args(args.lora)
+        if lbw:
+            changes["block_weights"] = lbw
     if args.block:
-        changes["block_weights"] = parse_block_weights(args.block)
+        changes["block_weights"] = {**changes.get("block_weights", {}), **parse_block_weights(args.block)}
+    if args.preset:
+        loras = changes.get("loras", recipe.loras)
+        schedules, lbw = apply_preset(args.preset, loras)
+        changes["schedules"] = {**changes.get("schedules", recipe.schedules), **schedules}
+        blocks = changes.get("block_weights", recipe.block_weights)
+        changes["block_weights"] = {**blocks, **{n: lbw_weights(v) for n, v in lbw.items()}}
+    if args.mode:
+        changes["mode"] = args.mode
+    if args.switch_every is not None:
+        changes["switch_every"] = args.switch_every
     for attr, val in (("negative_prompt", args.negative), ("seed", args.seed), ("steps", args.steps),
                       ("guidance", args.guidance), ("sampler", args.sampler), ("batch_size", args.batch),
                       ("total_strength", args.total_strength)):
@@ -111,7 +144,10 @@ def run(args) -> int:
         print(json.dumps({"images": paths, "recipe": result.recipe.to_dict(), "prompt_used": result.prompt_used,
                           "weights_used": result.weights_used, "seeds": result.seeds,
                           "model": mixer.loaded.model_id, "tiny_model": mixer.loaded.is_tiny,
-                          "scores": scores, "timings": result.timings}, indent=2))
+                          "scores": scores, "timings": result.timings,
+                          # what each LoRA's U-Net weight was at each step (recorded by the step callback)
+                          "step_weights": result.step_weights, "te_weights": result.te_weights,
+                          "unet_passes_per_step": result.unet_passes}, indent=2))
     else:
         for p in paths:
             print(p)
