@@ -548,10 +548,13 @@ class Mixer:
         each half is averaged on its own, and classifier-free guidance is applied to the means after.
         The text encoder ran once before, with every LoRA's te weight (stylemix.schedules)."""
         unet = self.pipe.unet
-        own = unet.__dict__.get("forward")  # an instance-level forward (a compiled one) to put back
-        inner = unet.forward
+        # nn.Module.__call__ runs `_compiled_call_impl` when it is set (nn.Module.compile sets it): taking
+        # that slot wraps the whole call, so a compiled U-Net stays compiled for each pass and an eager one
+        # runs its own hooks; patching `forward` would put this loop inside the compiled graph.
+        compiled = unet._compiled_call_impl
+        inner = compiled if compiled is not None else unet._call_impl
 
-        def forward(*args, **kwargs):
+        def composite_call(*args, **kwargs):
             row = plan.row(now["step"])
             total = None
             for name in plan.names:
@@ -563,17 +566,15 @@ class Mixer:
             mean = total / len(plan.names)
             if kwargs.get("return_dict", True):
                 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
                 return UNet2DConditionOutput(sample=mean)
             return (mean,)
 
-        unet.forward = forward
+        unet._compiled_call_impl = composite_call
         try:
             yield
         finally:
-            if own is None:
-                del unet.forward
-            else:
-                unet.forward = own
+            unet._compiled_call_impl = compiled
 
 
 @torch.no_grad()
