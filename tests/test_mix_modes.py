@@ -132,3 +132,34 @@ def test_previews_follow_the_same_fractions(mixer):
     out = previewer.preview(recipe)
     # step 1 of 4 sits at 1/3 of the render, past start=3 of 12 steps (3/11): on
     assert out is not None and [round(w["anime"], 3) for w in out.result.step_weights] == [0, 0.333, 0.667, 1.0]
+
+
+def test_batched_merge_equals_per_layer_merge_and_nothing_is_kept_per_mix(mixer):
+    """The GPU path (one baddbmm per group of layers) and the CPU path (one addmm per layer) write the
+    same weights; neither keeps a stack per set of active LoRAs (that cache grew with every new mix)."""
+    import dataclasses
+
+    weights = {"anime": 0.7, "watercolor": -0.3, "pixelart": 1.1}
+
+    def merged_weights():
+        mixer.restore_base_weights()
+        mixer.set_weights(weights)
+        mixer.apply()
+        return {l.key: l.module.get_base_layer().weight.detach().clone() for l in mixer._layers if l.want}
+
+    cpu = merged_weights()
+    real = mixer.loaded
+    try:
+        mixer.loaded = dataclasses.replace(real, device=torch.device("meta"))  # any non-CPU type takes the batched path
+        batched = merged_weights()
+    finally:
+        mixer.loaded = real
+    assert cpu.keys() == batched.keys() and len(cpu) > 0
+    for key in cpu:
+        torch.testing.assert_close(batched[key], cpu[key], rtol=1e-6, atol=1e-6)
+    before = len(vars(mixer)), sum(len(v) for v in vars(mixer).values() if isinstance(v, (dict, list)))
+    for i in range(12):  # twelve different mixes, each merged
+        mixer.set_weights({n: 0.1 * (i + 1) * (j + 1) % 1.5 for j, n in enumerate(STYLES)})
+        mixer.apply()
+    after = len(vars(mixer)), sum(len(v) for v in vars(mixer).values() if isinstance(v, (dict, list)))
+    assert after == before
