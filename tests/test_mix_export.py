@@ -166,3 +166,11 @@ def test_cli_mix_export_and_clash(library, tmp_path, capsys):
     assert "NAME=NUMBER" in capsys.readouterr().err
     assert main(g + ["mix", "clash", "anime", "pixelart", "--out", str(tmp_path / "c.png")]) == 0
     assert "overall cosine" in capsys.readouterr().out and (tmp_path / "c.png").is_file()
+
+
+def test_export_refuses_a_schedule_with_a_reason(tmp_path, capsys):
+    from stylemix.cli import main
+
+    code = main(["--model", "tiny", "--loras-dir", str(tmp_path / "loras"), "mix", "export", "--lora",
+                 "watercolor=0@0,1@0.5", "--lora", "pixelart=0.4", "--out", str(tmp_path / "m.safetensors")])
+    assert code == 1 and "a schedule cannot be baked into one LoRA file" in capsys.readouterr().err

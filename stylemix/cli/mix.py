@@ -24,6 +24,10 @@ def _weights(items: list[str], what: str = "--lora") -> dict[str, float]:
             out[name] = float(w)
         except ValueError:
             name = ""
+        after = item.partition("=")[2]
+        if "@" in after or ":" in after:  # a schedule (docs/mixing-modes.md): one file holds one weight per LoRA
+            raise StyleMixError(f"{what} {item!r}: a schedule cannot be baked into one LoRA file; give one weight "
+                                f"per LoRA here (schedules work in `stylemix generate`).")
         if not sep or not name:
             raise StyleMixError(f"{what} {item!r}: expected NAME=NUMBER, e.g. {what} watercolor=0.6.")
     return out
