@@ -526,6 +526,19 @@ class StyleMixService:
         entry = self.visible_entry(owner, name)
         return [str(p) for rel in entry.meta.get("samples") or [] if (p := _job_file(entry.folder, rel)) is not None]
 
+    def lora_cards(self, names: list[str]) -> list[dict]:
+        """The Compose tab's LoRA cards for `names` (the page's own list, already filtered for its user):
+        each LoRA's summary plus `thumbnail`, its newest sample image (a path) or None."""
+        cards = []
+        for name in names:
+            try:
+                entry = self.library.get(name)
+            except StyleMixError:  # removed since the page's list was made
+                continue
+            samples = [p for rel in entry.meta.get("samples") or [] if (p := _job_file(entry.folder, rel)) is not None]
+            cards.append({**entry.summary(), "thumbnail": str(samples[-1]) if samples else None})
+        return cards
+
     def import_lora(self, owner: str, path: str, name: str, trigger_word: str | None = None) -> dict:
         """Import a file as a new LoRA owned by `owner`, private until they share it."""
         if not path:
@@ -594,17 +607,20 @@ class StyleMixService:
     def run_experiment(self, owner: str, kind: str, loras: list[str], prompts: list[str], seeds: list[int],
                        steps: int = 25, size: int = 512, values: list[float] | None = None,
                        progress=None, sampler: str = DEFAULT_SAMPLER) -> dict:
-        """Run the seed protocol ("protocol"), a 2-LoRA weight sweep ("sweep"), balancing ("balance") or the
-        comparison of one LoRA's saved epochs ("epochs") into outputs/<owner>/.
+        """Run the seed protocol ("protocol"), a 2-LoRA weight sweep ("sweep"), balancing ("balance"), the
+        comparison of one LoRA's saved epochs ("epochs") or of the mixing modes and schedule presets of one mix
+        ("modes") into outputs/<owner>/.
 
         Returns data, formatted for the page by ui/experiments_tab.py: {"kind", "out_dir", "names",
-        "is_demo"} and "protocol" (experiments.ProtocolResult), or "map" (weight_maps.WeightMap), "values",
-        "files" and "clash" (clash.ClashMap) for a sweep, or "balance" (balance.BalanceResult) and "files"
+        "is_demo"} and "protocol" (experiments.ProtocolResult; also for "modes"), or "map"
+        (weight_maps.WeightMap), "values", "files" and "clash" (clash.ClashMap) for a sweep, or "balance"
+        (balance.BalanceResult) and "files"
         (the share map with the search path, two LoRAs only), or "epochs" (epochs.EpochsResult) and "files"
         (plot and contact sheet); and "record", the run as saved in its folder (`experiment_record`: what
         `open_experiment` returns after a reload).
         steps and sampler: as in Compose (Recipe.validate checks them, with the CLI's words).
         epochs: `loras` is the one LoRA (or one of its versions) and `values` its one weight (default 1).
+        modes: `loras` are the mix's 2-4 LoRAs and `values` their weights (default equal).
         Only LoRAs the owner may see; at most `quotas.max_experiment_images` images, checked first.
         """
         names = [check_lora_name(n, "LoRA name") for n in (loras or [])]
@@ -747,6 +763,15 @@ class StyleMixService:
                 files = write_map(wmap, out, path_points=[p.weights for p in result.path])
             return {"kind": kind, "out_dir": str(out), "names": names, "balance": result, "files": files,
                     "is_demo": self.mixer.loaded.is_tiny}
+        if kind == "modes":
+            from stylemix.experiments.protocol import modes_comparison
+
+            if not 2 <= len(names) <= 4:
+                raise StyleMixError(f"Comparing modes needs one mix of two to four LoRAs; {len(names)} chosen.")
+            weights = [float(v) for v in values] if values else [round(1 / len(names), 2)] * len(names)
+            config = modes_comparison(names, weights, prompts, seeds, gen)
+            result = run_protocol(self.mixer, config, out, progress=say)
+            return {"kind": kind, "out_dir": str(out), "names": names, "protocol": result, "is_demo": result.is_demo}
         if kind == "epochs":
             from stylemix.experiments.epochs import run_epochs
 
@@ -758,11 +783,12 @@ class StyleMixService:
                                 weights[0], progress=say)
             return {"kind": kind, "out_dir": str(out), "names": names, "epochs": result, "files": result.files,
                     "is_demo": result.is_demo}
-        raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol, sweep, balance or epochs.")
+        raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol, sweep, balance, epochs or modes.")
 
 
 EXPERIMENT_FILE = "experiment.json"  # in each run's folder: what the page shows of it, reopened after a reload
-EXPERIMENT_KINDS = ("protocol", "sweep", "balance", "epochs")
+EXPERIMENT_KINDS = ("protocol", "sweep", "balance", "epochs", "modes")
+PROTOCOL_KINDS = ("protocol", "modes")  # run by experiments.protocol: a summary table, plot and contact sheets
 MAX_LISTED_RUNS = 20
 MAX_EXPERIMENT_FILE_BYTES = 2_000_000
 
@@ -770,16 +796,16 @@ MAX_EXPERIMENT_FILE_BYTES = 2_000_000
 def experiment_record(result: dict, prompts: list[str], seeds: list[int], gen: dict) -> dict:
     """A run's results as plain JSON data (saved beside its files, returned by `open_experiment`):
     {"id", "kind", "created", "names", "prompts", "seeds", "settings", "is_demo", "files" (name -> path
-    relative to the run's folder)} and per kind: "intro" and "summary" (the protocol's summary rows),
+    relative to the run's folder)} and per kind: "intro" and "summary" (the protocol's or modes' summary rows),
     "values", "cells" and "clash" {"overall", "blocks"} (a sweep), "balance" (BalanceResult.to_dict()), or
     "epochs" {"lora", "weight", "rows", "images", "clip_model", "has_centroid", "note"} (EpochsResult)."""
     out = Path(result["out_dir"])
     kind = result["kind"]
     rec = {"id": out.name, "kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "names": result["names"],
            "prompts": prompts, "seeds": seeds, "settings": gen, "is_demo": bool(result["is_demo"])}
-    files = result["protocol"].files if kind == "protocol" else result.get("files") or {}
+    files = result["protocol"].files if kind in PROTOCOL_KINDS else result.get("files") or {}
     rec["files"] = {k: os.path.relpath(p, out) for k, p in files.items()}
-    if kind == "protocol":
+    if kind in PROTOCOL_KINDS:
         rec["intro"], rec["summary"] = result["protocol"].intro, result["protocol"].summary
     elif kind == "sweep":
         rec["values"] = result["values"]
@@ -859,6 +885,10 @@ def experiment_images(kind: str, loras: int, prompts: int, seeds: int, values: l
         return (1 + loras + c.max_evaluations) * len(c.preview_seeds) + (17 if loras == 2 else 0)
     if kind == "epochs":  # loras: the saved versions; with the base model and the final LoRA
         return (2 + loras) * prompts * seeds
+    if kind == "modes":  # the base model and the mix in each mode and with each preset
+        from stylemix.schedules import MODES, PRESETS
+
+        return (1 + len(MODES) + len(PRESETS)) * prompts * seeds
     return 0
 
 

@@ -142,6 +142,25 @@ def test_protocol_runs_resumes_and_writes_every_file(mixer, small, tmp_path):
         run_protocol(mixer, other, out)
 
 
+def test_a_run_from_before_modes_resumes_with_aligned_rows(mixer, small, tmp_path):
+    """results.csv without the mode and schedules columns (written before they existed): rewritten with them,
+    so the rows appended on resume line up with the header."""
+    out = tmp_path / "run"
+    run_protocol(mixer, small, out)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    old_cols = [c for c in rows[0] if c not in ("mode", "schedules")]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows[:-1])
+    (out / rows[-1]["file"]).unlink()
+    assert run_protocol(mixer, small, out).generated == 1
+    again = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["config"] for r in again] == [r["config"] for r in rows]
+    assert all(r["mode"] == "merge" and r["schedules"] == "" and r["clip_score"] for r in again)
+    assert again[-1]["loras"] == rows[-1]["loras"] and again[0]["file"] == rows[0]["file"]
+
+
 def _toml(text):
     import tomllib
 
@@ -288,7 +307,7 @@ def test_results_view_one_table_with_rounded_numbers(service):
     res = service.run_experiment(ANN, "protocol", ["watercolor", "my_anime"], ["a cat"], [0], 1, 64)
     md, header, rows, images = experiment_view(res["record"])
     assert "DEMO VALUES" in md and "|" not in md  # the numbers are in the table only, not twice
-    assert header[:4] == ["config", "kind", "weights", "n"] and [r[0] for r in rows][0] == "base"
+    assert header[:6] == ["config", "kind", "weights", "mode", "schedules", "n"] and [r[0] for r in rows][0] == "base"
     numbers = [x for r in rows for x in r if isinstance(x, float)]
     assert numbers and all(len(f"{abs(x):.10g}".replace(".", "").lstrip("0")) <= 4 for x in numbers), numbers
     assert experiment_view(service.open_experiment(ANN, res["record"]["id"]))[2] == rows

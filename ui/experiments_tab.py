@@ -1,5 +1,5 @@
-"""The Experiments tab: the seed protocol, a weight sweep of two LoRAs, balancing toward target shares, or
-the epochs of one LoRA compared."""
+"""The Experiments tab: the seed protocol, a weight sweep of two LoRAs, balancing toward target shares, the
+epochs of one LoRA compared, or the mixing modes and schedule presets of one mix compared."""
 
 from __future__ import annotations
 
@@ -31,7 +31,11 @@ class ExperimentsTab:
     gallery: gr.Gallery
 
 
-VALUES_FOR_KIND = {"sweep": "0, 0.5, 1", "balance": "0.5, 0.5", "epochs": "1"}  # the protocol has none
+# the protocol has no values
+VALUES_FOR_KIND = {"sweep": "0, 0.5, 1", "balance": "0.5, 0.5", "epochs": "1", "modes": "0.5, 0.5"}
+MODES_INTRO = ("Modes and schedule presets of one mix, on the same prompts and seeds: **merge** (the weighted sum at "
+               "every step), **switch** (one LoRA at a time, in turn), **composite** (the U-Net once per LoRA, "
+               "the predictions averaged), and each preset's schedules (in merge mode).\n")
 SIGNIFICANT = 4  # digits of a number in the results table (the CSV files keep full precision)
 
 
@@ -50,13 +54,13 @@ def experiment_view(rec: dict) -> tuple[str, list[str], list[list], list[tuple[s
     settings = rec.get("settings") or {}
     ran = (f"{settings.get('steps')} steps, {settings.get('sampler')}, {settings.get('width')}px"
            if settings else "")
-    if kind == "protocol":
+    if kind in ("protocol", "modes"):
         summary = rec.get("summary") or []
         header = list(summary[0]) if summary else []
         rows = [[rounded(r.get(k)) for k in header] for r in summary]
         images = [(files["plot"], "CLIP score vs style similarity")] if "plot" in files else []
         images += [(p, k) for k, p in files.items() if k.startswith("contact_")]
-        return rec.get("intro") or "", header, rows, images
+        return (rec.get("intro") or "") + ("\n" + MODES_INTRO if kind == "modes" else ""), header, rows, images
     if kind == "sweep":
         header = [names[0], names[1], "CLIP score"] + [f"share {n}" for n in names]
         rows = []
@@ -129,17 +133,19 @@ def build_experiments_tab(service: StyleMixService, tiny: bool) -> ExperimentsTa
             kind = gr.Radio([("Seed protocol (base, singles, 50/50 mixes)", "protocol"),
                              ("Weight sweep of two LoRAs", "sweep"),
                              ("Balance LoRAs toward target shares", "balance"),
-                             ("Compare the epochs of one LoRA", "epochs")], value="protocol",
+                             ("Compare the epochs of one LoRA", "epochs"),
+                             ("Compare mixing modes and schedule presets of one mix", "modes")], value="protocol",
                             label="Experiment", elem_id="ex-kind")
             loras = gr.Dropdown([e["name"] for e in service.usable_loras(None)], multiselect=True,
                                 label="LoRAs", elem_id="ex-loras")
             prompts = gr.Textbox(value="a cat sitting by a window", lines=3, label="Prompts (one per line)",
                                  elem_id="ex-prompts")
             seeds = gr.Textbox(value="0, 1", label="Seeds", elem_id="ex-seeds")
-            values = gr.Textbox(value="0, 0.5, 1", label="Sweep weights / target shares / epoch weight",
+            values = gr.Textbox(value="0, 0.5, 1", label="Sweep weights / target shares / epoch weight / mix weights",
                                 info="sweep: the weights each LoRA takes; balance: one target share per "
                                      "chosen LoRA, in order, summing to 1 (e.g. 0.6, 0.4); epochs: the one "
-                                     "weight every epoch is rendered at (e.g. 1)",
+                                     "weight every epoch is rendered at (e.g. 1); modes: one weight per "
+                                     "chosen LoRA, in order (e.g. 0.6, 0.4)",
                                 elem_id="ex-values")
             with gr.Row():  # as in Compose; no client-side bounds: Recipe.validate names a bad value
                 steps = gr.Number(value=4 if tiny else 25, label=f"Steps (1-{MAX_STEPS})", elem_id="ex-steps")

@@ -7,6 +7,10 @@ and writes results.csv, summary.csv/.md, contact sheets and a plot into --out.  
 `stylemix evaluate --epochs LORA [--weight W]` compares instead the saved epochs of one LoRA
 (LORA@eNN, from `stylemix train --save-every-epochs N`) and the final LoRA, on the protocol
 file's prompts, seeds and settings (experiments/epochs.py): epochs.json, plot.png, contact.png.
+
+`--modes merge,switch,composite` and `--preset NAME` compare ways of running each mix: every mix of the
+file that sets no mode, preset or schedules of its own runs once per mode and once per schedule preset
+(configurations `<mix>@switch`, `<mix>@style-late`...), on the same prompts and seeds.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ def register(sub) -> None:
                    help="compare the saved epochs of LoRA LORA (LORA@eNN) on the protocol's prompts, seeds and "
                         "settings, instead of running the protocol")
     p.add_argument("--weight", type=float, default=1.0, help="with --epochs: every epoch's weight (default 1)")
+    p.add_argument("--modes", default=None, metavar="MODE,...",
+                   help="run each plain mix once per mode: merge, switch, composite (replaces the file's "
+                        "protocol.modes)")
+    p.add_argument("--preset", action="append", default=None, metavar="NAME",
+                   help="also run each plain mix with this schedule preset, e.g. \"style late\" (repeatable; "
+                        "replaces the file's protocol.presets)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved mapping and image count, make nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -46,11 +56,33 @@ def parse_map(items: list[str]) -> dict[str, str]:
     return out
 
 
+def compare_modes(config, modes: str | None, presets: list[str] | None):
+    """The protocol with --modes / --preset's comparison (each checked, then the whole protocol again)."""
+    from stylemix.schedules import MODES, PRESETS
+
+    if modes is not None:
+        config.modes = [m.strip() for m in modes.split(",") if m.strip()]
+        bad = next((m for m in config.modes if m not in MODES), None)
+        if bad or not config.modes:
+            raise StyleMixError(f"--modes {modes!r}: {'unknown mode ' + repr(bad) if bad else 'no mode'}; "
+                                f"give some of {','.join(MODES)}.")
+    if presets is not None:
+        config.presets = [p.strip() for p in presets]
+        bad = next((p for p in config.presets if p not in PRESETS), None)
+        if bad is not None:
+            raise StyleMixError(f"--preset {bad!r} is not known; choose one of: "
+                                f"{', '.join(repr(p) for p in PRESETS)}.")
+    if modes is None and presets is None:
+        return config
+    return config.validate(f"protocol {config.name!r} with --modes/--preset")
+
+
 def run(args) -> int:
     from stylemix.cli.common import open_mixer, tqdm_progress, workspace
     from stylemix.experiments.protocol import ProtocolConfig, resolve_styles, run_protocol
 
     config = ProtocolConfig.load(args.config)  # a bad file fails before any model loads
+    config = compare_modes(config, args.modes, args.preset)
     overrides = parse_map(args.map)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.device:
         from accelerate import PartialState
@@ -64,6 +96,7 @@ def run(args) -> int:
         mapping = resolve_styles(config, mixer.library, overrides)
         n = len(config.configurations()) * len(config.prompts) * len(config.seeds)
         print(json.dumps({"mapping": mapping, "images": n, "out": out,
+                          "configurations": [c.id for c in config.configurations()],
                           "settings": config.settings(mixer.loaded.is_tiny)}, indent=2))
         return 0
     bar, progress = tqdm_progress(0, "evaluate")
@@ -108,6 +141,9 @@ def run_epochs_cli(args, config) -> int:
         raise StyleMixError("--epochs runs in one process: start it without `accelerate launch`.")
     if args.map:
         raise StyleMixError("--map maps the protocol's styles; --epochs uses none: leave --map out.")
+    if args.modes is not None or args.preset is not None:
+        raise StyleMixError("--modes and --preset compare the protocol's mixes; --epochs renders one LoRA alone: "
+                            "leave them out.")
     out = Path(args.out or workspace(args).outputs / "evaluate" / f"epochs-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):  # no resume: a run's rows must all come from one run
         raise StyleMixError(f"{out} is not empty: give --epochs a new --out folder.")

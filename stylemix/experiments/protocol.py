@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Callable
 
 from stylemix.errors import StyleMixError
+from stylemix.a1111 import lbw_weights
 from stylemix.paths import atomic_write_text, check_name
 from stylemix.recipe import DEFAULT_SAMPLER, Recipe
+from stylemix.schedules import DEFAULT_SWITCH_EVERY, MODES, PRESETS, apply_preset, parse_schedule
 
 logger = logging.getLogger("stylemix")
 
@@ -53,10 +55,143 @@ _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 @dataclass
 class Configuration:
-    id: str  # "base", "anime", "watercolor_pixelart_0.6_0.4" (the report's names)
+    id: str  # "base", "anime", "watercolor_pixelart_0.6_0.4", "watercolor_pixelart_0.6_0.4@switch"
     kind: str  # "base", "single" or "mix"
     styles: dict[str, float]  # style -> weight
     loras: dict[str, float] = field(default_factory=dict)  # LoRA -> weight, once styles are mapped
+    mode: str = "merge"  # merge | switch | composite (stylemix.schedules)
+    switch_every: int = DEFAULT_SWITCH_EVERY
+    preset: str = ""  # the schedules.PRESETS entry its schedules and block weights came from
+    schedules: dict[str, str] = field(default_factory=dict)  # style -> schedule text
+    block_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # style -> {block: multiplier}
+
+    @property
+    def is_plain(self) -> bool:
+        """A weighted sum at every step: what every configuration was before modes and schedules."""
+        return self.mode == "merge" and not self.schedules and not self.block_weights
+
+    def recipe_fields(self) -> dict:
+        """What this configuration sets in each of its images' recipes (LoRA names once mapped, style names
+        before: `ProtocolConfig.validate` checks the recipe before any LoRA is looked up)."""
+        names = dict(zip(self.styles, self.loras)) if self.loras else {s: s for s in self.styles}
+        return {"loras": {names[s]: w for s, w in self.styles.items()},
+                "schedules": {names[s]: t for s, t in self.schedules.items()},
+                "block_weights": {names[s]: dict(b) for s, b in self.block_weights.items()},
+                "mode": self.mode, "switch_every": self.switch_every}
+
+    def info(self) -> dict:
+        """run.json's entry; the keys of modes and schedules only where set, so a plain run's fingerprint (and
+        the resume of a run made before modes existed) does not change."""
+        out = {"id": self.id, "kind": self.kind, "styles": self.styles, "loras": self.loras}
+        if not self.is_plain:
+            out.update(mode=self.mode, switch_every=self.switch_every, preset=self.preset,
+                       schedules=self.schedules, block_weights=self.block_weights)
+        return out
+
+    def schedule_text(self) -> str:
+        """The results' "schedules" cell: the preset's name, else style: schedule pairs ("" for none)."""
+        if self.preset:
+            return f"preset: {self.preset}"
+        return "; ".join(f"{s}: {t}" for s, t in self.schedules.items())
+
+
+@dataclass
+class MixSpec:
+    """One [[mixes]] entry: the styles' weights and how the mix runs over the steps (default: a plain merge)."""
+
+    weights: dict[str, float]
+    mode: str | None = None  # merge | switch | composite; None: merge, and the id names no mode
+    switch_every: int | None = None  # switch mode only; None: schedules.DEFAULT_SWITCH_EVERY
+    preset: str | None = None  # a schedules.PRESETS name: its schedules and block weights for this mix
+    schedules: dict[str, str] = field(default_factory=dict)  # style -> schedule text
+    label: str | None = None  # the id's part after "@" instead of the one made from mode, preset, schedules
+
+    KEYS = ("weights", "mode", "switch_every", "preset", "schedules", "label")
+
+    @property
+    def is_plain(self) -> bool:
+        return self.mode is None and self.switch_every is None and self.preset is None and not self.schedules \
+            and self.label is None
+
+    @property
+    def id(self) -> str:
+        """"watercolor_pixelart_0.6_0.4" (the report's names), then "@switch", "@style-late", "@merge",
+        "@switch-2" (every 2 steps), "@schedule" or "@<label>" for anything but a plain mix."""
+        base = "_".join(self.weights) + "_" + "_".join(f"{float(w):g}" for w in self.weights.values())
+        if self.is_plain:
+            return base
+        if self.label is not None:
+            return f"{base}@{self.label}"
+        parts = []
+        if self.mode is not None:
+            every = self.switch_every not in (None, DEFAULT_SWITCH_EVERY)
+            parts.append(f"{self.mode}-{self.switch_every}" if every else str(self.mode))
+        if self.preset is not None:
+            parts.append(re.sub(r"[^a-z0-9]+", "-", str(self.preset).lower()).strip("-"))
+        if self.schedules:
+            parts.append("schedule")
+        return f"{base}@{'+'.join(parts) or 'merge'}"
+
+    def expanded(self, modes: list[str], presets: list[str]) -> list["MixSpec"]:
+        """A plain mix once per mode and once per preset of the protocol's comparison (itself when it
+        names none; a mix that sets its own mode, preset or schedules is never expanded)."""
+        if not self.is_plain or not (modes or presets):
+            return [self]
+        out = [MixSpec(dict(self.weights), mode=m) for m in modes] or [self]  # no modes: the plain mix, as reference
+        return out + [MixSpec(dict(self.weights), preset=p) for p in presets]
+
+    def check(self, source: str, styles: dict[str, str]) -> None:
+        """StyleMixError naming this configuration for a bad weight, mode, preset, label or schedule."""
+        def bad(problem: str) -> StyleMixError:
+            return StyleMixError(f"{source}: configuration {self.id!r}: {problem}")
+
+        if len(self.weights) < 2:
+            raise bad(f"mix {self.weights!r} needs at least two styles.")
+        for s, w in self.weights.items():
+            if s not in styles:
+                raise bad(f"mix {self.weights!r} uses style {s!r}, which is not in [styles].")
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not -2 <= w <= 2:
+                raise bad(f"weight of {s!r} in mix {self.weights!r} must be a number in [-2, 2].")
+        if self.mode is not None and self.mode not in MODES:
+            raise bad(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}.")
+        if self.switch_every is not None and self.mode != "switch":
+            raise bad("switch_every applies to mode = \"switch\" only.")
+        if self.preset is not None and (not isinstance(self.preset, str) or self.preset not in PRESETS):
+            raise bad(f"unknown preset {self.preset!r}; choose one of: {', '.join(map(repr, PRESETS))}.")
+        if self.preset is not None and self.schedules:
+            raise bad("give a preset or schedules, not both (a preset is a set of schedules).")
+        if self.label is not None:
+            try:
+                check_name(self.label, "configuration label")
+            except StyleMixError as e:
+                raise bad(str(e)) from None
+        if not isinstance(self.schedules, dict):
+            raise bad("schedules must be a table of style = \"schedule\".")
+        for s, text in self.schedules.items():
+            self._check_schedule(s, text, bad)
+
+    def _check_schedule(self, style: str, text, bad) -> None:
+        if style not in self.weights:
+            raise bad(f"schedule of {style!r}: that style is not in the mix ({', '.join(self.weights)}).")
+        try:
+            sched = parse_schedule(text)
+        except ValueError as e:
+            raise bad(f"schedule of {style!r}: {e}") from None
+        # a recipe lists a keyframed LoRA at its peak: a peak other than the mix's weight would render
+        # another mix than the configuration's name and weights column say
+        peak, w = sched.peak(0.0), float(self.weights[style])
+        if sched.unet and abs(peak - w) > 1e-9:
+            raise bad(f"schedule of {style!r} peaks at {peak:g} but the mix gives {style!r} weight {w:g}; "
+                      f"keyframe weights are the LoRA's own (as in loractl): write them up to {w:g}.")
+
+    def configuration(self) -> Configuration:
+        styles = {s: float(w) for s, w in self.weights.items()}
+        schedules, lbw = apply_preset(self.preset, styles) if self.preset else (dict(self.schedules), {})
+        return Configuration(self.id, "mix", styles, mode=self.mode or "merge",
+                             switch_every=DEFAULT_SWITCH_EVERY if self.switch_every is None else self.switch_every,
+                             preset=self.preset or "",
+                             schedules={s: parse_schedule(t).text() for s, t in schedules.items()},
+                             block_weights={s: lbw_weights(v) for s, v in lbw.items()})
 
 
 @dataclass
@@ -67,11 +202,17 @@ class ProtocolConfig:
     singles: list[str] | str = "all"  # styles run alone at weight 1.0
     prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    mixes: list[dict[str, float]] = field(default_factory=list)  # style -> weight; 2, 3, 4... styles
+    # MixSpec, or a plain style -> weight table; 2, 3, 4... styles
+    mixes: list[MixSpec | dict[str, float]] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)  # each plain mix once per mode (a comparison of modes)
+    presets: list[str] = field(default_factory=list)  # ... and once per schedule preset
     generation: dict = field(default_factory=dict)  # Recipe fields: steps, sampler, guidance, width, height...
     tiny_generation: dict = field(default_factory=dict)  # replaces `generation` values with the tiny model
     clip_model: str = "ViT-B-32"
     pretrained: str = "openai"
+
+    def __post_init__(self):
+        self.mixes = [m if isinstance(m, MixSpec) else MixSpec(dict(m)) for m in self.mixes]
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "ProtocolConfig":
@@ -101,14 +242,11 @@ class ProtocolConfig:
             raise StyleMixError(f"{source}: unknown section {sorted(unknown)[0]!r} (known: {', '.join(sorted(known))}).")
         proto, gen, scoring = table("protocol"), dict(table("generation")), table("scoring")
         tiny = gen.pop("tiny", {})
-        mixes = data.get("mixes", [])
-        if not isinstance(mixes, list) or not all(isinstance(m, dict) and isinstance(m.get("weights"), dict)
-                                                  for m in mixes):
-            raise StyleMixError(f"{source}: each [[mixes]] entry needs a `weights = {{style = weight, ...}}` table.")
         cfg = cls(name=str(data.get("name", "protocol")), styles={k: str(v) for k, v in table("styles").items()},
                   triggers={k: str(v) for k, v in table("triggers").items()},
                   singles=proto.get("singles", "all"), prompts=proto.get("prompts", []),
-                  seeds=proto.get("seeds", [0, 1]), mixes=[dict(m["weights"]) for m in mixes],
+                  seeds=proto.get("seeds", [0, 1]), mixes=_mix_specs(data.get("mixes", []), source),
+                  modes=proto.get("modes", []), presets=proto.get("presets", []),
                   generation=gen, tiny_generation=dict(tiny),
                   clip_model=str(scoring.get("clip_model", "ViT-B-32")),
                   pretrained=str(scoring.get("pretrained", "openai")))
@@ -130,20 +268,18 @@ class ProtocolConfig:
         for s in singles:
             if s not in self.styles:
                 raise StyleMixError(f"{source}: single style {s!r} is not in [styles] ({', '.join(self.styles)}).")
+        self._check_comparison(source)
         for mix in self.mixes:
-            if len(mix) < 2:
-                raise StyleMixError(f"{source}: mix {mix!r} needs at least two styles.")
-            for s, w in mix.items():
-                if s not in self.styles:
-                    raise StyleMixError(f"{source}: mix {mix!r} uses style {s!r}, which is not in [styles].")
-                if not isinstance(w, (int, float)) or isinstance(w, bool) or not -2 <= w <= 2:
-                    raise StyleMixError(f"{source}: weight of {s!r} in mix {mix!r} must be a number in [-2, 2].")
+            mix.check(source, self.styles)
         for key in list(self.generation) + list(self.tiny_generation):
             if key not in GENERATION_KEYS:
                 raise StyleMixError(f"{source}: unknown [generation] key {key!r} (known: {', '.join(sorted(GENERATION_KEYS))}).")
         Recipe(prompt="x", **self.generation).validate()
         Recipe(prompt="x", **{**self.generation, **self.tiny_generation}).validate()
-        n = len(self.configurations()) * len(self.prompts) * len(self.seeds)
+        configs = self.configurations()
+        for c in configs:
+            self._check_recipes(c, source)
+        n = len(configs) * len(self.prompts) * len(self.seeds)
         if n > MAX_IMAGES:
             raise StyleMixError(f"{source}: {n} images is more than one run makes ({MAX_IMAGES}).")
         return self
@@ -152,17 +288,38 @@ class ProtocolConfig:
         singles = list(self.styles) if self.singles == "all" else list(self.singles)
         out = [Configuration("base", "base", {})]
         out += [Configuration(s, "single", {s: 1.0}) for s in singles]
-        for mix in self.mixes:
-            cid = "_".join(mix) + "_" + "_".join(f"{float(w):g}" for w in mix.values())
-            out.append(Configuration(cid, "mix", {s: float(w) for s, w in mix.items()}))
+        out += [m.configuration() for mix in self.mixes for m in mix.expanded(self.modes, self.presets)]
         ids = [c.id for c in out]
         dup = next((i for i in ids if ids.count(i) > 1), None)
         if dup:
-            raise StyleMixError(f"Configuration {dup!r} appears twice in the protocol.")
+            raise StyleMixError(f"Configuration {dup!r} appears twice in the protocol (two mixes of the same "
+                                "name: give one a `label`).")
         if mapping is not None:
             for c in out:
                 c.loras = {mapping[s]: w for s, w in c.styles.items()}
         return out
+
+    def _check_comparison(self, source: str) -> None:
+        """protocol.modes and protocol.presets: lists of known names, each once."""
+        for key, known in (("modes", MODES), ("presets", tuple(PRESETS))):
+            values = getattr(self, key)
+            if not isinstance(values, list) or len(set(map(str, values))) != len(values):
+                raise StyleMixError(f"{source}: protocol.{key} must be a list of distinct names "
+                                    f"({', '.join(map(repr, known))}); got {values!r}.")
+            for v in values:
+                if v not in known:
+                    raise StyleMixError(f"{source}: protocol.{key}: unknown {key[:-1]} {v!r}; choose from: "
+                                        f"{', '.join(map(repr, known))}.")
+
+    def _check_recipes(self, c: Configuration, source: str) -> None:
+        """The configuration's recipe at both settings (a schedule's step numbers must fit the tiny model's
+        fewer steps too), refused naming the configuration before anything renders."""
+        for tiny in (False, True):
+            try:
+                Recipe(prompt="x", **self.settings(tiny), **c.recipe_fields()).validate()
+            except (ValueError, StyleMixError) as e:
+                where = " (with [generation.tiny]'s settings)" if tiny and self.tiny_generation else ""
+                raise StyleMixError(f"{source}: configuration {c.id!r}{where}: {e}") from None
 
     def used_styles(self) -> list[str]:
         used = {s for c in self.configurations() for s in c.styles}
@@ -172,6 +329,19 @@ class ProtocolConfig:
         """Recipe fields for every image (the tiny model's overrides applied when `tiny`)."""
         base = {"steps": 25, "sampler": DEFAULT_SAMPLER, "guidance": 7.5, "width": 512, "height": 512}
         return {**base, **self.generation, **(self.tiny_generation if tiny else {})}
+
+
+def _mix_specs(mixes, source: str) -> list[MixSpec]:
+    """[[mixes]] entries as MixSpecs; an unknown key is named (a typo would silently run a plain merge)."""
+    if not isinstance(mixes, list) or not all(isinstance(m, dict) and isinstance(m.get("weights"), dict)
+                                              for m in mixes):
+        raise StyleMixError(f"{source}: each [[mixes]] entry needs a `weights = {{style = weight, ...}}` table.")
+    for m in mixes:
+        unknown = sorted(set(m) - set(MixSpec.KEYS))
+        if unknown:
+            raise StyleMixError(f"{source}: [[mixes]] entry {m['weights']!r}: unknown key {unknown[0]!r} "
+                                f"(known: {', '.join(MixSpec.KEYS)}).")
+    return [MixSpec(**{k: dict(v) if isinstance(v, dict) else v for k, v in m.items()}) for m in mixes]
 
 
 def resolve_styles(config: ProtocolConfig, library, overrides: dict[str, str] | None = None) -> dict[str, str]:
@@ -234,7 +404,7 @@ class ProtocolImage:
 
 
 def _columns(styles: list[str]) -> list[str]:
-    cols = ["config", "kind", "loras", "prompt_index", "prompt", "seed", "file", "clip_score"]
+    cols = ["config", "kind", "loras", "mode", "schedules", "prompt_index", "prompt", "seed", "file", "clip_score"]
     for s in styles:
         cols += [f"sim_{s}", f"cal_{s}", f"share_{s}"]
     return cols
@@ -308,7 +478,7 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
     run_info = {"name": config.name, "model": mixer.loaded.model_id, "is_tiny": tiny, "mapping": mapping,
                 "lora_hashes": {s: mixer.library.get(n).short_hash for s, n in mapping.items()},
                 "settings": settings, "prompts": config.prompts, "seeds": config.seeds,
-                "configurations": [{"id": c.id, "kind": c.kind, "styles": c.styles, "loras": c.loras} for c in configs],
+                "configurations": [c.info() for c in configs],
                 "clip_model": judge.scorer.name, "is_demo": judge.scorer.is_demo}
     fingerprint = hashlib.sha256(json.dumps(run_info, sort_keys=True).encode()).hexdigest()[:16]
     run_info["fingerprint"] = fingerprint
@@ -331,6 +501,8 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
         atomic_write_text(run_file, json.dumps(run_info, indent=2))
     columns = _columns(styles)
     results = out / "results.csv"
+    if state is None or state.is_main_process:
+        _upgrade_columns(results, columns)
     part = results if state is None else out / f"results.part{state.process_index}.csv"
     done_rows = {}
     for p in [results, *sorted(out.glob("results.part*.csv"))]:
@@ -347,7 +519,7 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
 
     def do(job: ProtocolImage) -> None:
         path = out / job.rel_path
-        recipe = base_recipe.with_(prompt=job.prompt, seed=job.seed, loras=dict(job.config.loras))
+        recipe = base_recipe.with_(prompt=job.prompt, seed=job.seed, **job.config.recipe_fields())
         if path.is_file():
             image = open_image(path)  # made before an interruption: scored again, not regenerated
             counts["rescored"] += 1
@@ -355,7 +527,8 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
             res = mixer.generate(recipe)
             image = res.images[0]
             save_png(image, path, res.recipe, res.prompt_used,
-                     extra={"protocol": {"config": job.config.id, "styles": job.config.styles}})
+                     extra={"protocol": {"config": job.config.id, "styles": job.config.styles,
+                                         **({"preset": job.config.preset} if job.config.preset else {})}})
             counts["generated"] += 1
         base = None
         base_path = out / ProtocolImage(configs[0], job.prompt_index, job.prompt, job.seed).rel_path
@@ -363,7 +536,8 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
             base = [open_image(base_path)]
         s = judge.score([image], job.prompt, base_images=base)[0]
         row = {"config": job.config.id, "kind": job.config.kind,
-               "loras": json.dumps(job.config.loras), "prompt_index": job.prompt_index, "prompt": job.prompt,
+               "loras": json.dumps(job.config.loras), "mode": job.config.mode,
+               "schedules": job.config.schedule_text(), "prompt_index": job.prompt_index, "prompt": job.prompt,
                "seed": job.seed, "file": job.rel_path, "clip_score": _fmt(s.clip_score)}
         by_style = {st: mapping[st] for st in styles}
         cal = {st: s.calibrated.get(by_style[st]) for st in styles}
@@ -398,6 +572,31 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
         files, summary, markdown = write_summaries(out, config, configs, styles, judge.scorer.is_demo, run_info)
     return ProtocolResult(out, len(jobs), counts["generated"], counts["rescored"], files, mapping,
                           judge.scorer.is_demo, summary, markdown, _intro(judge.scorer.is_demo, run_info))
+
+
+def _upgrade_columns(results: Path, columns: list[str]) -> None:
+    """A results.csv written before the mode and schedules columns existed, rewritten with them (its rows are
+    plain merges), so the rows appended now line up with its header."""
+    if not results.is_file():
+        return
+    with open(results, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    if not header or header == columns:
+        return
+    rows = _read_rows(results)
+    text = [",".join(columns)]
+    for r in rows:
+        r.setdefault("mode", "merge")
+        text.append(_csv_line([r.get(k) or "" for k in columns]))
+    atomic_write_text(results, "\n".join(text) + "\n")
+
+
+def _csv_line(cells: list[str]) -> str:
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(cells)
+    return buf.getvalue()
 
 
 def _merge_parts(out: Path, results: Path, columns: list[str]) -> None:
@@ -440,7 +639,7 @@ def summarise(rows: list[dict], configs: list[Configuration], styles: list[str])
     for c in configs:
         rs = [r for r in rows if r.get("config") == c.id]
         row = {"config": c.id, "kind": c.kind, "weights": " ".join(f"{s}={w:g}" for s, w in c.styles.items()),
-               "n": len(rs)}
+               "mode": _mode_text(c), "schedules": c.schedule_text(), "n": len(rs)}
         row["clip_mean"], row["clip_lo"], row["clip_hi"] = mean_ci([_num(r["clip_score"]) for r in rs])
         per_image_sim = [[_num(r.get(f"sim_{s}")) for s in c.styles] for r in rs]
         per_image_sim = [[x for x in v if x is not None] for v in per_image_sim]  # the styles with a centroid
@@ -452,6 +651,10 @@ def summarise(rows: list[dict], configs: list[Configuration], styles: list[str])
                 row[f"{key}_{s}_mean"], row[f"{key}_{s}_lo"], row[f"{key}_{s}_hi"] = mean_ci(vals)
         out.append(row)
     return out
+
+
+def _mode_text(c: Configuration) -> str:
+    return f"switch every {c.switch_every}" if c.mode == "switch" else c.mode
 
 
 def write_summaries(out: Path, config: ProtocolConfig, configs: list[Configuration], styles: list[str],
@@ -489,7 +692,7 @@ def _cell_text(v) -> str:
 
 def _csv_cell(v) -> str:
     s = _cell_text(v)
-    return f'"{s}"' if "," in s or '"' in s else s
+    return '"' + s.replace('"', '""') + '"' if "," in s or '"' in s else s
 
 
 def _ci(m, lo, hi, digits=4) -> str:
@@ -511,16 +714,28 @@ def _intro(is_demo: bool, info: dict) -> str:
 
 def _markdown(summary: list[dict], styles: list[str], is_demo: bool, info: dict) -> str:
     head = _intro(is_demo, info).split("\n")
-    cols = ["configuration", "n", "CLIP score", "style similarity"] + [f"sim {s}" for s in styles] + \
+    cols = ["configuration", "mode", "schedules", "n", "CLIP score", "style similarity"] + \
+        [f"sim {s}" for s in styles] + \
         [f"share {s}" for s in styles]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in summary:
-        cells = [r["config"], str(r["n"]), _ci(r["clip_mean"], r["clip_lo"], r["clip_hi"]),
+        cells = [r["config"], r["mode"], r["schedules"] or "-", str(r["n"]),
+                 _ci(r["clip_mean"], r["clip_lo"], r["clip_hi"]),
                  _ci(r["style_sim_mean"], r["style_sim_lo"], r["style_sim_hi"])]
         cells += [_ci(r[f"sim_{s}_mean"], r[f"sim_{s}_lo"], r[f"sim_{s}_hi"]) for s in styles]
         cells += [_ci(r[f"share_{s}_mean"], r[f"share_{s}_lo"], r[f"share_{s}_hi"], 2) for s in styles]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(head + lines) + "\n"
+
+
+def label_lines(cid: str, width: int) -> list[str]:
+    """A configuration id on lines of at most `width` characters, the mode or schedule ("@switch") on its
+    own line: cut at a fixed width, the ids of one mix's variants would all read the same."""
+    base, at, variant = cid.partition("@")
+    chunks = [base[i:i + width] for i in range(0, len(base), width)] or [""]
+    if at:
+        chunks += [(at + variant)[i:i + width] for i in range(0, len(variant) + 1, width)]
+    return chunks
 
 
 def draw_contact_sheet(out: Path, configs: list[Configuration], prompt_index: int, prompt: str, seeds: list[int],
@@ -535,7 +750,9 @@ def draw_contact_sheet(out: Path, configs: list[Configuration], prompt_index: in
     d = ImageDraw.Draw(sheet)
     d.text((4, 4), f"p{prompt_index}: {prompt[:80]}", fill="black")
     for r, c in enumerate(configs):
-        d.text((4, top + r * thumb + thumb // 2 - 5), c.id[:32], fill="black")
+        lines = label_lines(c.id, 32)[:thumb // 12]
+        for k, line in enumerate(lines):
+            d.text((4, top + r * thumb + thumb // 2 - 6 * len(lines) + 12 * k), line, fill="black")
         for k, seed in enumerate(seeds):
             p = out / ProtocolImage(c, prompt_index, prompt, seed).rel_path
             if p.is_file():
@@ -593,8 +810,33 @@ def draw_scatter(rows: list[dict], summary: list[dict], configs: list[Configurat
     for x, y, cid in pts:
         cx, cy = px(x, y)
         d.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=color[cid])
-    for k, (x, y, cid) in enumerate(means):
+    y_text = m + 20
+    for x, y, cid in means:
         cx, cy = px(x, y)
         d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=color[cid], outline="black")
-        d.text((left + size + 8, m + 20 + 14 * k), cid[:30], fill=color[cid])
+        for line in label_lines(cid, 30)[:3]:
+            d.text((left + size + 8, y_text), line, fill=color[cid])
+            y_text += 12
+        y_text += 4
     return img
+
+
+# --------------------------------------------------------------------------- the app's comparison of modes
+
+
+def modes_comparison(loras: list[str], weights: list[float], prompts: list[str], seeds: list[int],
+                     generation: dict, name: str = "app-modes") -> ProtocolConfig:
+    """The Experiments tab's "modes" run: one mix of `loras` at `weights` in every mode (merge, switch,
+    composite) and with every schedule preset, on the same prompts and seeds, the base model first (the
+    calibration's anchor).  No singles: the comparison is between ways of running one mix."""
+    if len(weights) != len(loras):
+        raise StyleMixError(f"Give one weight per LoRA ({len(loras)}), e.g. "
+                            f"{', '.join(f'{round(1 / max(1, len(loras)), 2):g}' for _ in loras)}; got {weights!r}.")
+    mix = dict(zip(loras, weights))
+    # a short render rotates too: every LoRA gets a turn of up to DEFAULT_SWITCH_EVERY steps
+    every = min(DEFAULT_SWITCH_EVERY, max(1, int(generation.get("steps", 25)) // max(1, len(loras))))
+    specs = [MixSpec(dict(mix), mode=m, switch_every=every if m == "switch" else None) for m in MODES]
+    specs += [MixSpec(dict(mix), preset=p) for p in PRESETS]
+    config = ProtocolConfig(name=name, styles={n: n for n in loras}, singles=[], prompts=list(prompts),
+                            seeds=[int(s) for s in seeds], mixes=specs, generation=dict(generation))
+    return config.validate("experiment")
