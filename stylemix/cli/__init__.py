@@ -15,7 +15,8 @@ import sys
 from stylemix.errors import StyleMixError
 
 # module name in stylemix.cli -> registers one or more subcommands
-COMMAND_MODULES = ["generate", "loras", "serve", "preprocess", "train", "jobs", "score", "evaluate", "mix"]
+COMMAND_MODULES = ["generate", "loras", "serve", "preprocess", "train", "jobs", "score", "evaluate", "mix",
+                   "judge"]
 
 
 # Options every subcommand shares, accepted before or after it: `stylemix --model tiny generate "a cat"`
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="stylemix: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command restarts on several processes with
     try:
         return int(args.func(args) or 0)
     except (StyleMixError, ValueError, FileNotFoundError, PermissionError) as e:

@@ -12,6 +12,7 @@ from stylemix.a1111 import lbw_weights
 from stylemix.a1111 import parse_lora_args as tag_args
 from stylemix.recipe import DEFAULT_SAMPLER, SAMPLERS, Recipe, parse_block_weights
 from stylemix.schedules import DEFAULT_SWITCH_EVERY, MODES, PRESETS, apply_preset
+from stylemix.scores.selection import judge_arg
 from stylemix.recipe import parse_size as recipe_size
 
 
@@ -48,6 +49,9 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="output PNG path (default: outputs/<time>-<seed>.png)")
     p.add_argument("--no-score", action="store_true", help="skip CLIP scores")
     p.add_argument("--clip-model", default="ViT-B-32", help="CLIP model for the scores (ViT-B-32 or ViT-L-14)")
+    p.add_argument("--style-judge", default=None, metavar="clip|csd", type=judge_arg,
+                   help="what measures style similarity and shares (default: $STYLEMIX_STYLE_JUDGE, else csd where "
+                        "installed, else clip); the CLIP score is always CLIP's")
     p.add_argument("--no-base-calibration", action="store_true",
                    help="do not make base-model images of the same prompt and seeds to calibrate style similarity "
                         "(the styles' stored anchors are used instead)")
@@ -138,7 +142,8 @@ def run(args) -> int:
     bar, progress = tqdm_progress(recipe.steps, "generating", disable=args.json)
     with bar:
         composed = compose(mixer, recipe, image_paths, progress=progress, score=not args.no_score,
-                           clip_model=args.clip_model, calibrate=not args.no_base_calibration)
+                           clip_model=args.clip_model, calibrate=not args.no_base_calibration,
+                           style_judge=args.style_judge)
     result, scores, paths = composed.result, composed.scores, [str(p) for p in composed.image_paths]
     if args.json:
         print(json.dumps({"images": paths, "recipe": result.recipe.to_dict(), "prompt_used": result.prompt_used,

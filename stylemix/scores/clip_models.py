@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -55,6 +55,7 @@ class Scorer:
     device: torch.device
     is_demo: bool = False  # random weights: the numbers only demonstrate the pipeline
     batch_size: int = 32  # images per forward pass; ViT-B-32 at 32 x 224^2 is ~1.5 GB activations at most
+    kind: ClassVar[str] = "clip"  # as a style judge (selection.py); csd.CsdScorer is "csd"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _text_cache: dict = field(default_factory=dict, repr=False)  # prompt -> embedding, insertion-ordered
 

@@ -13,6 +13,10 @@ Definitions (docs/scores.md gives them with their sources):
   images, so styles with tight and loose image sets can be compared.
 - Shares of a mix: among the LoRAs in the mix (weight not 0), each style's calibrated similarity
   above the noise floor over the sum of those; none above it: "no style detected", no shares.
+
+Style similarity, centroids and shares come from the style judge: CLIP's image embeddings, or CSD's
+style descriptors (csd.py; chosen in selection.py).  The CLIP score is always CLIP's.  Every score
+names its judge (`style_judge`); numbers of different judges are never compared (`check_one_judge`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -42,6 +46,18 @@ DEMO_LABEL = "demo values (tiny random CLIP, not a real measurement)"
 # from what base-model images show (0) to the style's own images (1).  Without it, a mix whose styles
 # barely show would still read "100% watercolor" from noise.
 NOISE_FLOOR = 0.1
+
+
+
+
+class StyleScorer(Protocol):
+    """What the style judge needs of a model: clip_models.Scorer (CLIP) and csd.CsdScorer (CSD) both fit."""
+
+    name: str  # the judge's name, the key of its centroids: "ViT-B-32/openai", "CSD-ViT-L/<sha256[:12]>"
+    is_demo: bool
+    device: torch.device
+
+    def embed_images(self, images: Sequence) -> torch.Tensor: ...
 
 
 # --------------------------------------------------------------------------- definitions
@@ -102,7 +118,8 @@ class StyleCentroid:
     """Where a style sits in CLIP image space, and the two anchors of its calibrated scale."""
 
     vector: torch.Tensor  # [D] unit-norm, float32, cpu
-    clip_model: str  # Scorer.name it was computed with; other CLIP models' spaces are not comparable
+    clip_model: str  # the style judge's name it was computed with (a Scorer/CsdScorer name); other
+    # judges' spaces are not comparable.  (Named clip_model from before CSD; the file keys it so.)
     n_images: int  # how many images it averages
     self_similarity: float  # mean leave-one-out cosine of those images: the calibrated scale's 1
     base_similarity: float | None = None  # mean cosine of base-model images to it: the scale's 0, if known
@@ -129,8 +146,9 @@ def leave_one_out_similarity(embeddings: torch.Tensor) -> float:
     return float((embeddings * others).sum(-1).mean())
 
 
-def compute_centroid(scorer: Scorer, images: Sequence, base_images: Sequence | None = None) -> StyleCentroid:
-    """The style centroid of `images` (training or reference images of one style).
+def compute_centroid(scorer: StyleScorer, images: Sequence, base_images: Sequence | None = None) -> StyleCentroid:
+    """The style centroid of `images` (training or reference images of one style), in `scorer`'s space
+    (a CLIP Scorer or a CsdScorer: one centroid per judge).
 
     base_images: optional base-model images (e.g. the trainer's validation prompts and seeds
     without the LoRA); their mean similarity is stored as the calibration's low anchor.
@@ -226,8 +244,8 @@ class ImageScores:
 
     clip_score: float | None  # raw cosine image/prompt-without-triggers; None without a prompt
     clip_score_100: float | None  # torchmetrics CLIPScore scale: 100 * max(cos, 0)
-    clip_model: str  # the CLIP model all numbers come from
-    is_demo: bool  # tiny random CLIP: numbers only demonstrate the pipeline
+    clip_model: str  # the CLIP model of the CLIP score (and of style numbers when the judge is CLIP)
+    is_demo: bool  # tiny random CLIP or CSD: numbers only demonstrate the pipeline
     prompt_scored: str | None = None  # the text the CLIP score used (trigger words removed)
     similarity: dict[str, float] = field(default_factory=dict)  # cosine to each style centroid
     calibrated: dict[str, float | None] = field(default_factory=dict)  # 0 = base model, 1 = the style's own images
@@ -235,6 +253,7 @@ class ImageScores:
     shares: dict[str, float] = field(default_factory=dict)  # LoRAs in the mix -> share, sums to 1; {} = none
     shares_basis: str | None = None  # "calibrated", or "raw" when some style had no low anchor; None: no mix
     style_detected: bool | None = None  # calibrated: whether any style is above NOISE_FLOOR; raw: None
+    style_judge: str | None = None  # the judge of similarity/calibrated/shares (a centroid key); None: not recorded
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -252,16 +271,22 @@ class ImageScores:
                 parts[-1] += " (uncalibrated)"
         elif self.style_detected is False:
             parts.append("no style detected")
+        if len(parts) > 1 and self.style_judge and self.style_judge != self.clip_model:
+            parts[-1] += f" (judge {self.style_judge})"
         line = " | ".join(parts)
         return f"{line} [DEMO VALUES]" if self.is_demo else line
 
 
-def score_images(scorer: Scorer, images: Sequence, prompt: str | None, styles: Mapping[str, StyleCentroid],
+def score_images(scorer: Scorer | None, images: Sequence, prompt: str | None, styles: Mapping[str, StyleCentroid],
                  trigger_words: Sequence[str] = (), base_images: Sequence | None = None,
                  base_similarities: Mapping[str, float] | None = None,
-                 weights: Mapping[str, float] | None = None) -> list[ImageScores]:
+                 weights: Mapping[str, float] | None = None,
+                 style_scorer: StyleScorer | None = None) -> list[ImageScores]:
     """Score each image: CLIP score against `prompt`, and similarity, calibrated similarity and
-    share for each style in `styles` (LoRA name -> centroid computed with this scorer's model).
+    share for each style in `styles` (LoRA name -> centroid computed with the style judge).
+
+    scorer: the CLIP of the CLIP score (None: no CLIP score).  style_scorer: the style judge (a
+    CsdScorer, or a CLIP Scorer; default `scorer`): every centroid must be in its space.
 
     The calibration's low anchor, per style, is the first of:
       1. `base_images`: base-model images of the same prompt and seed, paired with `images`
@@ -278,28 +303,35 @@ def score_images(scorer: Scorer, images: Sequence, prompt: str | None, styles: M
     shares stay near even; one style's raw share would be 100% whatever the image shows).
     """
     images = list(images)
-    emb = scorer.embed_images(images)
+    judge = style_scorer or scorer
+    if judge is None:
+        raise StyleMixError("score_images needs a CLIP scorer or a style judge.")
     n = len(images)
     clip, text = [None] * n, None
-    if prompt:
+    if prompt and scorer is not None:
         text = strip_trigger_words(prompt, trigger_words) or None
         if text:
-            clip = (emb @ scorer.embed_texts([text])[0]).tolist()
-    base_emb = None
+            clip_emb = scorer.embed_images(images)
+            clip = (clip_emb @ scorer.embed_texts([text])[0]).tolist()
+    # The CLIP embeddings are reused when CLIP is also the judge; CSD embeds only when there are styles.
+    if judge is scorer and text:
+        emb = clip_emb
+    else:
+        emb = judge.embed_images(images) if styles else None
     if base_images is not None:
         base_images = list(base_images)
         if len(base_images) != n:
             raise StyleMixError(f"Got {len(base_images)} base-model images for {n} images; they must pair one to one.")
-        base_emb = scorer.embed_images(base_images) if n else None
+    base_emb = judge.embed_images(base_images) if base_images is not None and n and styles else None
     sims: dict[str, list[float]] = {}
     anchors: dict[str, list[float | None]] = {}
     for name, c in styles.items():
-        if c.clip_model != scorer.name:
-            raise StyleMixError(f"The style centroid of {name!r} was computed with CLIP {c.clip_model!r}, "
-                                f"not {scorer.name!r}: similarities across CLIP models are not comparable.")
+        if c.clip_model != judge.name:
+            raise StyleMixError(f"The style centroid of {name!r} was computed with the judge {c.clip_model!r}, "
+                                f"not {judge.name!r}: similarities of different judges are not comparable.")
         if c.vector.numel() != emb.shape[-1]:
             raise StyleMixError(f"The style centroid of {name!r} has {c.vector.numel()} dimensions, "
-                                f"CLIP {scorer.name} gives {emb.shape[-1]}.")
+                                f"the judge {judge.name} gives {emb.shape[-1]}.")
         vec = c.vector.to(emb.device, emb.dtype)
         sims[name] = (emb @ vec).tolist()
         if base_emb is not None:
@@ -318,10 +350,31 @@ def score_images(scorer: Scorer, images: Sequence, prompt: str | None, styles: M
         shares, basis, detected = _shares(in_mix, sim, cal)
         out.append(ImageScores(
             clip_score=clip[i], clip_score_100=None if clip[i] is None else clip_score_100(clip[i]),
-            clip_model=scorer.name, is_demo=scorer.is_demo, prompt_scored=text,
+            clip_model=scorer.name if scorer is not None else None,
+            is_demo=bool(judge.is_demo or (scorer is not None and scorer.is_demo)), prompt_scored=text,
             similarity=sim, calibrated=cal, base_similarity=base,
-            shares=shares, shares_basis=basis, style_detected=detected))
+            shares=shares, shares_basis=basis, style_detected=detected, style_judge=judge.name))
     return out
+
+
+def check_one_judge(rows: Iterable) -> str | None:
+    """The one style judge of `rows` (ImageScores or their dicts, e.g. an experiment's results), or None
+    when none records one.  Raises StyleMixError when they come from different judges: their similarities
+    live in different spaces, so an average, a ranking or a comparison of them means nothing.
+
+    A row without `style_judge` (written before CSD) counts as its `clip_model`'s, which judged it then.
+    """
+    judges: dict[str, int] = {}
+    for row in rows:
+        get = row.get if isinstance(row, Mapping) else (lambda k, _r=row: getattr(_r, k, None))
+        judge = get("style_judge") or get("clip_model")
+        if judge:
+            judges[str(judge)] = judges.get(str(judge), 0) + 1
+    if len(judges) > 1:
+        counts = ", ".join(f"{k} ({v} rows)" for k, v in sorted(judges.items()))
+        raise StyleMixError(f"These scores come from different style judges: {counts}. Scores of different judges "
+                            "are never compared or averaged; rescore them all with one judge (--style-judge).")
+    return next(iter(judges), None)
 
 
 def _shares(in_mix: list[str], sim: dict[str, float], cal: dict[str, float | None]
