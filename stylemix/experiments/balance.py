@@ -63,6 +63,7 @@ class BalanceResult:
     reached: bool  # share and CLIP tolerances both met
     clip_floor: float | None  # best single LoRA's CLIP score minus the tolerance
     best_single: dict[str, float] = field(default_factory=dict)  # LoRA -> its CLIP score alone
+    style_judge: str | None = None  # what measured the shares (CLIP or CSD): one judge for the whole search
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -185,4 +186,4 @@ def balance_mix(mixer, recipe: Recipe, target: dict[str, float], config: Balance
     logger.info("balance: %d search generations, error %.3f (naive %.3f)", len(path), best.error, naive.error)
     return BalanceResult(target=target, best=best, naive=naive, path=path, evaluations=len(path),
                          generations=counter["gen"], images=counter["img"], reached=reached, clip_floor=floor,
-                         best_single=best_single)
+                         best_single=best_single, style_judge=judge.style_judge)

@@ -80,6 +80,7 @@ class EpochsResult:
     is_demo: bool
     has_centroid: bool  # False: the final LoRA has no style centroid, so only CLIP scores
     note: str = ""  # what a reader must know about the numbers (no centroid)
+    style_judge: str | None = None  # what measured the style similarities (CLIP or CSD)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -142,10 +143,10 @@ def run_epochs(mixer, lora: str, versions: list[tuple[int, str]], out_dir: str |
                     progress(len(records), total, f"{row.label} | prompt {i} | seed {seed}")
     table = summarise(rows, records, weight)
     note = "" if has_centroid else (
-        f"{lora!r} has no style centroid for CLIP {judge.scorer.name}: CLIP scores only, no style similarity. "
-        f"Compute one with `stylemix score REFERENCE_IMAGES... --save-centroid {lora}`.")
-    result = EpochsResult(out, lora, weight, table, records, {}, judge.scorer.name, judge.scorer.is_demo,
-                          has_centroid, note)
+        f"{lora!r} has no style centroid for the style judge {judge.style_judge}: CLIP scores only, no style "
+        f"similarity. Compute one with `stylemix score REFERENCE_IMAGES... --save-centroid {lora}`.")
+    result = EpochsResult(out, lora, weight, table, records, {}, judge.scorer.name, judge.is_demo,
+                          has_centroid, note, style_judge=judge.style_judge)
     result.files = write_files(result, rows, prompts, seeds)
     return result
 

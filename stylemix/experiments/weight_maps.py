@@ -56,10 +56,12 @@ class WeightMap:
     points_per_line: int = 0
     clip_model: str | None = None
     is_demo: bool = False
+    style_judge: str | None = None  # what measured the similarities and shares (CLIP or CSD)
 
     def to_dict(self) -> dict:
         return {"names": self.names, "kind": self.kind, "axes": self.axes, "lines": self.lines,
                 "points_per_line": self.points_per_line, "clip_model": self.clip_model, "is_demo": self.is_demo,
+                "style_judge": self.style_judge,
                 "recipe": self.recipe.to_dict(), "cells": [c.to_dict() for c in self.cells]}
 
 
@@ -112,7 +114,7 @@ def weight_map_2d(mixer, recipe: Recipe, a: str, b: str, values_a: Sequence[floa
     names = [a, b, *[n for n in (fixed or {}) if n not in (a, b)]]
     cells = sweep(mixer, recipe, grid_points(a, b, values_a, values_b, fixed), judge, progress)
     return WeightMap(names, cells, recipe, "grid", axes=(list(map(float, values_a)), list(map(float, values_b))),
-                     clip_model=judge.scorer.name if judge else None, is_demo=bool(judge and judge.scorer.is_demo))
+                     **_judged_by(judge))
 
 
 def weight_map_lines(mixer, recipe: Recipe, lines: list[tuple[dict[str, float], dict[str, float]]], n: int = 5,
@@ -124,7 +126,14 @@ def weight_map_lines(mixer, recipe: Recipe, lines: list[tuple[dict[str, float], 
     names = list(dict.fromkeys(k for p in points for k in p))
     cells = sweep(mixer, recipe, points, judge, progress)
     return WeightMap(names, cells, recipe, "lines", lines=len(lines), points_per_line=n,
-                     clip_model=judge.scorer.name if judge else None, is_demo=bool(judge and judge.scorer.is_demo))
+                     **_judged_by(judge))
+
+
+def _judged_by(judge: StyleJudge | None) -> dict:
+    """The WeightMap fields that say which models scored it: one map is always one judge's."""
+    if judge is None:
+        return {}
+    return {"clip_model": judge.scorer.name, "is_demo": judge.is_demo, "style_judge": judge.style_judge}
 
 
 # --------------------------------------------------------------------------- drawing
