@@ -176,10 +176,22 @@ def compose_small(pg) -> None:
     settings.click()  # closed again: the screenshot shows the sliders
 
 
+def add_to_mix(pg, *names: str) -> None:
+    """Add LoRAs to the Compose tab's mix the way a user does: the "Add to mix" button of each one's card
+    (a LoRA in the mix already keeps its slider).  A LoRA joins at weight 1, as in A1111."""
+    for name in names:
+        if pg.locator(f"#w-{name}").count():
+            continue
+        pg.locator(f"#add-{name}").click()
+        pg.locator(f"#w-{name}").wait_for()
+
+
 def drag_two_and_check(pg, first: str, second: str) -> None:
-    """Drag two sliders; after each release a new image and new scores must appear."""
+    """Add two LoRAs to the mix and drag their sliders; after each release a new image and new scores
+    must appear."""
+    add_to_mix(pg, first, second)
     before_src, before_scores = image_src(pg), pg.locator("#cp-scores").inner_text()
-    v1 = drag_slider(pg, first, 0.75)
+    v1 = drag_slider(pg, first, 0.8)  # from 1 (a LoRA added to the mix) to about 1.2
     assert v1 > 0.5, f"dragging the {first} slider did not move it (value {v1})"
     src1 = wait_until(pg, lambda: (s := image_src(pg)) and s != before_src and s, f"an image after moving {first}")
     # the finished scores (not Gradio's progress text over the box while the render runs)
@@ -188,7 +200,7 @@ def drag_two_and_check(pg, first: str, second: str) -> None:
     assert "CLIP score" in scores1 and first in scores1 and "Demo values" in scores1
     pixels1 = fetch_pixels(pg, src1)
 
-    v2 = drag_slider(pg, second, 0.65)
+    v2 = drag_slider(pg, second, 0.7)  # from 1 to about 0.8
     assert v2 > 0.3, f"dragging the {second} slider did not move it (value {v2})"
     src2 = wait_until(pg, lambda: (s := image_src(pg)) != src1 and s, f"an image after moving {second}")
     scores2 = wait_until(pg, lambda: (t := pg.locator("#cp-scores").inner_text()) != scores1

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from browser_fixtures import *  # noqa: F401,F403  (fixtures: chromium_path, server, page)
-from browser_fixtures import (EXAMPLES, MIX_STYLES, choose, compose_small, drag_two_and_check, errors_on_page,
+from browser_fixtures import (EXAMPLES, MIX_STYLES, add_to_mix, choose, compose_small, drag_two_and_check, errors_on_page,
                               fetch_pixels, image_src, open_tab, progress_step, screenshot, set_number,
                               slider_thumb, wait_until)
 
@@ -139,10 +139,9 @@ def test_upload_preprocess_train_then_mix(page, server):
     screenshot(page, "library")
     phases["library"] = round(time.monotonic() - t0)
 
-    # ---- Compose: the new style has a slider; drag it and another style's slider
+    # ---- Compose: the new style has a card; add it and another style to the mix and drag their sliders
     open_tab(page, "Compose")
-    wait_until(page, lambda: page.get_by_label(f"range slider for {TRAINED}", exact=True).count(),
-               f"a slider for {TRAINED}")
+    wait_until(page, lambda: page.locator(f"#add-{TRAINED}").count(), f"a card for {TRAINED}")
     compose_small(page)
     drag_two_and_check(page, TRAINED, MIX_STYLES[0])
     screenshot(page, "compose")
@@ -180,6 +179,7 @@ def test_live_previews_while_dragging_then_exact_image_on_release(page, server):
     open_tab(page, "Compose")
     compose_small(page)
     name = MIX_STYLES[0]
+    add_to_mix(page, name)
     box, x, y = slider_thumb(page, name)
     live = page.locator("#cp-live")
     previews: list[np.ndarray] = []

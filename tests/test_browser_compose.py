@@ -2,17 +2,21 @@
 
 Every bad value typed into the page gets one readable message with the CLI's words, renders nothing,
 never costs an HTTP 500 and leaves the inputs editable; Ctrl+Enter generates; "Weights used" names the
-block weights; a 64x64 image is shown large and sharp.  Fixtures: tests/browser_fixtures.py.
+block weights; a 64x64 image is shown large and sharp; LoRAs join the mix from the card browser and
+leave it with one click, each with a schedule the plot draws and the render follows.
+Fixtures: tests/browser_fixtures.py.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from browser_fixtures import *  # noqa: F401,F403  (fixtures: chromium_path, server, page)
-from browser_fixtures import MIX_STYLES, compose_small, errors_on_page, image_src, open_tab, screenshot, wait_until
+from browser_fixtures import (MIX_STYLES, add_to_mix, choose, compose_small, errors_on_page, image_src,
+                              open_tab, screenshot, set_number, wait_until)
 
 pytestmark = pytest.mark.browser
 
@@ -28,10 +32,16 @@ def compose(page, server):
     page.locator("#banner").wait_for()
     open_tab(page, "Compose")
     compose_small(page)
-    page.locator("#cp-generate").click()
-    wait_until(page, lambda: image_src(page) and "Weights used" in page.locator("#cp-used").inner_text(),
-               "the first image")
+    add_to_mix(page, *MIX_STYLES)
+    set_number(page, f"w-{MIX_STYLES[1]}", 0)  # a typed weight renders on leaving the box: the first image
+    wait_until(page, lambda: image_src(page) and weights_used(page) == f"{NAME} 1", "the first image")
     return page, failures
+
+
+def weights_used(pg) -> str:
+    """The "Weights used" line under the image ('' before the first render)."""
+    m = re.search(r"Weights used: (.*)", pg.locator("#cp-used").inner_text())
+    return m.group(1).strip() if m else ""
 
 
 def cli_error(capsys, *args: str) -> str:
@@ -130,7 +140,7 @@ def test_malformed_lora_tag_message_shows_whole(compose):
     prompt = pg.locator("#cp-prompt textarea")
     for tag, message in [("<lora:watercolor:5>", "LoRA tag '<lora:watercolor:5>': weight 5 is outside [-2, 2]."),
                          ("<lora:watercolor:abc>",
-                          "Malformed LoRA tag '<lora:watercolor:abc>': the weight 'abc' is not a number.")]:
+                          "LoRA tag '<lora:watercolor:abc>': the weight 'abc' is not a number.")]:
         prompt.fill(f"a cat {tag}")
         pg.locator("#cp-generate").click()
         refused(pg, failures, message, tag)
@@ -200,3 +210,104 @@ def track_pixels(pg, label: str, value: float) -> dict[float, tuple[int, int, in
 
 def colour_distance(a, b) -> int:
     return sum(abs(x - y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- the mix and its schedules
+
+
+def plot_points(pg) -> dict[str, list[float]]:
+    """The plot's data as drawn: each LoRA's weights by step, read from the chart's point labels."""
+    labels = pg.locator("#cp-plot [aria-roledescription='point']").evaluate_all(
+        "els => els.map(e => e.getAttribute('aria-label'))")
+    points: dict[str, dict[int, float]] = {}
+    for label in labels:
+        m = re.search(r"step[^:]*: ([\d.]+); weight: (-?[\d.]+); lora: (\S+)", label or "")
+        if m:
+            points.setdefault(m.group(3), {})[int(float(m.group(1)))] = float(m.group(2))
+    return {name: [w for _, w in sorted(steps.items())] for name, steps in points.items()}
+
+
+def mix_order(pg) -> list[str]:
+    return [i.removeprefix("w-") for i in pg.locator(".sm-weight").evaluate_all("els => els.map(e => e.id)")]
+
+
+def test_cards_schedules_plot_and_render(compose, server):
+    """Remove a LoRA with one click, find it again by its trigger word and add it back from its card; give
+    the two LoRAs a start and keyframes: the plot follows as typed, a bad keyframe is named next to its box
+    and refused by Generate, and the render (its "Weights used" and its recipe) carries the schedules; a
+    preset fills them; a loaded recipe brings its LoRA back into the mix with its schedule."""
+    pg, failures = compose
+    _, ws, _ = server
+    other = MIX_STYLES[1]
+    kf, start = (lambda n: pg.locator(f"#kf-{n} input, #kf-{n} textarea").first), \
+        (lambda n: pg.locator(f"#st-{n} input, #st-{n} textarea").first)
+    settings(pg, True)
+    set_number(pg, "cp-steps", 5)  # enough steps for the plot to show a ramp
+    settings(pg, False)
+    wait_until(pg, lambda: len(plot_points(pg).get(NAME, [])) == 5, "the plot at 5 steps")
+
+    # the card browser: out of the mix with one click, found by its trigger word, back in at the end
+    pg.locator(f"#rm-{other}").click()
+    wait_until(pg, lambda: mix_order(pg) == [NAME] and other not in plot_points(pg), f"{other} out of the mix")
+    search = pg.locator("#cp-search input, #cp-search textarea").first
+    search.fill(f"{other}style")  # its trigger word
+    wait_until(pg, lambda: pg.locator(f"#card-{other}").count() and not pg.locator(f"#card-{NAME}").count(),
+               "the search to narrow the cards")
+    add_to_mix(pg, other)
+    assert mix_order(pg) == [NAME, other]  # the order of addition: the order Switch rotates in
+    wait_until(pg, lambda: plot_points(pg).get(other) == [1.0] * 5, f"{other} in the plot at its weight, 1")
+    search.fill("")
+    screenshot(pg, "compose-mix")
+
+    # schedules, checked as typed: the message sits under the mix and names the LoRA
+    kf(other).fill("1@0.5,0@0")
+    msg = pg.locator("#cp-schedule-problems")
+    wait_until(pg, lambda: "keyframes out of order" in msg.inner_text(), "the keyframes' problem under the mix")
+    assert msg.inner_text().startswith(f"schedule of LoRA '{other}': keyframes out of order")
+    before = image_src(pg)
+    pg.locator("#cp-generate").click()
+    refused(pg, failures, f"schedule of LoRA '{other}': keyframes out of order", "keyframes out of order")
+    assert image_src(pg) == before
+    kf(other).fill("0@0,1@0.5")
+    start(NAME).fill("0.5")
+    wait_until(pg, lambda: plot_points(pg) == {NAME: [0, 0, 1, 1, 1], other: [0, 0.5, 1, 1, 1]},
+               "the plot to follow the schedules")
+    assert msg.inner_text().strip() == ""
+
+    # the modes: composite says what it costs before it starts; switch shows its period and rotates
+    pg.locator("#cp-mode").get_by_label("composite", exact=True).check()
+    wait_until(pg, lambda: "about 2× the time of a merge render" in pg.locator("#cp-mode-note").inner_text(),
+               "composite's cost")
+    pg.locator("#cp-mode").get_by_label("switch", exact=True).check()
+    pg.locator("#cp-switch-every").wait_for()
+    set_number(pg, "cp-switch-every", 2)
+    wait_until(pg, lambda: plot_points(pg) == {NAME: [0, 0, 0, 0, 1], other: [0, 0, 1, 1, 0]}, "the switch plot")
+    pg.locator("#cp-mode").get_by_label("merge", exact=True).check()
+    wait_until(pg, lambda: not pg.locator("#cp-switch-every").is_visible() and plot_points(pg)[NAME] == [0, 0, 1, 1, 1],
+               "merge again")
+
+    # the render follows the schedules: "Weights used" and the recipe carry them
+    pg.locator("#cp-generate").click()
+    used = wait_until(pg, lambda: image_src(pg) != before and "[" in (t := weights_used(pg)) and t, "the render")
+    assert used == f"{NAME} 1 [start=0.5], {other} 1 [0@0,1@0.5]", used
+    recipe_path = max(ws.outputs.glob("*/*-recipe.json"), key=lambda p: p.stat().st_mtime)
+    recipe = json.loads(recipe_path.read_text())
+    assert recipe["schedules"] == {NAME: "start=0.5", other: "unet=0@0,1@0.5"} and recipe["mode"] == "merge"
+    assert not failures
+
+    # a preset fills the schedules of the whole mix (and empties the start box it replaces)
+    choose(pg, "cp-preset", "style late")
+    wait_until(pg, lambda: kf(NAME).input_value() == "0@0.3,1@0.6:te=1" and kf(other).input_value()
+               == "0@0.3,1@0.6:te=1", "the preset's schedules")
+    assert start(NAME).input_value() == ""
+    wait_until(pg, lambda: plot_points(pg) == {NAME: [0, 0, 0.6667, 1, 1], other: [0, 0, 0.6667, 1, 1]},
+               "the preset's plot")
+
+    # a recipe brings its LoRAs into the mix with their schedules
+    pg.locator(f"#rm-{other}").click()
+    wait_until(pg, lambda: mix_order(pg) == [NAME], f"{other} out of the mix")
+    pg.locator("#cp-recipe-in input[type=file]").set_input_files(str(recipe_path))
+    wait_until(pg, lambda: mix_order(pg) == [NAME, other] and kf(other).input_value() == "0@0,1@0.5"
+               and start(NAME).input_value() == "0.5" and kf(NAME).input_value() == "", "the recipe's mix")
+    wait_until(pg, lambda: plot_points(pg) == {NAME: [0, 0, 1, 1, 1], other: [0, 0.5, 1, 1, 1]}, "the recipe's plot")
+    assert not failures and not errors_on_page(pg)
