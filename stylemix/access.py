@@ -3,7 +3,8 @@
 Identity.  Every request carries an owner id chosen by the server: `user_<name>` when app auth
 (STYLEMIX_AUTH or a Space login) is on, else the browser's secret token (`new_owner_token`).
 A LoRA's `stylemix.json` never stores that id: it stores `owner_key(owner)`, a salted sha256,
-because the library listing is shown to everyone and a token is a password.
+because the library listing is shown to everyone and a token is a password.  The salt is fixed,
+never drawn per process: app processes sharing one library (replicas) must agree on every owner.
 
 Policy.
 - A LoRA with no `owner` (the example LoRAs, files an admin put in `loras/`) belongs to no

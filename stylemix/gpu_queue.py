@@ -151,3 +151,92 @@ class ModelThread:
 
     def _started(self) -> None:
         self._ident = threading.get_ident()
+
+
+class PrioritySlots:
+    """N interchangeable pipelines granted like `PriorityRLock`: by (priority, arrival), re-entrantly.
+
+    One app over several GPUs (stylemix/pipelines.py) hands each piece of work whichever pipeline is
+    free.  A single queue for all of them (rather than one lock per pipeline, tried in turn) keeps
+    the GPU queue's promise: the oldest interactive request gets the next pipeline that frees up.
+    A thread that holds a slot gets the same slot again (nested calls stay on one pipeline);
+    `acquire(every=True)` (library changes) waits until no pipeline works.  The head of the queue
+    is served strictly: a free pipeline never goes to a later arrival while an earlier one of the
+    same or higher priority waits for all of them, so a library change is never starved.
+    """
+
+    def __init__(self, n: int, history: int = 256):
+        if n < 1:
+            raise ValueError("PrioritySlots needs at least one slot")
+        self._cond = threading.Condition(threading.Lock())
+        self._holder: list[int | None] = [None] * n
+        self._depth = [0] * n
+        self._waiting: list[tuple[int, int]] = []  # (priority, ticket) of threads waiting
+        self._tickets = itertools.count()
+        # (priority, thread name, slot) of each first acquisition, newest last (tests, benchmarks)
+        self.grants: deque = deque(maxlen=history)
+
+    def __len__(self) -> int:
+        return len(self._holder)
+
+    def held(self) -> list[int]:
+        """The slots the calling thread holds."""
+        me = threading.get_ident()
+        with self._cond:
+            return [i for i, h in enumerate(self._holder) if h == me]
+
+    def _free_for(self, me: int, which: int | None, every: bool) -> list[int] | None:
+        """The slots to take now (None: not yet)."""
+        if every:
+            return list(range(len(self._holder))) if all(h in (None, me) for h in self._holder) else None
+        if which is not None:
+            return [which] if self._holder[which] is None else None
+        free = [i for i, h in enumerate(self._holder) if h is None]
+        return free[:1] or None
+
+    def acquire(self, which: int | None = None, every: bool = False, priority: int | None = None) -> list[int]:
+        """Take one free slot (`which`: that one; `every`: all of them); returns the slots taken."""
+        me = threading.get_ident()
+        prio = current_priority() if priority is None else priority
+        with self._cond:
+            mine = [i for i, h in enumerate(self._holder) if h == me]
+            if mine and not every and (which is None or which in mine):
+                slot = mine[0] if which is None else which  # re-entrant: stay on the pipeline already held
+                self._depth[slot] += 1
+                return [slot]
+            entry = (prio, next(self._tickets))
+            self._waiting.append(entry)
+            try:
+                self._cond.wait_for(lambda: min(self._waiting) == entry
+                                    and self._free_for(me, which, every) is not None)
+                taken = self._free_for(me, which, every)
+                for i in taken:
+                    if self._holder[i] is None:
+                        self.grants.append((prio, threading.current_thread().name, i))
+                    self._holder[i] = me
+                    self._depth[i] += 1
+                return taken
+            finally:
+                self._waiting.remove(entry)
+                self._cond.notify_all()  # the next in line re-checks who is first now
+
+    def release(self, slots: list[int]) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if any(self._holder[i] != me for i in slots):
+                raise RuntimeError("release of a pipeline slot not held by this thread")
+            for i in slots:
+                self._depth[i] -= 1
+                if self._depth[i] == 0:
+                    self._holder[i] = None
+            self._cond.notify_all()
+
+    def waiting(self) -> list[int]:
+        """Priorities of the threads now waiting (for tests and the benchmark)."""
+        with self._cond:
+            return [p for p, _ in sorted(self._waiting)]
+
+    def busy(self) -> int:
+        """How many slots are held now."""
+        with self._cond:
+            return sum(h is not None for h in self._holder)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -36,6 +37,11 @@ from stylemix.recipe import SAMPLERS, Recipe
 from stylemix.schedules import WeightPlan, compile_plan, strength_factor
 
 logger = logging.getLogger("stylemix")
+
+# One adapter load at a time in the whole process, whichever pipeline it is for: peft builds the new
+# layers inside `init_empty_weights`, which patches torch's `Module.register_parameter` globally, so two
+# pipelines of a pool loading at once break each other's load (stylemix/pipelines.py).
+_ADAPTER_LOAD_LOCK = threading.Lock()
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
@@ -144,7 +150,7 @@ class Mixer:
             library.targets = pipeline_targets(self.pipe)
         self.lock = loaded.lock  # one lock per pipeline: mixers sharing a cached pipeline take turns
         self._adapters: dict[str, tuple[str, str]] = {}  # LoRA name -> (adapter id, sha256)
-        self._stats: dict[str, tuple[int, int]] = {}  # LoRA name -> (mtime_ns, size) of its file when loaded
+        self._stats: dict[str, tuple[int, int, int]] = {}  # LoRA name -> its file's (mtime_ns, size, inode) at load
         self._layers: list[_Layer] = []
         self._unet_now: dict[str, float] = {}  # the U-Net weight each LoRA is set to now (recorded per step)
         self._embeds: OrderedDict = OrderedDict()  # prompt-embedding cache
@@ -160,12 +166,14 @@ class Mixer:
     def loaded_names(self) -> list[str]:
         return list(self._adapters)
 
-    def _file_stat(self, name: str) -> tuple[int, int] | None:
+    def _file_stat(self, name: str) -> tuple[int, int, int] | None:
         try:
             st = (self.library.root / name / WEIGHTS_NAME).stat()
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        # the inode too: another app process sharing the library may replace a LoRA with a file of the
+        # same size within one timestamp tick; every library write is a new file renamed in
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def ensure_loaded(self, names) -> None:
         """Load each named LoRA once (again only if its file changed on disk)."""
@@ -189,7 +197,8 @@ class Mixer:
                 adapter_id = f"sm_{sha[:16]}"
                 if adapter_id not in self._resident_ids():
                     t = time.perf_counter()
-                    self.pipe.load_lora_weights(str(entry.weights), adapter_name=adapter_id)
+                    with _ADAPTER_LOAD_LOCK:
+                        self.pipe.load_lora_weights(str(entry.weights), adapter_name=adapter_id)
                     logger.info("loaded LoRA %s as %s in %.2fs", name, adapter_id, time.perf_counter() - t)
                 self._adapters[name] = (adapter_id, sha)
                 changed = True
@@ -207,7 +216,8 @@ class Mixer:
                 return
             self.restore_base_weights()  # peft must wrap the original weights, not a merged mix
             kwargs = {"weight_name": weight_name} if weight_name else {}
-            self.pipe.load_lora_weights(source, adapter_name=adapter_id, **kwargs)
+            with _ADAPTER_LOAD_LOCK:
+                self.pipe.load_lora_weights(source, adapter_name=adapter_id, **kwargs)
             self._collect_layers()
 
     def unload(self, name: str) -> None:
@@ -334,6 +344,16 @@ class Mixer:
     def _apply(self) -> int:
         """apply() with the lock held (also called between denoising steps)."""
         state, groups, changed = self.state, {}, 0
+        if len(state.merged) > len(self._layers):
+            # another mixer on this pipeline (a cached model shared by two services) merged layers this one
+            # has not loaded: their original weights go back, or a render here would carry its LoRAs
+            mine = {layer.key for layer in self._layers}
+            for key, parts in state.merged.items():
+                if parts and key not in mine:
+                    weight, original = state.original[key]
+                    weight.copy_(original)
+                    state.merged[key] = ()
+                    changed += 1
         for layer in self._layers:
             if state.merged.get(layer.key, ()) == layer.want:
                 continue

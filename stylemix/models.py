@@ -100,11 +100,13 @@ _cache_lock = threading.Lock()
 
 
 def load_model(model: str | None = None, device: str | None = None, dtype: str | None = None,
-               safety_checker: bool = False) -> LoadedModel:
+               safety_checker: bool = False, replica: int = 0) -> LoadedModel:
     """Load (once, then cached by model/device/dtype) a StableDiffusionPipeline.
 
     model: hub id, local diffusers folder, single-file SD1.5 checkpoint (.safetensors), or "tiny";
     defaults to $STYLEMIX_MODEL, then SD1.5.
+    replica: another copy of the same model on the same device (STYLEMIX_DEVICES=cpu,cpu runs two
+    pipelines on one device; each needs its own weights, since a mix is written into them).
     Raises ModelLoadError with one readable sentence when it cannot be loaded.
     """
     model = model or os.environ.get("STYLEMIX_MODEL") or DEFAULT_MODEL
@@ -113,7 +115,7 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
     from stylemix.checkpoints import cache_token
 
     # a checkpoint file replaced on disk (or another $STYLEMIX_VAE) is a different model
-    key = (model, str(dev), dt, safety_checker, cache_token(model))
+    key = (model, str(dev), dt, safety_checker, cache_token(model)) + ((replica,) if replica else ())
     with _cache_lock:
         if key not in _cache:
             _cache[key] = _load_uncached(model, dev, dt, safety_checker)

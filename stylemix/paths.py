@@ -114,14 +114,41 @@ def read_json_object(path: Path, max_bytes: int = 16 * 1024**2) -> dict:
     return data
 
 
+def unique_suffix() -> str:
+    """A suffix for temporary names that no other thread or process picks, on this machine or another
+    one sharing the folder (replicas: process ids repeat across machines)."""
+    import secrets
+    import threading
+
+    return f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
+
+
+# The lock file in a shared folder (the LoRA library): every write to the folder is taken under it.
+LOCK_NAME = ".stylemix.lock"
+LOCK_TIMEOUT_S = 300.0  # a write waits at most this long for another process's (then a readable error)
+
+
+def folder_lock(folder: Path):
+    """The write lock of a folder that several app processes may share: a file lock (`filelock`),
+    re-entrant within a thread, exclusive between threads and processes.
+
+    One lock object per folder and process (`is_singleton`), so nested writes through different
+    `LoraLibrary` objects on one folder re-enter instead of waiting for themselves.  On shared
+    storage the lock needs a file system with working locks (a local disk, NFSv4, EFS)."""
+    from filelock import FileLock
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str((folder / LOCK_NAME).resolve()), timeout=LOCK_TIMEOUT_S, is_singleton=True)
+
+
 def replace_folder(new: Path, final: Path) -> None:
     """Move a finished temporary folder to `final`, replacing what is there without a moment where
     neither exists: the old folder is moved aside first and removed only after the swap."""
     import shutil
-    import time
 
     if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}-{time.monotonic_ns()}")
+        old = final.with_name(f".old-{final.name}-{unique_suffix()}")
         os.replace(final, old)
         os.replace(new, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -133,7 +160,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{unique_suffix()}")  # never another writer's temporary file
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -12,14 +12,15 @@ path runs offline.
 Only the newest request matters (`Previewer`): every request takes a ticket per channel (one browser
 session); a preview whose ticket is no longer the newest stops between denoising steps through the
 pipeline's own interrupt flag, so a preview never waits for an older one to finish.  An exact render
-(`Previewer.render_exact`) stops every running preview and is never interrupted itself.  It goes through
-plain `Mixer.generate` without options: the few-step LoRA's path is switched off, the style layers are
-merged from their kept originals, and the image is bit for bit what a pipeline that never previewed
-makes (tests/test_preview.py).
+(`Previewer.render_exact`) stops every running preview until it has its pipeline, and is never
+interrupted itself.  It goes through plain `Mixer.generate` without options: the few-step LoRA's path
+is switched off, the style layers are merged from their kept originals, and the image is bit for bit
+what a pipeline that never previewed makes (tests/test_preview.py).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -34,6 +35,7 @@ import torch
 
 from stylemix.errors import StyleMixError
 from stylemix.mixer import Mixer, MixResult, RenderOptions
+from stylemix.pipelines import checkout, members
 from stylemix.recipe import Recipe
 from stylemix.schedules import parse_schedule
 
@@ -214,6 +216,9 @@ class Previewer:
         self._ready = False
         self._decoder = None
         self._scheduler = None
+        # each pipeline's own few-step scheduler and TAESD (a pool of pipelines, stylemix/pipelines.py):
+        # a scheduler keeps the running loop's state, and a decoder lives on its pipeline's device
+        self._per_pipeline: dict[int, tuple[object, object]] = {}
         self.stats = {"started": 0, "done": 0, "interrupted": 0, "superseded": 0, "running": 0, "max_running": 0}
 
     # ----------------------------------------------------------- set-up
@@ -236,12 +241,19 @@ class Previewer:
                 except Exception as e:  # offline, wrong file, wrong base model: one readable line
                     raise StyleMixError(f"Cannot load the preview LoRA {cfg.fewstep_lora!r} "
                                         f"({type(e).__name__}: {str(e)[:200]}).") from e
-                import diffusers
+            taesd = self._load_taesd(cfg.taesd) if cfg.taesd else None
+            for i, m in enumerate(members(self.mixer)):
+                sched = None
+                if kind:
+                    import diffusers
 
-                sched = getattr(diffusers, kind.scheduler)
-                self._scheduler = sched.from_config(self.mixer.state.scheduler_config, **kind.scheduler_config)
-            if cfg.taesd:
-                self._decoder = self._load_taesd(cfg.taesd).to(loaded.device, loaded.dtype)
+                    sched = getattr(diffusers, kind.scheduler).from_config(m.state.scheduler_config,
+                                                                           **kind.scheduler_config)
+                decoder = None
+                if taesd is not None:
+                    decoder = (taesd if i == 0 else copy.deepcopy(taesd)).to(m.loaded.device, m.loaded.dtype)
+                self._per_pipeline[id(m)] = (sched, decoder)
+            self._scheduler, self._decoder = self._per_pipeline[id(members(self.mixer)[0])]
         self._ready = True
         return self
 
@@ -262,9 +274,11 @@ class Previewer:
 
     # ----------------------------------------------------------- what a preview is
 
-    def preview_recipe(self, recipe: Recipe) -> tuple[Recipe, RenderOptions, str]:
-        """The cheaper recipe, the render options and the label of a preview of `recipe`."""
+    def preview_recipe(self, recipe: Recipe, mixer: Mixer | None = None) -> tuple[Recipe, RenderOptions, str]:
+        """The cheaper recipe, the render options and the label of a preview of `recipe` (mixer: the
+        pipeline it renders on, in a pool; its own scheduler and decoder)."""
         self.setup()
+        scheduler, decoder = self._per_pipeline.get(id(mixer), (self._scheduler, self._decoder))
         cfg, kind = self.config, self.config.kind()
 
         def side(v: int) -> int:
@@ -280,8 +294,8 @@ class Previewer:
             changes["guidance"] = kind.guidance
         cheap = recipe.with_(**changes)
         options = RenderOptions(extra_adapters={FEWSTEP_ADAPTER: kind.weight} if kind else {},
-                                scheduler=self._scheduler, decoder=self._decoder, noise_on_device=True)
-        extras = [x for x in (kind.label if kind else None, "TAESD" if self._decoder is not None else None) if x]
+                                scheduler=scheduler, decoder=decoder, noise_on_device=True)
+        extras = [x for x in (kind.label if kind else None, "TAESD" if decoder is not None else None) if x]
         label = f"Preview — {steps} steps, {cheap.width}×{cheap.height}" + (f" ({', '.join(extras)})" if extras else "")
         return cheap, options, label
 
@@ -313,19 +327,22 @@ class Previewer:
                 self.stats["superseded"] += 1
                 return None
             self._exact.pop(channel, None)
-        cheap, options, label = self.preview_recipe(recipe)
-        options.should_stop = lambda: self._stale(channel, ticket)
-        with self.mixer.lock:
+        self.setup()
+        with checkout(self.mixer) as mixer:  # the mixer's pipeline, or a pool's first free one
             if self._stale(channel, ticket):  # superseded while waiting for the pipeline
                 self.stats["superseded"] += 1
                 return None
-            self.stats["started"] += 1
-            self.stats["running"] += 1
-            self.stats["max_running"] = max(self.stats["max_running"], self.stats["running"])
+            cheap, options, label = self.preview_recipe(recipe, mixer)
+            options.should_stop = lambda: self._stale(channel, ticket)
+            with self._guard:  # a pool runs previews on several pipelines at once
+                self.stats["started"] += 1
+                self.stats["running"] += 1
+                self.stats["max_running"] = max(self.stats["max_running"], self.stats["running"])
             try:
-                result = self.mixer.generate(cheap, options=options)
+                result = mixer.generate(cheap, options=options)
             finally:
-                self.stats["running"] -= 1
+                with self._guard:
+                    self.stats["running"] -= 1
         if result.interrupted:
             self.stats["interrupted"] += 1
             return None
@@ -335,21 +352,32 @@ class Previewer:
 
     @contextmanager
     def exact(self, recipe: Recipe, channel: str = "default"):
-        """Around an exact render: running previews stop at their next step, waiting ones give up."""
+        """Around an exact render: running previews stop at their next step, waiting ones give up.
+
+        Yields `started()`: called once the render holds its pipeline, previews stop stopping for it
+        (with a pool of pipelines, previews go on on the others while it renders)."""
         with self._guard:
             self._exact_waiting += 1
             self._exact[channel] = _recipe_key(recipe)
             self._latest[channel] = next(self._tickets)  # previews already asked for on this channel are old
-        try:
-            yield
-        finally:
+        pending = [True]
+
+        def started() -> None:
             with self._guard:
-                self._exact_waiting -= 1
+                if pending:
+                    pending.clear()
+                    self._exact_waiting -= 1
+
+        try:
+            yield started
+        finally:
+            started()
 
     def render_exact(self, recipe: Recipe, channel: str = "default", progress=None) -> MixResult:
         """The recipe's exact image (plain `Mixer.generate`), ahead of any preview."""
-        with self.exact(recipe, channel):
-            return self.mixer.generate(recipe, progress=progress)
+        with self.exact(recipe, channel) as started, checkout(self.mixer) as mixer:
+            started()
+            return mixer.generate(recipe, progress=progress)
 
 
 def _recipe_key(recipe: Recipe) -> str:

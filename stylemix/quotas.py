@@ -4,6 +4,10 @@ The defaults fit a free Hugging Face Space (about 50 GB of disk, one small GPU o
 dozen visitors); an admin changes them with the environment variables named beside each field,
 e.g. `STYLEMIX_MAX_LORAS=20`.  Without auth, a visitor who clears their browser storage is a
 new user with fresh quotas: a public Space that must hold firm limits should turn auth on.
+
+Nothing is counted in memory: LoRAs, jobs, datasets and outputs are counted in their folders at
+each check, so the limits hold across app processes sharing one storage (replicas), and the LoRA
+checks run under the library's write lock with the change they allow (`LoraLibrary.lock`).
 """
 
 from __future__ import annotations

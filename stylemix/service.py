@@ -9,6 +9,7 @@ token, which only the server chooses.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -28,12 +29,33 @@ from stylemix.lora.names import pipeline_targets
 from stylemix.mixer import Mixer, MixResult
 from stylemix.preview import PreviewConfig, Previewer, PreviewResult
 from stylemix.models import ModelLoadError, load_model
-from stylemix.paths import Workspace, atomic_write_text, check_lora_name, check_name, inside
+from stylemix.paths import Workspace, atomic_write_text, check_lora_name, check_name, folder_lock, inside
 from stylemix.quotas import Quotas, folder_bytes
 from stylemix.compose import BaseImageCache, ComposeOutput, compose, score_mix
 from stylemix.recipe import DEFAULT_SAMPLER, Recipe, whole_number
 
 logger = logging.getLogger("stylemix")
+
+
+def library_locked(method):
+    """Run a service method under the LoRA library's write lock (`LoraLibrary.lock`): its checks (a free
+    name, an owner, a quota) and the change they allow happen with no other thread or app process
+    sharing the library changing it in between."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.library.lock():
+            return method(self, *args, **kwargs)
+    return locked
+
+
+def data_locked(method):
+    """Run a method that writes the owner's datasets (its first argument is the owner) under the lock of
+    their data folder: two app processes sharing the folder never build or edit one dataset at once."""
+    @functools.wraps(method)
+    def locked(self, owner, *args, **kwargs):
+        with folder_lock(self.user_dir(owner, "data")):
+            return method(self, owner, *args, **kwargs)
+    return locked
 
 
 def new_owner_token() -> str:
@@ -74,15 +96,20 @@ class StyleMixService:
         compile: torch.compile the UNet and VAE decoder (None: on for CUDA, see stylemix/accel.py).
         preview: how live previews are made (None: from the STYLEMIX_PREVIEW_* environment).
         """
+        from stylemix import pipelines
+
         reason = None
+        devices = pipelines.devices_wanted(device)  # --device, else $STYLEMIX_DEVICES: one pipeline per device
         try:
-            loaded = load_model(model, device, dtype)
+            loaded = load_model(model, devices[0], dtype)
         except ModelLoadError as e:
             reason = str(e)
             logger.error("%s -- starting on the built-in tiny model instead.", reason)
-            loaded = load_model("tiny", device, dtype)
+            loaded = load_model("tiny", devices[0], dtype)
         library = LoraLibrary(workspace.loras, targets=pipeline_targets(loaded.pipe), base_model=loaded.model_id)
-        mixer = Mixer(loaded, library)
+        mixer = pipelines.make_mixer(loaded, library, devices, dtype)  # a Mixer, or a MixerPool over the devices
+        if len(devices) > 1:
+            logger.info("Rendering on %s.", mixer.describe())
         previewer = Previewer(mixer, preview or PreviewConfig.from_env(loaded.is_tiny)).setup()
         service = cls(mixer=mixer, workspace=workspace, banner="", fallback_reason=reason, previewer=previewer)
         if examples:
@@ -102,14 +129,19 @@ class StyleMixService:
         compiles once)."""
         from stylemix.accel import compile_pipeline, fuse_qkv, fuse_qkv_wanted, warm_up
 
+        from stylemix.pipelines import MixerPool, members
+
         names = [e["name"] for e in self.usable_loras()][:16]
-        self.mixer.ensure_loaded(names)  # peft wraps their layers now, before the graphs are captured
-        if fuse_qkv_wanted():
-            fuse_qkv(self.mixer)
-        compile_pipeline(self.mixer.pipe)
         side = 64 if self.mixer.loaded.is_tiny else 512
-        warm_up(self.mixer, [Recipe("warm-up", loras={n: 0.5 for n in names[:2]}, steps=2, width=side, height=side)],
-                self.previewer)
+        for m in members(self.mixer):  # each pipeline of a pool compiles and warms up its own graphs
+            m.ensure_loaded(names)  # peft wraps their layers now, before the graphs are captured
+            if fuse_qkv_wanted():
+                fuse_qkv(m)
+            compile_pipeline(m.pipe)
+            pinned = self.mixer.checkout(m) if isinstance(self.mixer, MixerPool) else contextlib.nullcontext()
+            with pinned:  # a pool's renders and previews below all go to this pipeline
+                warm_up(self.mixer, [Recipe("warm-up", loras={n: 0.5 for n in names[:2]}, steps=2, width=side,
+                                            height=side)], self.previewer)
 
     # ---------------------------------------------------------------- library
 
@@ -281,7 +313,11 @@ class StyleMixService:
             self.workspace.loras.mkdir(parents=True, exist_ok=True)
             tmp = self.workspace.loras / f".tmp-example-{src.name}-{secrets.token_hex(3)}"
             shutil.copytree(src, tmp)
-            os.replace(tmp, self.workspace.loras / src.name)  # atomic: never a half-copied LoRA in the library
+            with self.library.lock():  # replicas starting together: the first one's copy stays
+                if (self.workspace.loras / src.name).exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    continue
+                os.replace(tmp, self.workspace.loras / src.name)  # atomic: never a half-copied LoRA in the library
             added.append(src.name)
         if added:
             logger.info("Example LoRAs for the tiny model added to the library: %s", ", ".join(added))
@@ -315,6 +351,7 @@ class StyleMixService:
             self.scorer_cache["captioner"] = load_captioner("tiny" if self.mixer.loaded.is_tiny else None)
         return self.scorer_cache["captioner"]
 
+    @data_locked
     def prepare_dataset(self, owner: str, files: list, style: str, trigger_word: str, size: int = 512,
                         pixel_art: str = "auto", blur_threshold: float = 100.0, overwrite: bool = False,
                         progress=None, enable_bucket: bool = True):
@@ -365,6 +402,7 @@ class StyleMixService:
                 "captioner": info.get("captioner"), "captioner_is_fallback": info.get("captioner_is_fallback"),
                 "captioner_is_demo": info.get("captioner") == "tiny"}  # captioning.TINY_CAPTIONER: random words
 
+    @data_locked
     def save_captions(self, owner: str, style: str, rows: list[list[str]]) -> dict[str, str]:
         from stylemix.datasets.prepare import save_captions
 
@@ -377,6 +415,7 @@ class StyleMixService:
 
     # ---------------------------------------------------------------- training
 
+    @library_locked
     def start_training(self, owner: str, dataset: str, name: str, max_steps: int | None = None,
                        settings: dict | None = None, overwrite: bool = False):
         """Queue a training job for one of the owner's datasets (runs in its own process, one at a time).
@@ -499,6 +538,7 @@ class StyleMixService:
 
         return jobs.cancel(self.workspace, check_name(job_id or "", "job id"), owner, timeout=30)
 
+    @library_locked
     def resume_job(self, owner: str, job_id: str):
         from stylemix.training import jobs
 
@@ -539,6 +579,7 @@ class StyleMixService:
             cards.append({**entry.summary(), "thumbnail": str(samples[-1]) if samples else None})
         return cards
 
+    @library_locked
     def import_lora(self, owner: str, path: str, name: str, trigger_word: str | None = None) -> dict:
         """Import a file as a new LoRA owned by `owner`, private until they share it."""
         if not path:
@@ -550,6 +591,7 @@ class StyleMixService:
         meta = {"owner": access.owner_key(owner), "visibility": access.PRIVATE}
         return self.library.import_file(path, name, trigger_word or None, extra_meta=meta).summary()
 
+    @library_locked
     def replace_lora(self, owner: str, path: str, name: str, trigger_word: str | None = None) -> dict:
         """Replace the weights of one of the owner's LoRAs with a new file (same name, same visibility)."""
         if not path:
@@ -571,6 +613,7 @@ class StyleMixService:
         dest.mkdir(parents=True, exist_ok=True)
         return self.library.export(check_lora_name(name or "", "LoRA name"), dest / f"{name}-{fmt}.safetensors", fmt)
 
+    @library_locked
     def rename_lora(self, owner: str, old: str, new: str) -> dict:
         self.owned_entry(owner, old, "rename")
         new = check_name((new or "").strip(), "LoRA name")
@@ -579,16 +622,19 @@ class StyleMixService:
         with self.mixer.lock:  # waits for an image being made with it
             return self.library.rename(old, new).summary()
 
+    @library_locked
     def delete_lora(self, owner: str, name: str) -> None:
         self.owned_entry(owner, name, "delete")
         self._check_not_training(name)
         with self.mixer.lock:
             self.library.remove(name)
 
+    @library_locked
     def set_trigger_word(self, owner: str, name: str, trigger_word: str | None) -> dict:
         self.owned_entry(owner, name, "change the trigger word of")
         return self.library.set_trigger_word(name, (trigger_word or "").strip() or None).summary()
 
+    @library_locked
     def set_visibility(self, owner: str, name: str, visibility: str) -> dict:
         """private: only the owner sees and uses it; shared: everyone may use it, only the owner changes it."""
         access.check_visibility(visibility)
@@ -845,6 +891,11 @@ def model_banner(loaded, reason: str | None, examples: bool, on_zero_gpu: bool) 
                        "architecture with random weights, so everything works but nothing looks real.")
         details.append("For real images, start the app with `--model stable-diffusion-v1-5/stable-diffusion-v1-5` "
                        "(a Hugging Face id), a local diffusers folder, or an SD1.5 `.safetensors` checkpoint.")
+    from stylemix.scores.selection import describe_style_judge
+
+    judge_line, judge_detail = describe_style_judge(loaded.is_tiny)  # which judge measures style, said once here
+    line = f"{line} {judge_line}"
+    details.append(judge_detail)
     if examples:
         details.append("The example LoRAs (`kenney_flat`, `pixel_city`) were trained for the tiny model from the "
                        "example sets in a few steps: drag their sliders to see mixing work.")

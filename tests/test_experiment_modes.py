@@ -260,3 +260,14 @@ def test_service_modes_kind_refuses_a_bad_mix_before_any_image(service):
     with pytest.raises(StyleMixError, match="weight of 'px_v2' .* must be a number in"):
         service.run_experiment(ANN, "modes", ["watercolor", "px_v2"], ["a cat"], [0], 2, 64, [0.6, 3])
     assert Counting.calls == 0 and service.list_experiments(ANN) == []
+
+
+def test_summaries_refuse_rows_of_two_style_judges():
+    """A summary never averages similarities measured by two judges (CLIP and CSD live in different spaces)."""
+    from stylemix.errors import StyleMixError
+    from stylemix.experiments.protocol import summarise
+
+    rows = [{"config": "base", "clip_score": "0.3", "style_judge": "ViT-B-32/openai"},
+            {"config": "base", "clip_score": "0.31", "style_judge": "CSD-ViT-L/0123456789ab"}]
+    with pytest.raises(StyleMixError, match="different style judges"):
+        summarise(rows, [], [])

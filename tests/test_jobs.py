@@ -230,3 +230,29 @@ def test_service_job_views_label_every_sample_keep_the_curve_and_list_only_own_j
     assert service.list_job_views(bob) == []
     with pytest.raises(StyleMixError, match="No training job"):
         service.job_view(bob, job.id)
+
+
+def test_a_job_running_on_another_replicas_machine_is_judged_by_its_heartbeat_and_never_signalled(ws):
+    """Replicas on several machines share the jobs folder: a job's pid is its machine's.  Another machine must
+    neither mark it failed because no local process has that pid, nor signal a local process with that pid."""
+    import subprocess
+    import sys
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a local process
+    try:
+        job = jobs.submit(config(ws, "remote"), ws, start=False)
+        status = {**job.status, "state": jobs.RUNNING, "pid": bystander.pid, "host": "another-machine",
+                  "heartbeat": time.time(), "own_session": False}
+        jobs.write_status(job.dir, status)
+        assert jobs.is_alive(jobs.get_job(ws, job.id))
+        assert jobs.get_job(ws, job.id).state == jobs.RUNNING  # not reconciled as failed here
+        # cancel from this machine: the cancel file for the remote trainer, no signal to the local pid
+        jobs.cancel(ws, job.id, timeout=1)
+        assert (job.dir / jobs.CANCEL_FILE).is_file() and bystander.poll() is None
+        # its machine went silent: stale after STALE_S without a heartbeat, then failed (resumable)
+        jobs.write_status(job.dir, {**status, "heartbeat": time.time() - jobs.STALE_S - 1})
+        assert not jobs.is_alive(jobs.get_job(ws, job.id))
+        assert jobs.get_job(ws, job.id).state == jobs.FAILED
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -206,3 +206,15 @@ def test_weights_replaced_by_hand_under_an_old_stylemix_json_are_reloaded(tmp_pa
     shutil.copyfile(tmp_path / "other" / "style" / "pytorch_lora_weights.safetensors",
                     root / "style" / "pytorch_lora_weights.safetensors")
     assert not np.array_equal(first, image(mixer, loras={"style": 1.0}))
+
+
+def test_a_second_mixer_on_a_shared_pipeline_renders_the_base_model_without_the_firsts_loras(library_root):
+    """Two services in one process share the cached pipeline (models.load_model): a mixer that never loaded
+    the LoRAs another one merged must still render the base model, not the other's mix."""
+    loaded = LoadedModel(pipe=tiny_pipeline(), model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    first = Mixer(loaded, LoraLibrary(library_root))
+    base = image(first)
+    assert np.abs(image(first, loras={"anime": 1.0, "watercolor": 0.7}) - base).max() > 0  # merged into the weights
+    second = Mixer(loaded, LoraLibrary(library_root))
+    assert np.array_equal(image(second), base)
+    assert np.array_equal(image(first), base)  # and the first one takes its turn again as before

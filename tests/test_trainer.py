@@ -73,6 +73,14 @@ def test_overfit_lora_in_library_loads_in_plain_diffusers_and_mixer(tmp_path, da
     assert meta["style"]["status"] == "ok" and meta["style"]["n_images"] == 4
     centroid = load_centroid(folder, tiny_scorer().name)
     assert centroid is not None and abs(float(centroid.vector.norm()) - 1) < 1e-5
+    # and one per style judge (the tiny CSD too, issue 19), so switching judges never needs the images again
+    from stylemix.scores.csd import load_csd_scorer
+    from stylemix.scores.scoring import centroid_models
+
+    csd = load_csd_scorer("cpu", tiny=True).name
+    assert centroid_models(folder) == sorted([tiny_scorer().name, csd])
+    assert set(meta["style"]["judges"]) == {tiny_scorer().name, csd}
+    assert abs(float(load_centroid(folder, csd).vector.norm()) - 1) < 1e-5
 
     # Plain diffusers, no StyleMix code: a fresh pipeline loads it and its image changes.
     def render(pipe):

@@ -8,7 +8,9 @@ multiple of 8 (the VAE's factor), so the aspect ratio is kept.  A square set (on
 Each micro-batch holds images of one bucket (same size, so they stack); within a bucket the order is
 a seeded shuffle, and with several buckets the batches are shuffled too, so an epoch visits buckets
 in a random order (kohya's BucketManager does the same).  Every image is seen once per epoch; the
-batch list is padded by wrapping to a multiple of (processes x accumulation).
+batch list is padded by wrapping to a multiple of (processes x accumulation).  With one bucket and a
+set that divides evenly, N processes with batch b see the batches of one process with batch N x b,
+each optimizer step the same N x b images; with several buckets the cut into batches depends on b.
 """
 
 from __future__ import annotations
@@ -21,12 +23,24 @@ import torch
 Size = tuple[int, int]  # (width, height)
 
 
-def step_generator(seed: int, step: int, process: int, micro: int, stream: str = "") -> torch.Generator:
-    """All randomness of one micro-batch comes from here: resume replays a step exactly.  `stream` gives
-    an independent generator for one purpose (captions), so adding it changes no other draw."""
-    key = f"{seed}/{step}/{process}/{micro}" if not stream else f"{stream}/{seed}/{step}/{process}/{micro}"
+def sample_generator(seed: int, epoch: int, slot: int, stream: str = "") -> torch.Generator:
+    """All randomness of one training sample comes from here: its flip, latent draw, noise and timestep
+    (and, with `stream="captions"`, its caption's).  Keyed by the sample's place in the epoch, not by the
+    process or batch that trains it, so N processes with batch b draw exactly what one process with batch
+    N x b does, and a resumed run replays each step.  `stream` gives an independent generator for one
+    purpose, so adding it changes no other draw."""
+    key = f"{seed}/{epoch}/{slot}" if not stream else f"{stream}/{seed}/{epoch}/{slot}"
     h = hashlib.sha256(key.encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
+
+
+def batch_slots(batches: list[list[int]]) -> list[int]:
+    """Where each batch of an epoch starts in the epoch's sequence of samples (the first sample's slot)."""
+    starts, n = [], 0
+    for b in batches:
+        starts.append(n)
+        n += len(b)
+    return starts
 
 
 def dataset_resolution(summary: dict, sizes: list[Size]) -> int:

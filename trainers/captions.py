@@ -7,8 +7,9 @@ A caption is comma-separated tags; StyleMix's start with the trigger word.  Per 
    first `keep_tokens` stay as they are (the trigger word among them: keep_tokens >= 1), the rest are
    shuffled (`shuffle_caption`) and then each dropped with chance `caption_tag_dropout_rate`.
 
-All draws come from the step's own caption generator (trainers.batches.step_generator, stream
-"captions"), so a resumed run sees the same captions and the other draws of a step are unchanged.
+All draws come from the sample's own caption generator (trainers.batches.sample_generator, stream
+"captions"), so a resumed run sees the same captions, however many processes train, and the other
+draws of a step are unchanged.
 """
 
 from __future__ import annotations

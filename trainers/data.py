@@ -71,21 +71,41 @@ class LatentCache:
 
 
 def build_latent_cache(vae, pixels: list[torch.Tensor], sizes: list[tuple[int, int]], device, flips: bool,
-                       batch_size: int, done: Callable[[int], None]) -> LatentCache:
+                       batch_size: int, done: Callable[[int, int], None],
+                       shard: tuple[int, int] = (0, 1)) -> LatentCache:
     """The latent cache of every image, encoded bucket by bucket in training-sized batches (a bigger batch
-    would raise the peak memory above the uncached loop's); `done(n)` after each batch, so a long encode
-    shows its progress.  A one-size set is encoded in the same batches, in dataset order, as before buckets."""
+    would raise the peak memory above the uncached loop's); `done(n, total)` after each batch, so a long encode
+    shows its progress.  A one-size set is encoded in the same batches, in dataset order, as before buckets.
+
+    `shard=(k, n)`: only every n-th batch from the k-th (one process's share; the others stay None until
+    `share_latent_cache` fills them in)."""
     from trainers.batches import bucket_groups
 
+    chunks = [members[i:i + batch_size] for members in bucket_groups(sizes).values()
+              for i in range(0, len(members), batch_size)]
+    mine = chunks[shard[0]::shard[1]]
+    total = sum(len(c) for c in mine)
     mean: list = [None] * len(pixels)
     std: list = [None] * len(pixels)
     n = 0
-    for members in bucket_groups(sizes).values():
-        for i in range(0, len(members), batch_size):
-            chunk = members[i:i + batch_size]
-            m, s = LatentCache.encode(vae, [pixels[j] for j in chunk], device, flips)
-            for j, mj, sj in zip(chunk, m, s):
-                mean[j], std[j] = mj, sj
-            n += len(chunk)
-            done(n)
+    for chunk in mine:
+        m, s = LatentCache.encode(vae, [pixels[j] for j in chunk], device, flips)
+        for j, mj, sj in zip(chunk, m, s):
+            mean[j], std[j] = mj, sj
+        n += len(chunk)
+        done(n, total)
     return LatentCache(mean, std)
+
+
+def share_latent_cache(cache: LatentCache, accelerator) -> LatentCache:
+    """Every process's share of the cache, gathered into each process's cache (a no-op for one process).
+
+    Sent through the CPU: a pickled GPU tensor would come back on the sending process's GPU."""
+    if accelerator.num_processes == 1:
+        return cache
+    from accelerate.utils import gather_object
+
+    mine = [(i, m.cpu(), s.cpu()) for i, (m, s) in enumerate(zip(cache.mean, cache.std)) if m is not None]
+    for i, m, s in gather_object(mine):
+        cache.mean[i], cache.std[i] = m.to(accelerator.device), s.to(accelerator.device)
+    return cache

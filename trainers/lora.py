@@ -9,8 +9,15 @@ The loop is diffusers' `train_text_to_image_lora.py` with four changes that matt
   * every loss and gradient norm is checked: a non-finite step is skipped, several in a row stop
     the run with a clear message, and non-finite weights are never saved;
   * the VAE and the trainable LoRA parameters stay fp32 under bf16/fp16 autocast;
-  * all randomness of step `s` comes from a generator seeded by (seed, s), and checkpoints hold
-    the optimizer and LR-schedule state, so a resumed run is the same run, not a similar one.
+  * all randomness of a sample comes from a generator seeded by (seed, epoch, its place in the epoch),
+    and checkpoints hold the optimizer and LR-schedule state, so a resumed run is the same run, not a
+    similar one, and N processes with batch b train the LoRA one process trains with batch N x b.
+
+Several processes (data parallel, as diffusers' and kohya's scripts): each trains its share of every
+step's batches and DDP averages the gradients, so the effective batch is batch x processes x accumulation.
+The latents are encoded once, each process a share, and shared; only the main process writes
+checkpoints, samples, status and the LoRA, after `wait_for_everyone`.  `stylemix train --num-processes N`
+starts them (stylemix/launch.py: accelerate's launcher; torchrun on the CPU).
 
 Each concern has its own module beside this one (docs/architecture.md):
     batches.py      aspect-ratio buckets, the batch order of an epoch, each step's generator
@@ -43,16 +50,17 @@ from stylemix.training import progress as phases
 from stylemix.training.progress import Estimator, LossHistory
 from stylemix.datasets.prepare import load_dataset_folder, with_trigger
 from stylemix.errors import StyleMixError
+from stylemix import launch
 from stylemix.models import DEFAULT_MODEL, TINY, ModelLoadError, quiet_library_logs, tiny_components
 from stylemix.paths import Workspace, check_name
 # TrainConfig and its options live in the library (the app and the queue build configs without this module);
 # re-exported here, where the training code and its tests have always found them.
 from stylemix.training.config import HELP, TrainConfig, add_config_arguments, config_from_args  # noqa: F401
 from trainers import batches, captions, losses, networks, optim, trackers
-from trainers.batches import epoch_batches, step_generator  # noqa: F401  (re-exported)
+from trainers.batches import epoch_batches, sample_generator  # noqa: F401  (re-exported)
 from trainers.checkpoints import (CHECKPOINT_MARKER, DIE_DURING_SAVE_ENV, changed_settings,  # noqa: F401
                                   latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint)
-from trainers.data import build_latent_cache, load_pixels
+from trainers.data import build_latent_cache, load_pixels, share_latent_cache
 from trainers.output import (clear_epoch_versions, finalize_lora, make_samples, sample_texts, save_epoch_version,  # noqa: F401
                              write_library_lora)
 
@@ -165,10 +173,15 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
         raise StyleMixError(f"A LoRA named {config.name!r} already exists in {loras_dir}; choose another name "
                             "or pass --overwrite.")
 
+    # Several processes on a machine without GPUs must ask accelerate for its CPU backend (gloo), or each
+    # would train alone on the whole data set.
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision, _device_hint(config)),
                               gradient_accumulation_steps=config.grad_accumulation,
-                              cpu=config.device == "cpu", **trackers.accelerator_options(config, work_dir))
+                              cpu=launch.use_cpu(config.device), **trackers.accelerator_options(config, work_dir))
+    launch.check_world(accelerator.num_processes)
+    launch.exit_with_parent()
     main = accelerator.is_main_process
+    procs, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if main:
@@ -191,8 +204,11 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
     text_encoder.to(device, dtype=weight_dtype)
     vae.to(device, dtype=torch.float32)
 
-    torch.manual_seed(config.seed)  # LoRA init (gaussian A, zero B) is the same in every run
+    torch.manual_seed(config.seed)  # LoRA init (gaussian A, zero B) is the same in every run and process
     models = networks.add_networks(config, unet, text_encoder)
+    # Each process seeded on its own from here on.  The loop draws nothing from the global generator (each
+    # sample has its own, below); this keeps anything else that does (a dropout) apart between processes.
+    torch.manual_seed(config.seed + 1_000_003 * rank)
     cast_training_params(list(models.values()), dtype=torch.float32)  # trainable LoRA params in fp32
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -208,8 +224,11 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
     t0 = time.perf_counter()
     phase(phases.CACHING, phase_done=0, phase_total=len(data))
     pixels = [load_pixels(p, s) for p, s in zip(data.files, sizes)]
-    cache = build_latent_cache(vae, pixels, sizes, device, config.random_flip, config.batch_size, lambda done: phase(
-        phases.CACHING, phase_done=done, phase_total=len(data))) if config.cache_latents else None
+    cache = None
+    if config.cache_latents:  # each process encodes its share of the images; then every process has them all
+        cache = build_latent_cache(vae, pixels, sizes, device, config.random_flip, config.batch_size, lambda done, total:
+                                   phase(phases.CACHING, phase_done=done, phase_total=total), shard=(rank, procs))
+        cache = share_latent_cache(cache, accelerator)
     text_cache = None
     if not config.train_text_encoder and not caption_options.varies:  # changing captions are encoded every step
         with torch.no_grad(), accelerator.autocast():
@@ -223,8 +242,7 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
     # ---- optimiser and schedule
     params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
     optimizer = optim.make_optimizer(config, params)
-    procs = accelerator.num_processes
-    multiple = procs * config.grad_accumulation
+    multiple = procs * config.grad_accumulation  # micro-batches per optimizer step, over all processes
     micro_per_epoch = len(epoch_batches(buckets, config.batch_size, config.seed, 0, multiple))
     steps_per_epoch = micro_per_epoch // multiple
     total_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -238,16 +256,19 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
     unwrapped = {k: accelerator.unwrap_model(m) for k, m in models.items()}
 
     step, loss_curve, lr_curve, samples, skipped = 0, [], [], [], 0
-    if resume:
-        ckpt = latest_checkpoint(work_dir)
-        if ckpt is None:
+    if resume or procs > 1:  # (every process takes part: the main process decides)
+        ckpt = _shared_checkpoint(accelerator, work_dir, resume)
+        if ckpt is None and resume:
             logger.warning("No complete checkpoint in %s: starting from step 0.", work_dir)
-        else:
+        elif ckpt is not None:
             st = load_checkpoint(ckpt, unwrapped, optimizer, lr_scheduler)
             changed = changed_settings(st.get("config", {}), asdict(config))
             if changed:
                 raise StyleMixError(f"Cannot resume from {ckpt.name}: setting(s) {', '.join(changed)} differ from "
                                     "the checkpoint's run.")
+            if st.get("processes", 1) != procs:  # another split is another batch, data order and noise
+                raise StyleMixError(f"Cannot resume from {ckpt.name}: it was trained on {st.get('processes', 1)} "
+                                    f"process(es), this run has {procs}; resume with the same number.")
             step, loss_curve, samples, skipped = st["step"], st["loss_curve"], st["samples"], st.get("skipped", 0)
             lr_curve = st.get("lr_curve", [])
             logger.info("Resumed from %s (step %d of %d).", ckpt, step, total_steps)
@@ -264,7 +285,7 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
 
     def trainer_state() -> dict:
         return {"config": asdict(config), "loss_curve": loss_curve, "lr_curve": lr_curve, "samples": samples,
-                "skipped": skipped, "total_steps": total_steps}
+                "skipped": skipped, "total_steps": total_steps, "processes": procs}
 
     def checkpoint() -> Path | None:
         accelerator.wait_for_everyone()
@@ -285,7 +306,8 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
                       "percent": round(100 * estimate.share_done(), 1),
                       "steps_per_sec": round(1 / per_step, 4) if per_step else None,
                       "loss_curve": history.as_list(), "loss_ema_curve": smooth_history.as_list(),
-                      "lr_curve": lr_history.as_list(), "sample_prompts": prompts, **extra})
+                      "lr_curve": lr_history.as_list(), "sample_prompts": prompts, "processes": procs,
+                      "effective_batch": config.batch_size * multiple, **extra})
 
     def sampling(done: int, total: int, seconds: float | None) -> None:
         if seconds is not None:
@@ -301,6 +323,7 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
     n_timesteps = noise_scheduler.config.num_train_timesteps
     bad_in_a_row = 0
     cancelled = False
+    train_seconds = 0.0  # the steps alone, this session: speed in the LoRA's metadata
     t_end = time.perf_counter()  # when saving began (reset at the last step)
     report(phase_done=None, phase_total=None)
 
@@ -308,20 +331,21 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
         t_step = time.perf_counter()  # the step alone: samples and saves are not training speed
         epoch = step // steps_per_epoch
         order = epoch_batches(buckets, config.batch_size, config.seed, epoch, multiple)
-        pos = (step % steps_per_epoch) * multiple + accelerator.process_index * config.grad_accumulation
+        first_slot = batches.batch_slots(order)
+        # this step's micro-batches are order[start : start + multiple]; this process takes its consecutive share
+        pos = (step % steps_per_epoch) * multiple + rank * config.grad_accumulation
         step_losses, bad = [], False
         for micro in range(config.grad_accumulation):
             idx = torch.tensor(order[pos + micro])
-            g = step_generator(config.seed, step, accelerator.process_index, micro)
+            slots = range(first_slot[pos + micro], first_slot[pos + micro] + len(idx))
             with accelerator.accumulate(*models.values()):
-                # The same draws, in the same order, with or without the cache.
-                b = len(idx)
+                # Each sample's flip, noise and timestep from its own generator: the same draws with or without
+                # the cache, on any number of processes, at any batch size.
                 width, height = sizes[idx[0]]  # one bucket per batch
-                flip = (torch.rand(b, generator=g) < 0.5) if config.random_flip else torch.zeros(b, dtype=torch.bool)
-                lat_shape = (b, vae.config.latent_channels, height // 8, width // 8)
-                eps = torch.randn(lat_shape, generator=g)
-                noise = losses.draw_noise(lat_shape, g, config.noise_offset)
-                timesteps = torch.randint(0, n_timesteps, (b,), generator=g)
+                lat_shape = (vae.config.latent_channels, height // 8, width // 8)
+                flip, eps, noise, timesteps = losses.sample_draws(
+                    [sample_generator(config.seed, epoch, k) for k in slots], lat_shape, n_timesteps,
+                    config.random_flip, config.noise_offset)
                 if cache is not None:
                     latents = cache.sample(idx, flip, eps)
                 else:  # what diffusers' example script does every step
@@ -336,9 +360,10 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
                 noise, timesteps = noise.to(device), timesteps.to(device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 if caption_options.varies:  # this step's captions: dropped, shuffled, tags dropped
-                    cg = step_generator(config.seed, step, accelerator.process_index, micro, stream="captions")
-                    ids = captions.tokenize(tokenizer, [captions.process_caption(texts[i], caption_options, cg)
-                                                        for i in idx.tolist()])
+                    ids = captions.tokenize(tokenizer, [
+                        captions.process_caption(texts[i], caption_options,
+                                                 sample_generator(config.seed, epoch, k, stream="captions"))
+                        for i, k in zip(idx.tolist(), slots)])
                 else:
                     ids = input_ids[idx]
                 with accelerator.autocast():
@@ -392,6 +417,7 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
             smooth_history.add(step, smoothed.add(mean_loss))
             trackers.log(accelerator, step, {"loss": mean_loss, "loss_ema": smoothed.value, "lr": lr})
         estimate.step_done(step, time.perf_counter() - t_step)
+        train_seconds += time.perf_counter() - t_step
         report()
         if main and prompts and (step == total_steps or (config.sample_every and step % config.sample_every == 0)):
             new = make_samples(config, comps, unwrapped, prompts, work_dir, step, device, accelerator, sampling)
@@ -406,7 +432,7 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
             checkpoint()
         elif step % config.checkpoint_every == 0:
             report(checkpoint=str(checkpoint()))
-        if should_stop and step < total_steps and should_stop(step):
+        if should_stop and step < total_steps and _stop_together(accelerator, should_stop(step)):
             cancelled = True
             break
 
@@ -422,13 +448,54 @@ def train(config: TrainConfig, work_dir: str | Path, resume: bool = False,
     lora_dir = None
     if main:
         lora_dir = write_library_lora(config, data, unwrapped, loras_dir, work_dir, loss_curve, samples,
-                                      accelerator.mixed_precision, str(device), skipped, step)
+                                      accelerator.mixed_precision, str(device), skipped, step,
+                                      {"processes": procs, "effective_batch": config.batch_size * multiple,
+                                       "train_seconds": round(train_seconds, 3)})
         estimate.end_progress(time.perf_counter() - t_end)
         report(phases.SCORING)
         finalize_lora(lora_dir, config)
         logger.info("Saved LoRA %s", lora_dir)
     accelerator.end_training()
     return TrainResult(lora_dir, step, total_steps, loss_curve, samples, skipped, False, accelerator.mixed_precision)
+
+
+def _shared_checkpoint(accelerator, work_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint every process resumes from: the main process's latest (or none, when it starts afresh).
+
+    On several machines the other machines' job folders do not hold it (only the main process saves), so its
+    files are sent to them and written there first, by the first process of each machine."""
+    ckpt = latest_checkpoint(work_dir) if resume else None
+    if accelerator.num_processes == 1:
+        return ckpt
+    from accelerate.utils import broadcast_object_list
+
+    several_machines = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) < accelerator.num_processes
+    files = None
+    if accelerator.is_main_process and ckpt is not None and several_machines:
+        files = {f.name: f.read_bytes() for f in ckpt.iterdir() if f.is_file()}
+    name, files = broadcast_object_list([ckpt.name if ckpt is not None else None, files])
+    if name is None:
+        return None
+    local = work_dir / "checkpoints" / name
+    if files and accelerator.is_local_main_process and not (local / CHECKPOINT_MARKER).is_file():
+        tmp = local.with_name(f".tmp-{name}-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for f, data in files.items():
+            (tmp / f).write_bytes(data)
+        os.replace(tmp, local)
+    accelerator.wait_for_everyone()
+    if not (local / CHECKPOINT_MARKER).is_file():
+        raise StyleMixError(f"Process {accelerator.process_index} finds no checkpoint {local} to resume from.")
+    return local
+
+
+def _stop_together(accelerator, mine: bool) -> bool:
+    """Stop when any process was asked to (its SIGTERM or the cancel file came first): all stop after the same
+    step, or the others would wait forever for it in the next step's all-reduce."""
+    if accelerator.num_processes == 1:
+        return mine
+    flags = accelerator.gather(torch.tensor([float(mine)], device=accelerator.device))
+    return bool(flags.max().item() > 0)
 
 
 def _smoothed_curve(loss_curve: list) -> list[tuple[int, float]]:
@@ -455,20 +522,31 @@ def _default_loras_dir() -> Path:
 def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handle_signals: bool = True) -> int:
     """Run the queued job in `job_dir` in this process: status updates, SIGTERM = cancel, then next in queue.
 
-    The queue (stylemix.training.jobs) starts this as `python -m trainers.lora --job-dir DIR`.
+    The queue (stylemix.training.jobs) starts this as `python -m trainers.lora --job-dir DIR`, or, for several
+    processes, `python -m stylemix.launch --job-dir DIR`, which starts it on each process under the launcher.
+    Then the first process of each machine keeps status.json (on machine 0 that is the main process, the one
+    that reports progress) and leaves its result as `outcome`: the launcher's process, the job's pid, turns
+    it into the job's state once every process has ended (so no next job starts on GPUs still in use), and
+    starts the next job.
     """
     job_dir = Path(job_dir).resolve()
     job = jobs.load_job(job_dir)
     if job is None:
         raise StyleMixError(f"{job_dir} is not a job folder.")
     workspace = Workspace(**{k: Path(v) for k, v in job.config["workspace"].items()})
-    writer = jobs.StatusWriter(job_dir)
-    writer.update(state=jobs.RUNNING, pid=os.getpid(), error=None, phase=phases.STARTING, eta_s=None)
+    rank, local_rank, world = launch.process_rank()
+    launched = world > 1
+    writer = jobs.StatusWriter(job_dir) if local_rank == 0 else None
+    if writer:
+        writer.update(state=jobs.RUNNING, **({} if launched else {"pid": os.getpid(), "host": jobs.HOST}), error=None,
+                      phase=phases.STARTING, eta_s=None, processes=world)
     stop = threading.Event()
     if handle_signals:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    beat = threading.Thread(target=writer.beat, daemon=True)
-    beat.start()
+    beat = None
+    if writer:
+        beat = threading.Thread(target=writer.beat, daemon=True)
+        beat.start()
 
     def on_progress(info: dict) -> None:
         fields = {k: v for k, v in info.items() if k != "samples"}
@@ -481,41 +559,68 @@ def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handl
     def should_stop(step: int) -> bool:
         return stop.is_set() or (job_dir / jobs.CANCEL_FILE).exists()
 
+    def finish(state: str, **fields) -> None:
+        if launched:  # the launcher's process writes the state when all processes have ended (jobs.supervise)
+            writer.update(outcome=state, **{k: v for k, v in fields.items() if k != "pid"})
+        else:
+            writer.update(state=state, **fields)
+
     code = 0
     try:
         config = TrainConfig.from_dict(job.config["train"])
-        result = train(config, job_dir, resume=latest_checkpoint(job_dir) is not None, progress=on_progress,
-                       should_stop=should_stop)
-        if result.cancelled:
-            writer.update(state=jobs.CANCELLED, finished=jobs.utc_now(), pid=None)
+        result = train(config, job_dir, resume=latest_checkpoint(job_dir) is not None,
+                       progress=on_progress if writer else None, should_stop=should_stop)
+        if not writer:
+            pass
+        elif result.cancelled:
+            finish(jobs.CANCELLED, finished=jobs.utc_now(), pid=None)
+        elif result.lora_dir is None:  # the first process of another machine: the main process wrote the LoRA
+            finish(jobs.COMPLETED, finished=jobs.utc_now(), pid=None, eta_s=0, percent=100, phase=None,
+                   note=f"this machine's processes took part; the LoRA is written on machine 0 (rank {rank} here)")
         else:
-            writer.update(state=jobs.COMPLETED, finished=jobs.utc_now(), pid=None, lora_dir=str(result.lora_dir),
-                          eta_s=0, percent=100, phase=None)
-    except StyleMixError as e:
-        logger.error("%s", e)
-        writer.update(state=jobs.FAILED, finished=jobs.utc_now(), pid=None, error=str(e))
-        code = 1
+            finish(jobs.COMPLETED, finished=jobs.utc_now(), pid=None, lora_dir=str(result.lora_dir),
+                   eta_s=0, percent=100, phase=None)
     except BaseException as e:  # noqa: BLE001  (a job must always end with a state, whatever happened)
-        traceback.print_exc()
-        msg = f"{type(e).__name__}: {e}".strip()
-        if "out of memory" in str(e).lower() or isinstance(e, MemoryError):
-            msg = ("Out of memory: try a smaller batch size, a lower resolution, or --gradient-checkpointing. "
-                   f"({msg[:300]})")
-        writer.update(state=jobs.FAILED, finished=jobs.utc_now(), pid=None, error=msg[:2000])
         code = 1
+        if writer is None:  # another process: the launcher reports its error (and names its rank)
+            raise
+        if isinstance(e, StyleMixError):
+            logger.error("%s", e)
+            msg = str(e)
+        else:
+            traceback.print_exc()
+            msg = f"{type(e).__name__}: {e}".strip()
+            if "out of memory" in str(e).lower() or isinstance(e, MemoryError):
+                msg = ("Out of memory: try a smaller batch size, a lower resolution, or --gradient-checkpointing. "
+                       f"({msg[:300]})")
+        if rank != 0:  # the first process of another machine
+            msg = f"Process rank {rank} of {world}: {msg}"
+        finish(jobs.FAILED, finished=jobs.utc_now(), pid=None, error=msg[:2000])
     finally:
-        writer.stop.set()
-        beat.join(timeout=jobs.HEARTBEAT_S + 1)
-    try:
-        jobs.ensure_queue_running(workspace)  # hand the GPU to the next queued job
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
+        if writer:
+            writer.stop.set()
+            beat.join(timeout=jobs.HEARTBEAT_S + 1)
+    if not launched:
+        try:
+            jobs.ensure_queue_running(workspace)  # hand the GPU to the next queued job
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
     return code
 
 
 # --------------------------------------------------------------------------- command line
 
 
+def _record(fn):
+    """torchrun's error recorder: under the launcher, an uncaught error is written where the launcher reads
+    it, so its report names the process and its error (outside the launcher it changes nothing)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(fn)
+
+
+
+@_record
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(max(1, int(os.environ.get("STYLEMIX_THREADS", torch.get_num_threads()))))
@@ -538,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, model=args.model or os.environ.get("STYLEMIX_MODEL") or DEFAULT_MODEL)
         work = Path(args.work_dir or Path("runs") / check_name(args.name, "LoRA name"))
         result = train(config, work, resume=args.resume)
-        print(result.lora_dir)
+        if result.lora_dir:  # the main process (the others of a launched run have no LoRA to show)
+            print(result.lora_dir)
         return 0
     except StyleMixError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,6 +24,23 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator, offset: float
     return noise
 
 
+def sample_draws(generators: list[torch.Generator], latent_shape: tuple[int, ...], n_timesteps: int,
+                 random_flip: bool, noise_offset: float = 0.0):
+    """(flip, eps, noise, timesteps) of a micro-batch, each sample's from its own generator
+    (trainers.batches.sample_generator): a sample draws the same values whatever batch it is in.
+
+    Per sample, in this order: the flip (only with random_flip), the latent draw `eps` (mean + std x eps is
+    the VAE sample), the noise (with its offset), the timestep.
+    """
+    flips, eps, noise, timesteps = [], [], [], []
+    for g in generators:
+        flips.append(bool(torch.rand((), generator=g) < 0.5) if random_flip else False)
+        eps.append(torch.randn(latent_shape, generator=g))
+        noise.append(draw_noise((1, *latent_shape), g, noise_offset)[0])
+        timesteps.append(torch.randint(0, n_timesteps, (1,), generator=g))
+    return torch.tensor(flips, dtype=torch.bool), torch.stack(eps), torch.stack(noise), torch.cat(timesteps)
+
+
 def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
                     timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet is trained to predict from noisy latents: the noise (epsilon) or the velocity."""

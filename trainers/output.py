@@ -92,9 +92,10 @@ def _read_meta_file(path: Path) -> dict:
 
 def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, loras_dir: Path, work_dir: Path,
                        loss_curve: list, samples: list[str], mixed_precision: str, device: str, skipped: int,
-                       steps: int) -> Path:
+                       steps: int, run: dict | None = None) -> Path:
     """loras/<name>/: weights + stylemix.json + samples/, written by the library (`LoraLibrary.add`:
-    a temp folder renamed in, so a failure never leaves half a LoRA or loses the old one)."""
+    a temp folder renamed in, so a failure never leaves half a LoRA or loses the old one).  `run`: how it ran
+    (processes, effective batch, seconds of training steps), kept in stylemix.json's `training`."""
     final = loras_dir / config.name
     if final.exists() and not config.overwrite:
         raise StyleMixError(f"A LoRA named {config.name!r} appeared in {loras_dir} while training; the trained "
@@ -110,7 +111,7 @@ def write_library_lora(config: TrainConfig, data: DatasetInfo, models: dict, lor
         "alpha": config.alpha,
         **networks.library_meta(config),  # network, kind, covers, ranks, target_modules
         "training": {**settings, "steps": steps, "skipped_steps": skipped, "mixed_precision_used": mixed_precision,
-                     "device": device, "tiny_model": config.model == TINY},
+                     "device": device, "tiny_model": config.model == TINY, **(run or {})},
         "dataset": data.summary,
         "loss_curve": loss_curve,
         "samples": [f"samples/{Path(r).name}" for r in samples],
@@ -164,31 +165,42 @@ def clear_epoch_versions(work_dir: Path) -> None:
 
 
 def finalize_lora(lora_dir: Path, config: TrainConfig) -> None:
-    """Give a finished library LoRA its style centroid (docs/scores.md), from the training images.
+    """Give a finished library LoRA its style centroids (docs/scores.md), from the training images.
 
-    The centroid is computed with the CLIP model the scores use for this base model (the tiny
-    random CLIP for `tiny`, ViT-B-32/openai otherwise).  When that CLIP cannot be loaded the LoRA
-    is still complete: stylemix.json records why there is no centroid, and one can be added later
-    with `stylemix score --save-centroid NAME IMAGES...`.
+    One centroid per style judge that can be loaded here (CLIP, and CSD where its weights are installed;
+    the tiny random ones for `tiny`), all in one file: switching judges later never needs the training
+    images again.  When no judge can be loaded the LoRA is still complete: stylemix.json records why there
+    is no centroid, and one can be added later with `stylemix score --save-centroid NAME IMAGES...`.
     """
     from stylemix.scores.judge import pick_scorer_or_reason
     from stylemix.scores.scoring import CENTROID_FILE, compute_centroid, images_in_folder, save_centroid
+    from stylemix.scores.selection import available_style_scorers
 
     from stylemix.models import pick_device
 
-    scorer, why = pick_scorer_or_reason(config.model == TINY, pick_device(config.device))
+    device = pick_device(config.device)
+    scorers = available_style_scorers(config.model == TINY, device)
     style: dict
-    if scorer is None:
+    if not scorers:
+        _, why = pick_scorer_or_reason(config.model == TINY, device)
         logger.warning("No style centroid for %s: %s", config.name, why)
         style = {"status": "unavailable", "reason": why}
     else:
-        try:
-            centroid = compute_centroid(scorer, images_in_folder(config.data_dir))
-            save_centroid(lora_dir, centroid)
-            style = {"status": "ok", "file": CENTROID_FILE, **centroid.info()}
-        except StyleMixError as e:
-            logger.warning("No style centroid for %s: %s", config.name, e)
-            style = {"status": "unavailable", "reason": str(e)}
+        style, judges = {}, {}
+        images = images_in_folder(config.data_dir)
+        for scorer in scorers:
+            try:
+                centroid = compute_centroid(scorer, images)
+                save_centroid(lora_dir, centroid)
+                judges[scorer.name] = centroid.info()
+            except StyleMixError as e:
+                logger.warning("No %s style centroid for %s: %s", scorer.name, config.name, e)
+                style.setdefault("problems", {})[scorer.name] = str(e)
+        if judges:
+            # the first judge's (CLIP's) fields stay at the top, where earlier versions read them
+            style = {"status": "ok", "file": CENTROID_FILE, **next(iter(judges.values())), "judges": judges, **style}
+        else:
+            style = {"status": "unavailable", "reason": "; ".join(style["problems"].values())}
     meta_path = lora_dir / "stylemix.json"
     meta = json.loads(meta_path.read_text())
     meta["style"] = style

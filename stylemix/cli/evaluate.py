@@ -1,8 +1,9 @@
 """`stylemix evaluate [--config FILE] [--out DIR] [--map STYLE=LORA ...]`: the seed protocol, reproducible.
 
 Runs (or resumes) the experiment of a protocol TOML file (default: the seed report's 110 images)
-and writes results.csv, summary.csv/.md, contact sheets and a plot into --out.  Under
-`accelerate launch` the images are split between the GPUs.
+and writes results.csv, summary.csv/.md, contact sheets and a plot into --out.  With
+`--num-processes N` (or under `accelerate launch` / torchrun) the images are split between N processes,
+one GPU each (or the CPU); every image, score and the summary are those of a one-process run.
 
 `stylemix evaluate --epochs LORA [--weight W]` compares instead the saved epochs of one LoRA
 (LORA@eNN, from `stylemix train --save-every-epochs N`) and the final LoRA, on the protocol
@@ -20,6 +21,7 @@ import os
 import sys
 
 from stylemix.errors import StyleMixError
+from stylemix.scores.selection import judge_arg
 
 
 def register(sub) -> None:
@@ -41,8 +43,14 @@ def register(sub) -> None:
     p.add_argument("--preset", action="append", default=None, metavar="NAME",
                    help="also run each plain mix with this schedule preset, e.g. \"style late\" (repeatable; "
                         "replaces the file's protocol.presets)")
+    p.add_argument("--style-judge", default=None, metavar="clip|csd", type=judge_arg,
+                   help="what measures style similarity and shares (default: $STYLEMIX_STYLE_JUDGE, else csd where "
+                        "installed, else clip; docs/scores.md)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved mapping and image count, make nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    from stylemix.launch import add_launch_arguments
+
+    add_launch_arguments(p, "make the images")
     p.set_defaults(func=run)
 
 
@@ -78,16 +86,23 @@ def compare_modes(config, modes: str | None, presets: list[str] | None):
 
 
 def run(args) -> int:
+    from stylemix import launch
     from stylemix.cli.common import open_mixer, tqdm_progress, workspace
     from stylemix.experiments.protocol import ProtocolConfig, resolve_styles, run_protocol
 
     config = ProtocolConfig.load(args.config)  # a bad file fails before any model loads
     config = compare_modes(config, args.modes, args.preset)
     overrides = parse_map(args.map)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.device:
-        from accelerate import PartialState
-
-        args.device = str(PartialState().device)  # one GPU per process
+    several = launch.launch_from_args(args)
+    if several.distributed and launch.world_size() == 1:  # start this same command on N processes, and wait
+        if args.epochs or args.dry_run:
+            raise StyleMixError("--num-processes splits the protocol's images; --epochs and --dry-run run in one "
+                                "process: leave it out.")
+        several.run("stylemix.cli", args.argv)
+        return 0
+    state = launch.distributed_state(args.device)  # started by the launcher: this process's share
+    if state is not None and not args.device:
+        args.device = str(state.device)  # one GPU per process
     if args.epochs:
         return run_epochs_cli(args, config)
     out = args.out or str(workspace(args).outputs / "evaluate" / config.name)
@@ -107,8 +122,14 @@ def run(args) -> int:
         if not sys.stderr.isatty() and (done == total or done % 10 == 0):
             print(f"stylemix: evaluate {done}/{total} {message}", file=sys.stderr)
 
+    judge = None
+    if args.style_judge:
+        from stylemix.scores.judge import StyleJudge
+
+        judge = StyleJudge.for_mixer(mixer, list(resolve_styles(config, mixer.library, overrides).values()),
+                                     config.clip_model, config.pretrained, style_judge=args.style_judge)
     try:
-        res = run_protocol(mixer, config, out, overrides, progress=report)
+        res = run_protocol(mixer, config, out, overrides, progress=report, judge=judge)
     finally:
         bar.close()
     if not res.files:
@@ -116,9 +137,10 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"out": str(res.out_dir), "total": res.total, "generated": res.generated,
                           "rescored": res.rescored, "mapping": res.mapping, "files": res.files,
-                          "is_demo": res.is_demo}, indent=2))
+                          "is_demo": res.is_demo, "processes": res.processes, "seconds": res.seconds}, indent=2))
     else:
-        print(f"{res.total} images ({res.generated} generated now) in {res.out_dir}")
+        split = f", split over {res.processes} processes" if res.processes > 1 else ""
+        print(f"{res.total} images ({res.generated} generated now{split}) in {res.out_dir}")
         print(f"summary: {res.files['summary_md']}")
         if res.is_demo:
             print("NOTE: demo values (tiny model / tiny random CLIP), not real measurements.")
@@ -157,7 +179,7 @@ def run_epochs_cli(args, config) -> int:
                           "images": len(rows) * len(config.prompts) * len(config.seeds), "out": str(out),
                           "settings": settings}, indent=2))
         return 0
-    judge = StyleJudge.for_mixer(mixer, [name], config.clip_model, config.pretrained)
+    judge = StyleJudge.for_mixer(mixer, [name], config.clip_model, config.pretrained, style_judge=args.style_judge)
 
     def report(done, total, message):
         if done == total or done % 10 == 0:

@@ -1,4 +1,9 @@
-"""`stylemix train DATA_DIR --name NAME`: train a style LoRA (foreground with progress, or --background)."""
+"""`stylemix train DATA_DIR --name NAME`: train a style LoRA (foreground with progress, or --background).
+
+`--num-processes N` trains on N processes (one GPU each, or the CPU) under accelerate's launcher; with
+`--num-machines M --machine-rank R --main-process-ip IP --main-process-port PORT`, on several machines
+(the same command on each, R = 0..M-1).  README "Scaling out".
+"""
 
 from __future__ import annotations
 
@@ -22,14 +27,19 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the latest failed/cancelled job for this LoRA name from its last checkpoint")
     add_config_arguments(p)
+    from stylemix.launch import add_launch_arguments
+
+    add_launch_arguments(p, "train")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from stylemix.launch import Launch, launch_from_args
     from stylemix.training import jobs
     from stylemix.training.config import config_from_args
 
     ws = Workspace.default(args.loras_dir)
+    launch = launch_from_args(args, env_default=True)
     model = args.model or os.environ.get("STYLEMIX_MODEL")
     base = {"data_dir": args.data_dir, "name": args.name, "device": args.device, "loras_dir": str(ws.loras)}
     if model:
@@ -41,19 +51,23 @@ def run(args: argparse.Namespace) -> int:
         if not candidates:
             raise StyleMixError(f"No failed or cancelled job for LoRA {args.name!r} to resume.")
         job_id = candidates[0].id
+        stored = Launch.from_dict(candidates[0].config.get("launch"))
+        if args.num_processes is not None and args.num_processes != stored.num_processes:
+            raise StyleMixError(f"Job {job_id} trained on {stored.num_processes} process(es); a resume runs on the "
+                                "same number (leave --num-processes out).")
         if args.background:
             job = jobs.resume(ws, job_id)
             print(f"Resumed job {job.id}: {job.state}. Follow it with `stylemix jobs show {job.id} --follow`.")
             return 0
         return _foreground(config, ws, job_id)
     if args.background:
-        job = jobs.submit(config, ws)
+        job = jobs.submit(config, ws, launch=launch)
         print(f"Job {job.id}: {job.state}. Follow it with `stylemix jobs show {job.id} --follow`.")
         return 0
-    return _foreground(config, ws, None)
+    return _foreground(config, ws, None, launch)
 
 
-def _foreground(config, ws: Workspace, job_id: str | None) -> int:
+def _foreground(config, ws: Workspace, job_id: str | None, launch=None) -> int:
     from tqdm import tqdm
 
     from stylemix.training import jobs
@@ -81,7 +95,7 @@ def _foreground(config, ws: Workspace, job_id: str | None) -> int:
             bar.write(f"samples at step {info['step']}: {', '.join(info['samples'])}")
 
     try:
-        job = jobs.run_foreground(config, ws, progress=progress, job_id=job_id)
+        job = jobs.run_foreground(config, ws, progress=progress, job_id=job_id, launch=launch)
     finally:
         if bar is not None:
             bar.close()

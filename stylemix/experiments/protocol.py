@@ -13,8 +13,12 @@ experiment ships as `configs/seed_protocol.toml`), scores it and writes into one
 Resumable: a row in results.csv whose PNG exists is never redone; a PNG without its row (an
 interruption between the two) is scored again from disk, not regenerated.  The folder belongs
 to one run: another configuration is refused with a clear message instead of mixing results.
-Under `accelerate launch` the images are split between processes (one GPU each); each writes
-its own part file, which the main process merges.
+On several processes (`stylemix evaluate --num-processes N`, or under `accelerate launch` / torchrun)
+the images are split between them (one GPU each) with accelerate's `split_between_processes`; each image
+has its own seeded generator, so every image, score and the summary are those of one process, bit for
+bit on the CPU.  Each process appends its rows to its own part file as it goes (an interrupted run
+resumes), the rows are gathered on the main process, which writes results.csv once, in the protocol's
+order, and the summaries.  Several machines need --out on a folder that all of them see.
 
 Calibrated similarity (scoring.py) uses the base-model image of the same prompt and seed as the
 low anchor, so the base configuration always runs and runs first.
@@ -29,6 +33,8 @@ import logging
 import math
 import os
 import re
+import threading
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,7 +410,8 @@ class ProtocolImage:
 
 
 def _columns(styles: list[str]) -> list[str]:
-    cols = ["config", "kind", "loras", "mode", "schedules", "prompt_index", "prompt", "seed", "file", "clip_score"]
+    cols = ["config", "kind", "loras", "mode", "schedules", "prompt_index", "prompt", "seed", "file", "clip_score",
+            "style_judge"]
     for s in styles:
         cols += [f"sim_{s}", f"cal_{s}", f"share_{s}"]
     return cols
@@ -432,10 +439,6 @@ def _fmt(x) -> str:
     return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.6f}"
 
 
-def _distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 @dataclass
 class ProtocolResult:
     out_dir: Path
@@ -448,6 +451,8 @@ class ProtocolResult:
     summary: list[dict] = field(default_factory=list)  # summary.csv's rows, as data (empty on non-main processes)
     markdown: str = ""  # summary.md's text: `intro`, then the summary as a Markdown table
     intro: str = ""  # summary.md's text before its table (what ran, demo or not), for a page that shows the table
+    processes: int = 1  # the processes that made the images
+    seconds: float = 0.0  # wall time of making and scoring this call's images (all processes)
 
     def summary_table(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of summary.csv, cells written exactly as in the file (without CSV quoting)."""
@@ -460,6 +465,7 @@ class ProtocolResult:
 def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, overrides: dict[str, str] | None = None,
                  progress: Callable[[int, int, str], None] | None = None, judge=None) -> ProtocolResult:
     """Run (or resume) the protocol into `out_dir`; returns what was done and the files written."""
+    from stylemix.launch import distributed_state
     from stylemix.recipe import save_png
     from stylemix.scores.scoring import NOISE_FLOOR, mix_shares, open_image
     from stylemix.scores.judge import StyleJudge
@@ -479,7 +485,11 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
                 "lora_hashes": {s: mixer.library.get(n).short_hash for s, n in mapping.items()},
                 "settings": settings, "prompts": config.prompts, "seeds": config.seeds,
                 "configurations": [c.info() for c in configs],
-                "clip_model": judge.scorer.name, "is_demo": judge.scorer.is_demo}
+                "clip_model": judge.scorer.name, "is_demo": judge.is_demo}
+    if judge.style_judge != judge.scorer.name:
+        # CSD judged style: part of the run, so a folder scored with one judge never resumes with the other
+        # (a CLIP-only run keeps the fingerprint it had before judges could differ)
+        run_info["style_judge"] = judge.style_judge
     fingerprint = hashlib.sha256(json.dumps(run_info, sort_keys=True).encode()).hexdigest()[:16]
     run_info["fingerprint"] = fingerprint
     out.mkdir(parents=True, exist_ok=True)
@@ -492,17 +502,20 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
         if old != fingerprint:
             raise StyleMixError(f"{out} holds results of a different run (other LoRAs, prompts, seeds, settings or "
                                 "model); use a new --out folder to keep both.")
-    state = None
-    if _distributed():
-        from accelerate import PartialState
-
-        state = PartialState()
-    if state is None or state.is_main_process:
-        atomic_write_text(run_file, json.dumps(run_info, indent=2))
+    # Several processes: accelerate's state, asked for the CPU backend when the model runs on the CPU (else
+    # each process would believe it is alone, do every image and write the same files).
+    state = distributed_state(str(mixer.loaded.device))
+    main = state is None or state.is_main_process
+    processes = 1 if state is None else state.num_processes
+    if main:
+        atomic_write_text(run_file, json.dumps({**run_info, "processes": processes}, indent=2))
     columns = _columns(styles)
     results = out / "results.csv"
-    if state is None or state.is_main_process:
+    if main:
         _upgrade_columns(results, columns)
+    if state is not None:
+        state.wait_for_everyone()
+        _check_shared(run_file, fingerprint, state.process_index)
     part = results if state is None else out / f"results.part{state.process_index}.csv"
     done_rows = {}
     for p in [results, *sorted(out.glob("results.part*.csv"))]:
@@ -513,32 +526,52 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
                 continue
     jobs = [ProtocolImage(c, i, p, s) for c in configs for i, p in enumerate(config.prompts) for s in config.seeds]
     done = {j.key for j in jobs if j.key in done_rows and (out / j.rel_path).is_file()}
+    if state is not None:  # the main process's view, so that every process splits the same list
+        from accelerate.utils import broadcast_object_list
+
+        done = broadcast_object_list([done])[0]
     todo = [j for j in jobs if j.key not in done]
     counts = {"generated": 0, "rescored": 0, "done": len(done)}
     base_recipe = Recipe(prompt="", **settings)
+    # One app over several GPUs (a MixerPool, stylemix/pipelines.py): one thread per pipeline makes images,
+    # each on whichever pipeline is free; scoring and the rows are taken one at a time (`rows_lock`), and
+    # results.csv is rewritten in the protocol's order at the end, so the files are those of one pipeline.
+    from stylemix.pipelines import members
+
+    threads = len(members(mixer)) if state is None else 1
+    rows_lock = threading.Lock()
 
     def do(job: ProtocolImage) -> None:
         path = out / job.rel_path
         recipe = base_recipe.with_(prompt=job.prompt, seed=job.seed, **job.config.recipe_fields())
         if path.is_file():
             image = open_image(path)  # made before an interruption: scored again, not regenerated
-            counts["rescored"] += 1
+            made_now = "rescored"
         else:
             res = mixer.generate(recipe)
             image = res.images[0]
             save_png(image, path, res.recipe, res.prompt_used,
                      extra={"protocol": {"config": job.config.id, "styles": job.config.styles,
                                          **({"preset": job.config.preset} if job.config.preset else {})}})
-            counts["generated"] += 1
+            made_now = "generated"
+        with rows_lock:
+            counts[made_now] += 1
+            score_and_record(job, image)
+
+    def score_and_record(job: ProtocolImage, image) -> None:
         base = None
         base_path = out / ProtocolImage(configs[0], job.prompt_index, job.prompt, job.seed).rel_path
         if job.config.kind != "base" and base_path.is_file():
             base = [open_image(base_path)]
+        elif job.config.kind != "base" and state is not None:  # another machine made it, into its own folder
+            raise StyleMixError(f"{base_path} is missing on process {state.process_index}: on several machines, "
+                                "--out must be a folder that every machine sees.")
         s = judge.score([image], job.prompt, base_images=base)[0]
         row = {"config": job.config.id, "kind": job.config.kind,
                "loras": json.dumps(job.config.loras), "mode": job.config.mode,
                "schedules": job.config.schedule_text(), "prompt_index": job.prompt_index, "prompt": job.prompt,
-               "seed": job.seed, "file": job.rel_path, "clip_score": _fmt(s.clip_score)}
+               "seed": job.seed, "file": job.rel_path, "clip_score": _fmt(s.clip_score),
+               "style_judge": s.style_judge or judge.style_judge}
         by_style = {st: mapping[st] for st in styles}
         cal = {st: s.calibrated.get(by_style[st]) for st in styles}
         # shares only when every style of the mix is measured: one missing style would read as 0%
@@ -548,30 +581,73 @@ def run_protocol(mixer, config: ProtocolConfig, out_dir: str | os.PathLike, over
             row[f"sim_{st}"] = _fmt(s.similarity.get(by_style[st]))
             row[f"cal_{st}"] = _fmt(cal[st])
             row[f"share_{st}"] = _fmt(shares.get(st))
-        _append_row(part, columns, row)
-        counts["done"] += 1
-        if progress:
-            progress(counts["done"], len(jobs), f"{job.config.id} | prompt {job.prompt_index} | seed {job.seed}")
+        _append_row(part, columns, row)  # at once: an interrupted run keeps it
+        made[job.key] = row
+        counts["done"] += processes  # (shown by the main process: every process moves at about its pace)
+        if progress and main:
+            progress(min(counts["done"], len(jobs)), len(jobs),
+                     f"{job.config.id} | prompt {job.prompt_index} | seed {job.seed}")
 
-    if progress:
+    made: dict = {}
+    if progress and main:
         progress(counts["done"], len(jobs), "resuming" if done else "starting")
+    t0 = time.perf_counter()
     # base images first: every other image is calibrated against the base image of its prompt and seed
     for phase in ([j for j in todo if j.config.kind == "base"], [j for j in todo if j.config.kind != "base"]):
-        if state is None:
+        if state is None and threads > 1:
+            _in_threads(do, phase, threads)
+        elif state is None:
             for job in phase:
                 do(job)
         else:
-            with state.split_between_processes(phase) as mine:
+            with state.split_between_processes(phase) as mine:  # consecutive shares, in the protocol's order
                 for job in mine:
                     do(job)
-            state.wait_for_everyone()
+            state.wait_for_everyone()  # the next phase reads this one's base images
+    if state is not None:  # every process's rows and counts, on the main process
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([(made, counts["generated"], counts["rescored"])])
+        made = {k: r for m, _, _ in gathered for k, r in m.items()}
+        counts["generated"], counts["rescored"] = sum(g for _, g, _ in gathered), sum(r for _, _, r in gathered)
+    seconds = time.perf_counter() - t0
     files, summary, markdown = {}, [], ""
-    if state is None or state.is_main_process:
-        if state is not None:
-            _merge_parts(out, results, columns)
+    if main:
+        if state is not None or threads > 1:  # rows written as images were done: in the protocol's order now
+            _merge_parts(out, results, columns, [j.key for j in jobs], {**done_rows, **made})
+        if progress:
+            progress(len(jobs), len(jobs), "done")
         files, summary, markdown = write_summaries(out, config, configs, styles, judge.scorer.is_demo, run_info)
+    if state is not None:
+        state.wait_for_everyone()  # the part files are merged before any process returns (or starts again)
     return ProtocolResult(out, len(jobs), counts["generated"], counts["rescored"], files, mapping,
-                          judge.scorer.is_demo, summary, markdown, _intro(judge.scorer.is_demo, run_info))
+                          judge.scorer.is_demo, summary, markdown, _intro(judge.scorer.is_demo, run_info),
+                          processes, round(seconds, 3))
+
+
+def _in_threads(fn: Callable, items: list, workers: int) -> None:
+    """`fn(item)` for every item on `workers` threads (one per pipeline of a pool), at the caller's GPU-queue
+    priority (an experiment's images keep yielding to interactive renders); the first error is raised once
+    every thread has stopped."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stylemix import gpu_queue
+
+    yielding = gpu_queue.current_priority() == gpu_queue.BACKGROUND
+
+    def one(item) -> None:
+        if yielding:
+            with gpu_queue.background():
+                fn(item)
+        else:
+            fn(item)
+
+    # each item in a copy of the caller's context: a progress callback (Gradio's) finds its request there
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="protocol-image") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, one, item) for item in items]
+    for f in futures:
+        f.result()
 
 
 def _upgrade_columns(results: Path, columns: list[str]) -> None:
@@ -599,15 +675,32 @@ def _csv_line(cells: list[str]) -> str:
     return buf.getvalue()
 
 
-def _merge_parts(out: Path, results: Path, columns: list[str]) -> None:
-    seen = {(r["config"], r["prompt_index"], r["seed"]) for r in _read_rows(results)}
+def _merge_parts(out: Path, results: Path, columns: list[str], keys: list[tuple], rows: dict) -> None:
+    """results.csv written once by the main process: one row per image, in the protocol's order (the order
+    of a one-process run, so the summary's sums run in the same order, bit for bit), then the part files of
+    every process removed.  `rows`: {(config, prompt_index, seed): row}, earlier runs' and this run's."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns)  # as _append_row writes, so both paths give the same bytes
+    w.writeheader()
+    for key in keys:
+        if key in rows:
+            w.writerow({k: rows[key].get(k, "") for k in columns})
+    atomic_write_text(results, buf.getvalue())
     for p in sorted(out.glob("results.part*.csv")):
-        for r in _read_rows(p):
-            k = (r["config"], r["prompt_index"], r["seed"])
-            if k not in seen:
-                _append_row(results, columns, r)
-                seen.add(k)
         p.unlink()
+
+
+def _check_shared(run_file: Path, fingerprint: str, index: int) -> None:
+    """Every process must see the main process's run.json: the folder is one folder for all of them."""
+    try:
+        ok = json.loads(run_file.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise StyleMixError(f"Process {index} cannot see {run_file} written by the main process: on several "
+                            "machines, --out must be a folder that every machine sees (a shared file system).")
 
 
 # --------------------------------------------------------------------------- summaries
@@ -635,6 +728,9 @@ def _num(s: str | None) -> float | None:
 
 
 def summarise(rows: list[dict], configs: list[Configuration], styles: list[str]) -> list[dict]:
+    from stylemix.scores.scoring import check_one_judge
+
+    check_one_judge(rows)  # means over similarities of two judges would mean nothing: refused
     out = []
     for c in configs:
         rs = [r for r in rows if r.get("config") == c.id]
@@ -703,9 +799,11 @@ def _ci(m, lo, hi, digits=4) -> str:
 
 def _intro(is_demo: bool, info: dict) -> str:
     """summary.md's text before the table: what ran, with which model, judge and settings."""
-    head = [f"# {info['name']}: {info['model']}, CLIP {info['clip_model']}", ""]
+    judge = info.get("style_judge") or info["clip_model"]
+    head = [f"# {info['name']}: {info['model']}, CLIP {info['clip_model']}, style judge {judge}", ""]
     if is_demo or info.get("is_tiny"):
-        head += ["**DEMO VALUES: the built-in tiny model and/or tiny random CLIP; these numbers measure nothing.**", ""]
+        head += ["**DEMO VALUES: the built-in tiny model and/or tiny random CLIP/CSD; these numbers measure "
+                 "nothing.**", ""]
     head += [f"Mapping: {', '.join(f'{s} -> {n}' for s, n in info['mapping'].items())}. "
              f"Settings: {', '.join(f'{k}={v}' for k, v in info['settings'].items())}. "
              f"{len(info['prompts'])} prompts x {len(info['seeds'])} seeds. Means with 95% t-intervals.", ""]

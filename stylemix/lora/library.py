@@ -7,6 +7,11 @@
 
 Names go through `paths.check_name`, so no name can reach outside `loras/`.  Every write goes
 to a temporary folder or file first and is renamed into place.
+
+Several app processes (replicas) may share one library folder.  Every write is taken under the
+folder's file lock (`LoraLibrary.lock`, held by the service across its checks too: a name taken or
+an owner checked stays so until the write is done), and nothing about the folder is kept in memory
+except hashes keyed by each file's size, mtime and inode: every listing reads the folder again.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -28,8 +35,8 @@ from stylemix.lora.canonical import canonical_state, describe, tag_counts, to_ko
 from stylemix.lora.names import Target, sd15_targets
 from stylemix.lora.update import mismatch
 from stylemix.errors import StyleMixError
-from stylemix.paths import (VERSIONS_DIR, atomic_write_text, check_lora_name, check_name, inside, read_json_object,
-                            replace_folder, split_version, version_name)
+from stylemix.paths import (VERSIONS_DIR, atomic_write_text, check_lora_name, check_name, folder_lock, inside,
+                            read_json_object, replace_folder, split_version, unique_suffix, version_name)
 
 META_NAME = "stylemix.json"
 MAX_META_BYTES = 4 * 1024**2
@@ -142,10 +149,30 @@ class LoraLibrary:
         self._compat_cache: dict[tuple[str, str], str | None] = {}
         self._sha_cache: dict[tuple, str] = {}
 
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the library's write lock (all threads and processes on this folder; re-entrant).
+
+        The service takes it around a check and the change it allows (a free name, then the import;
+        an owner, then the rename), so another app process sharing the folder cannot slip in between."""
+        from filelock import Timeout
+
+        lock = folder_lock(self.root)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise StyleMixError("The LoRA library is busy (another app process is changing it); try again "
+                                "in a minute.") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
     def file_sha256(self, path: Path) -> str:
-        """sha256 of a weights file, hashed once per (size, mtime) rather than on every request."""
+        """sha256 of a weights file, hashed once per (size, mtime, inode) rather than on every request
+        (the inode: another process may swap in a same-sized file within one timestamp tick)."""
         st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
         if key not in self._sha_cache:
             self._sha_cache[key] = sha256_file(path)
         return self._sha_cache[key]
@@ -184,7 +211,13 @@ class LoraLibrary:
         return [version_name(name, e) for e in sorted(found)]
 
     def list(self) -> list[LoraEntry]:
-        return [self.get(n) for n in self.names()]
+        out = []
+        for n in self.names():
+            try:
+                out.append(self.get(n))
+            except StyleMixError:
+                continue  # removed or renamed (by another process) since the folder was listed
+        return out
 
     def visible_to(self, owner: str | None) -> list[LoraEntry]:
         """The LoRAs `owner` may see and use: shared ones and their own private ones."""
@@ -206,6 +239,12 @@ class LoraLibrary:
         return tuple(out)
 
     def get(self, name: str) -> LoraEntry:
+        try:
+            return self._get(name)
+        except FileNotFoundError:  # removed or renamed by another process while being read
+            raise StyleMixError(f"No LoRA named {name!r} in {self.root} (it was just removed or renamed).") from None
+
+    def _get(self, name: str) -> LoraEntry:
         folder = self.folder(name)
         if not (folder / lora_files.WEIGHTS_NAME).is_file():
             known = ", ".join(self.names()) or "none"
@@ -237,16 +276,16 @@ class LoraLibrary:
 
     def add(self, name: str, state: dict[str, torch.Tensor], header: dict[str, str], meta: dict,
             overwrite: bool = False, extra_files: dict[str, Path] | None = None) -> LoraEntry:
-        """Write a new LoRA folder atomically (temp folder, then rename)."""
+        """Write a new LoRA folder atomically (temp folder, then rename, under the library's lock)."""
         folder = self.folder(check_name(name, "LoRA name"))  # never a version: those come with their LoRA
-        if folder.exists() and not overwrite:
+        if folder.exists() and not overwrite:  # checked again under the lock, before the rename
             raise StyleMixError(f"A LoRA named {name!r} already exists; choose another name or remove it first.")
         if self.targets is not None:
             problem = check_compatible(state, self.targets)
             if problem:
                 raise StyleMixError(f"LoRA {name!r}: {problem}.")
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp = self.root / f".tmp-{name}-{unique_suffix()}"
         tmp.mkdir()
         try:
             lora_files.write_safetensors(tmp / lora_files.WEIGHTS_NAME, state, header or None)
@@ -261,13 +300,18 @@ class LoraLibrary:
             meta.setdefault("rank", ranks[0] if len(ranks) == 1 else ranks)
             meta.setdefault("target_modules", _target_summary(modules))
             atomic_write_text(tmp / META_NAME, json.dumps(meta, indent=2, sort_keys=True))
-            replace_folder(tmp, folder)
+            with self.lock():
+                if folder.exists() and not overwrite:  # another process took the name meanwhile
+                    raise StyleMixError(f"A LoRA named {name!r} already exists; choose another name or remove "
+                                        "it first.")
+                replace_folder(tmp, folder)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         # what was just checked and hashed need not be read back (a 100 MB LoCon: ~1 s saved)
-        st = (folder / lora_files.WEIGHTS_NAME).stat()
-        self._sha_cache[(str(folder / lora_files.WEIGHTS_NAME), st.st_size, st.st_mtime_ns)] = meta["sha256"]
+        weights = folder / lora_files.WEIGHTS_NAME
+        st = weights.stat()
+        self._sha_cache[(str(weights), st.st_size, st.st_mtime_ns, st.st_ino)] = meta["sha256"]
         if self.targets is not None:
             self._compat_cache[(name, meta["sha256"])] = None
         return self.get(name)
@@ -352,39 +396,43 @@ class LoraLibrary:
         base, version = split_version(old)
         if version is not None:
             raise StyleMixError(f"{old!r} is an epoch version of {base!r}: rename {base!r} and its versions follow.")
-        src, dst = self.get(old).folder, self.folder(check_name(new, "LoRA name"))
-        if dst.exists():
-            raise StyleMixError(f"A LoRA named {new!r} already exists.")
-        meta = _read_meta(src)
-        meta["name"] = new
-        atomic_write_text(src / META_NAME, json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(src, dst)
-        return self.get(new)
+        with self.lock():
+            src, dst = self.get(old).folder, self.folder(check_name(new, "LoRA name"))
+            if dst.exists():
+                raise StyleMixError(f"A LoRA named {new!r} already exists.")
+            meta = _read_meta(src)
+            meta["name"] = new
+            atomic_write_text(src / META_NAME, json.dumps(meta, indent=2, sort_keys=True))
+            os.replace(src, dst)
+            return self.get(new)
 
     def remove(self, name: str) -> None:
         """Remove a LoRA with its epoch versions, or one version alone."""
-        folder = self.get(name).folder
-        trash = folder.with_name(f".removed-{name}-{time.monotonic_ns()}")
-        os.replace(folder, trash)  # atomic: the LoRA disappears at once, the delete can take its time
+        with self.lock():
+            folder = self.get(name).folder
+            trash = folder.with_name(f".removed-{name}-{unique_suffix()}")
+            os.replace(folder, trash)  # atomic: the LoRA disappears at once, the delete can take its time
         shutil.rmtree(trash, ignore_errors=True)
 
     def set_access(self, name: str, owner: str | None = None, visibility: str | None = None) -> LoraEntry:
         """Record a LoRA's owner key and/or visibility in its stylemix.json (the service checks who may)."""
-        entry = self.get(name)
-        meta = _read_meta(entry.folder)
-        if owner is not None:
-            meta["owner"] = owner
-        if visibility is not None:
-            meta["visibility"] = access.check_visibility(visibility)
-        atomic_write_text(entry.folder / META_NAME, json.dumps(meta, indent=2, sort_keys=True))
-        return self.get(name)
+        with self.lock():  # read, change, write: another process's change in between would be lost
+            entry = self.get(name)
+            meta = _read_meta(entry.folder)
+            if owner is not None:
+                meta["owner"] = owner
+            if visibility is not None:
+                meta["visibility"] = access.check_visibility(visibility)
+            atomic_write_text(entry.folder / META_NAME, json.dumps(meta, indent=2, sort_keys=True))
+            return self.get(name)
 
     def set_trigger_word(self, name: str, trigger_word: str | None) -> LoraEntry:
-        entry = self.get(name)
-        meta = dict(entry.meta)
-        meta["trigger_word"] = check_trigger(trigger_word)
-        atomic_write_text(entry.folder / META_NAME, json.dumps(meta, indent=2, sort_keys=True))
-        return self.get(name)
+        with self.lock():
+            entry = self.get(name)
+            meta = dict(entry.meta)
+            meta["trigger_word"] = check_trigger(trigger_word)
+            atomic_write_text(entry.folder / META_NAME, json.dumps(meta, indent=2, sort_keys=True))
+            return self.get(name)
 
 
 def check_trigger(word: str | None) -> str | None:

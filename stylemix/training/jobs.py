@@ -13,6 +13,12 @@ running if its pid is alive and its heartbeat recent, and `ensure_queue_running`
 app and CLI on start, and by each job as it ends) starts the oldest queued job when no job is
 running.  So jobs survive an app restart, and a job killed with its machine is marked failed
 (and can be resumed from its last checkpoint) the next time anyone looks.
+
+A job of several processes (`stylemix train --num-processes N`, or STYLEMIX_TRAIN_PROCESSES=N for the
+app's jobs; config.json's `launch`) is started as `python -m stylemix.launch --job-dir DIR`, which runs
+the trainer under accelerate's launcher (`supervise`): the job's pid is that process, the main training
+process keeps status.json, and when a process dies the launcher stops the others and `supervise`
+records which one failed.  A resumed job runs on the same number of processes.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +46,7 @@ from stylemix.paths import Workspace, atomic_write_text, check_name, inside
 from stylemix.training.progress import STARTING
 
 if TYPE_CHECKING:
+    from stylemix.launch import Launch
     from stylemix.training.config import TrainConfig
 
 logger = logging.getLogger("stylemix.training.jobs")
@@ -50,6 +58,11 @@ STALE_S = 120.0  # no heartbeat for this long: the process is gone (or hung, or 
 CANCEL_FILE = "cancel.request"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # so `-m trainers.lora` imports without installation
 TRAINER_MODULE = "trainers.lora"  # the job process: `python -m trainers.lora --job-dir DIR` runs `run_job(DIR)`
+LAUNCH_MODULE = "stylemix.launch"  # a job of several processes: `python -m stylemix.launch --job-dir DIR` (supervise)
+
+# This machine's name, recorded with a job's pid: replicas on several machines share the jobs folder, and a
+# pid means nothing on another machine (checking or signalling it there would hit an unrelated process).
+HOST = socket.gethostname()
 
 _children: dict[int, subprocess.Popen] = {}  # processes this process started: polled so they never linger as zombies
 
@@ -155,6 +168,8 @@ def _pid_alive(pid: int) -> bool:
 def is_alive(job: TrainingJob) -> bool:
     """The job's process exists and has sent a heartbeat recently."""
     pid, beat = job.status.get("pid"), job.status.get("heartbeat")
+    if job.state == RUNNING and job.status.get("host") not in (None, HOST):  # on another machine: the heartbeat
+        return isinstance(beat, (int, float)) and time.time() - beat < STALE_S
     if job.state != RUNNING or not isinstance(pid, int) or not _pid_alive(pid):
         return False
     return isinstance(beat, (int, float)) and time.time() - beat < STALE_S
@@ -216,12 +231,15 @@ def follow(workspace: Workspace, job_id: str, owner: str | None = None, interval
         time.sleep(interval)
 
 
-def submit(config: "TrainConfig", workspace: Workspace, owner: str | None = None, start: bool = True) -> TrainingJob:
+def submit(config: "TrainConfig", workspace: Workspace, owner: str | None = None, start: bool = True,
+           launch: "Launch | None" = None) -> TrainingJob:
     """Queue a training job and start it if the GPU is free.
 
     The dataset and the LoRA name are checked now, so a bad request fails here, not in the job.
+    `launch`: its processes (default: STYLEMIX_TRAIN_PROCESSES, else one), kept for its resumes.
     """
     from stylemix.datasets.prepare import load_dataset_folder
+    from stylemix.launch import Launch
 
     config.loras_dir = str(Path(config.loras_dir or workspace.loras).resolve())
     config.data_dir = str(Path(config.data_dir).expanduser().resolve())
@@ -229,6 +247,7 @@ def submit(config: "TrainConfig", workspace: Workspace, owner: str | None = None
     if owner is not None:
         check_name(owner, "owner")
     load_dataset_folder(config.data_dir)
+    launch = (launch or Launch.from_env(config.device)).validate()
     if (Path(config.loras_dir) / config.name).exists() and not config.overwrite:
         raise StyleMixError(f"A LoRA named {config.name!r} already exists; choose another name or overwrite it.")
     with _queue_lock(workspace):
@@ -242,7 +261,8 @@ def submit(config: "TrainConfig", workspace: Workspace, owner: str | None = None
                           "owner": owner, "queued": utc_now(), "error": None, "samples": []})
         atomic_write_text(d / "config.json", json.dumps(
             {"train": asdict(config), "owner": owner, "created": utc_now(),
-             "workspace": {k: str(Path(v).resolve()) for k, v in asdict(workspace).items()}}, indent=1))
+             "workspace": {k: str(Path(v).resolve()) for k, v in asdict(workspace).items()},
+             **({"launch": launch.as_dict()} if launch.distributed else {})}, indent=1))
     if start:
         ensure_queue_running(workspace)
     return get_job(workspace, job_id)
@@ -264,14 +284,16 @@ def _launch(job: TrainingJob) -> TrainingJob:
     log = open(job.dir / "train.log", "ab")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
+    # several processes: the launcher's process is the job's (its pid is what cancel signals)
+    module = LAUNCH_MODULE if job.config.get("launch") else TRAINER_MODULE
     try:
-        proc = subprocess.Popen([sys.executable, "-m", TRAINER_MODULE, "--job-dir", str(job.dir)],
+        proc = subprocess.Popen([sys.executable, "-m", module, "--job-dir", str(job.dir)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=str(PROJECT_ROOT), start_new_session=True)
     finally:
         log.close()
     _children[proc.pid] = proc
-    job.status.update(state=RUNNING, pid=proc.pid, own_session=True, heartbeat=time.time(), started=utc_now(),
+    job.status.update(state=RUNNING, pid=proc.pid, host=HOST, own_session=True, heartbeat=time.time(), started=utc_now(),
                       error=None, phase=STARTING, eta_s=None)
     write_status(job.dir, job.status)
     logger.info("Started job %s (pid %d).", job.id, proc.pid)
@@ -294,7 +316,14 @@ def cancel(workspace: Workspace, job_id: str, owner: str | None = None, timeout:
             return job
         (job.dir / CANCEL_FILE).write_text(utc_now())
         pid = job.status["pid"]
-        _signal(pid, signal.SIGTERM, job.status.get("own_session", False))
+        remote = job.status.get("host") not in (None, HOST)
+        if not remote:
+            _signal(pid, signal.SIGTERM, job.status.get("own_session", False))
+    if remote:  # running on another replica's machine: its trainer sees the cancel file at its next step
+        deadline = time.time() + timeout
+        while get_job(workspace, job_id, owner).state == RUNNING and time.time() < deadline:
+            time.sleep(0.5)
+        return get_job(workspace, job_id, owner)
     deadline = time.time() + timeout
     while _pid_alive(pid) and time.time() < deadline:
         time.sleep(0.2)
@@ -339,19 +368,25 @@ def resume(workspace: Workspace, job_id: str, owner: str | None = None, start: b
 
 
 def run_foreground(config: "TrainConfig", workspace: Workspace, owner: str | None = None,
-                   progress: Callable[[dict], None] | None = None, job_id: str | None = None) -> TrainingJob:
-    """Run a job in this process (CLI without --background), still recorded, cancellable and resumable."""
+                   progress: Callable[[dict], None] | None = None, job_id: str | None = None,
+                   launch: "Launch | None" = None) -> TrainingJob:
+    """Run a job in this process (CLI without --background), still recorded, cancellable and resumable.
+
+    With several processes (`launch`, or the stored launch of the job resumed) the job is started as the
+    queue starts it, at once, and followed here: Ctrl-C cancels it (a checkpoint is kept)."""
     with _queue_lock(workspace):
         running = [j for j in list_jobs(workspace) if j.state == RUNNING]
         if running:
             raise StyleMixError(f"Job {running[0].id} is training now (one job at a time); "
                                 "wait for it, or use --background to queue this one.")
     if job_id is None:
-        job = submit(config, workspace, owner, start=False)
+        job = submit(config, workspace, owner, start=False, launch=launch)
     else:
         job = resume(workspace, job_id, owner, start=False)
+    if job.config.get("launch"):
+        return _follow_launched(workspace, job, progress)
     with _queue_lock(workspace):
-        job.status.update(state=RUNNING, pid=os.getpid(), own_session=False, heartbeat=time.time(), started=utc_now(),
+        job.status.update(state=RUNNING, pid=os.getpid(), host=HOST, own_session=False, heartbeat=time.time(), started=utc_now(),
                       phase=STARTING, eta_s=None)
         write_status(job.dir, job.status)
     # By module name, as the queue starts `python -m trainers.lora`: trainers/ imports stylemix, never the
@@ -359,6 +394,89 @@ def run_foreground(config: "TrainConfig", workspace: Workspace, owner: str | Non
     trainer = importlib.import_module(TRAINER_MODULE)
     trainer.run_job(job.dir, progress=progress, handle_signals=False)
     return get_job(workspace, job.id)
+
+
+def _follow_launched(workspace: Workspace, job: TrainingJob, progress: Callable[[dict], None] | None) -> TrainingJob:
+    """Start a job of several processes now and pass its status to `progress` until it ends."""
+    with _queue_lock(workspace):
+        if any(j.state == RUNNING for j in list_jobs(workspace)):
+            raise StyleMixError("Another job started training meanwhile (one job at a time); "
+                                f"job {job.id} stays queued.")
+        _launch(job)
+    shown: list = []
+    try:
+        for status in follow(workspace, job.id, interval=0.5):
+            if progress and status.get("phase"):
+                info = dict(status)
+                new = [s for s in status.get("samples") or [] if s not in shown]
+                shown += new
+                info["samples"] = new  # each sample announced once, not at every step
+                progress(info)
+    except KeyboardInterrupt:
+        print(f"Stopping job {job.id} (a checkpoint is kept)...", file=sys.stderr)
+        cancel(workspace, job.id)
+    return get_job(workspace, job.id)
+
+
+def supervise(job_dir: str | Path) -> int:
+    """`python -m stylemix.launch --job-dir DIR`: the job's trainer on several processes, under the launcher.
+
+    The main process keeps status.json as a one-process job does, but leaves its result as `outcome`; once
+    every process has ended, this process writes the job's state: the outcome, or, when a process was killed
+    or crashed (the launcher names it, and stops the rest), a message naming that process.  Only then may
+    the next queued job start, on GPUs no process of this job holds any more.
+    """
+    from stylemix.launch import Launch, LaunchFailed, is_consequence
+
+    job_dir = Path(job_dir).resolve()
+    job = load_job(job_dir)
+    if job is None:
+        raise StyleMixError(f"{job_dir} is not a job folder.")
+    workspace = Workspace(**{k: Path(v) for k, v in job.config["workspace"].items()})
+    launch = Launch.from_dict(job.config.get("launch"))
+    code, failure = 0, None
+    try:
+        launch.run(TRAINER_MODULE, ["--job-dir", str(job_dir)])
+    except LaunchFailed as e:
+        code, failure = 1, e
+        logger.error("%s", e)
+    except SystemExit as e:  # SIGTERM (cancel) or Ctrl-C: the launcher has stopped the processes
+        code = e.code if isinstance(e.code, int) else 1
+    except Exception as e:  # noqa: BLE001  (the launcher's own failure: ports, rendezvous)
+        code, failure = 1, e
+        logger.exception("The launcher failed")
+    # Every process has ended: the job's state, from the main process's outcome and the launcher's report.
+    status = read_json(job_dir / "status.json")
+    outcome, error = status.pop("outcome", None), None
+    if status.get("state") != RUNNING:  # cancelled or reconciled meanwhile: keep what it says
+        state = status.get("state")
+    elif isinstance(failure, LaunchFailed) and outcome not in (COMPLETED, CANCELLED):
+        state = FAILED
+        # the main process's own message says more, unless another process was the cause: one was killed,
+        # or the main process only saw its all-reduce break
+        main_error = status.get("error") or ""
+        if outcome == FAILED and main_error and not failure.signal and not is_consequence(main_error):
+            error = main_error
+        else:
+            error = (f"Training failed: {failure} No LoRA was written; the last complete checkpoint is kept: "
+                     f"resume with `stylemix jobs resume {job.id}`.")
+            status["failed_rank"] = failure.rank
+    elif failure is not None and outcome is None:
+        state, error = FAILED, f"The launcher failed: {type(failure).__name__}: {failure}"[:2000]
+    elif outcome is not None:
+        state, error = outcome, status.get("error") if outcome == FAILED else None
+    elif (job_dir / CANCEL_FILE).exists():
+        state = CANCELLED
+    else:
+        state, error = FAILED, (f"The training processes ended (code {code}) without a result; see train.log. "
+                                f"Resume with `stylemix jobs resume {job.id}`.")
+    status.update(state=state, finished=status.get("finished") or utc_now(), pid=None, error=error)
+    write_status(job_dir, status)
+    try:
+        ensure_queue_running(workspace)  # hand the GPUs to the next queued job, now that every process ended
+    except Exception:  # noqa: BLE001
+        logger.exception("Could not start the next queued job")
+    return code
 
 
 # --------------------------------------------------------------------------- inside the job process (trainers.lora.run_job)
