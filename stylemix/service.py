@@ -655,7 +655,8 @@ class StyleMixService:
                        progress=None, sampler: str = DEFAULT_SAMPLER) -> dict:
         """Run the seed protocol ("protocol"), a 2-LoRA weight sweep ("sweep"), balancing ("balance"), the
         comparison of one LoRA's saved epochs ("epochs") or of the mixing modes and schedule presets of one mix
-        ("modes") into outputs/<owner>/.
+        ("modes"), or the seed protocol scored by both style judges, CLIP and CSD, side by side ("judges")
+        into outputs/<owner>/.
 
         Returns data, formatted for the page by ui/experiments_tab.py: {"kind", "out_dir", "names",
         "is_demo"} and "protocol" (experiments.ProtocolResult; also for "modes"), or "map"
@@ -829,11 +830,41 @@ class StyleMixService:
                                 weights[0], progress=say)
             return {"kind": kind, "out_dir": str(out), "names": names, "epochs": result, "files": result.files,
                     "is_demo": result.is_demo}
-        raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol, sweep, balance, epochs or modes.")
+        if kind == "judges":
+            return self._compare_judges(names, prompts, seeds, gen, out, say)
+        raise StyleMixError(f"Unknown experiment {kind!r}: choose protocol, sweep, balance, epochs, modes or judges.")
+
+    def _compare_judges(self, names: list[str], prompts: list[str], seeds: list[int], gen: dict, out: Path,
+                        say) -> dict:
+        """The seed protocol scored by both style judges (CLIP and CSD), side by side: the images are made
+        once (out/clip), copied to out/csd and scored there by CSD (the protocol scores a PNG it finds without
+        its row and makes nothing again).  Each judge's numbers stay in its own columns: never averaged."""
+        import shutil
+
+        from stylemix.experiments.protocol import ProtocolConfig, run_protocol
+        from stylemix.scores.judge import judges_side_by_side
+
+        if not names:
+            raise StyleMixError("Choose at least one LoRA to compare the style judges on.")
+        judges, unavailable = judges_side_by_side(self.mixer, names)
+        if len(judges) < 2:
+            raise StyleMixError("Comparing the style judges needs both CLIP and CSD: "
+                                + "; ".join(f"{k}: {why}" for k, why in unavailable.items())
+                                + " (install CSD with `stylemix judge install csd`).")
+        mixes = [{a: 0.5, b: 0.5} for i, a in enumerate(names) for b in names[i + 1:]]
+        config = ProtocolConfig(name="app-judges", styles={n: n for n in names}, prompts=prompts,
+                                seeds=[int(s) for s in seeds], mixes=mixes, generation=gen).validate("experiment")
+        first = run_protocol(self.mixer, config, out / "clip", progress=say, judge=judges["clip"])
+        shutil.copytree(out / "clip" / "images", out / "csd" / "images")
+        second = run_protocol(self.mixer, config, out / "csd", progress=say, judge=judges["csd"])
+        if second.generated:  # the copies were scored, not made again: one set of images for both judges
+            raise StyleMixError(f"Comparing judges made {second.generated} image(s) twice; please report this.")
+        return {"kind": "judges", "out_dir": str(out), "names": names, "protocol": first,
+                "judges": {"clip": first, "csd": second}, "is_demo": first.is_demo or second.is_demo}
 
 
 EXPERIMENT_FILE = "experiment.json"  # in each run's folder: what the page shows of it, reopened after a reload
-EXPERIMENT_KINDS = ("protocol", "sweep", "balance", "epochs", "modes")
+EXPERIMENT_KINDS = ("protocol", "sweep", "balance", "epochs", "modes", "judges")
 PROTOCOL_KINDS = ("protocol", "modes")  # run by experiments.protocol: a summary table, plot and contact sheets
 MAX_LISTED_RUNS = 20
 MAX_EXPERIMENT_FILE_BYTES = 2_000_000
@@ -853,6 +884,12 @@ def experiment_record(result: dict, prompts: list[str], seeds: list[int], gen: d
     rec["files"] = {k: os.path.relpath(p, out) for k, p in files.items()}
     if kind in PROTOCOL_KINDS:
         rec["intro"], rec["summary"] = result["protocol"].intro, result["protocol"].summary
+    elif kind == "judges":
+        by_judge = result["judges"]
+        rec["files"] = {f"{j}_{k}": os.path.relpath(p, out) for j, r in by_judge.items() for k, p in r.files.items()}
+        rec["intro"] = by_judge["clip"].intro
+        rec["summary"] = judges_table({j: r.summary for j, r in by_judge.items()})
+        rec["judge_names"] = {j: _judge_name(r) for j, r in by_judge.items()}
     elif kind == "sweep":
         rec["values"] = result["values"]
         rec["cells"] = [{k: c[k] for k in ("weights", "clip_score", "shares", "calibrated")}
@@ -864,6 +901,35 @@ def experiment_record(result: dict, prompts: list[str], seeds: list[int], gen: d
     else:
         rec["balance"] = result["balance"].to_dict()
     return rec
+
+
+# a protocol summary's columns that do not depend on the style judge (the rest are the judge's numbers)
+JUDGE_FREE_COLUMNS = ("config", "kind", "weights", "mode", "schedules", "n", "clip_mean", "clip_lo", "clip_hi")
+
+
+def judges_table(summaries: dict[str, list[dict]]) -> list[dict]:
+    """One row per configuration with each judge's style numbers in columns of its own ("style_sim_mean
+    [csd]"), the judge-free columns (configuration, CLIP score) once.  Rows are matched by configuration."""
+    judges = list(summaries)
+    first = summaries[judges[0]]
+    by_config = {j: {r["config"]: r for r in rows} for j, rows in summaries.items()}
+    table = []
+    for row in first:
+        out = {k: row[k] for k in JUDGE_FREE_COLUMNS if k in row}
+        for j in judges:
+            other = by_config[j].get(row["config"], {})
+            out.update({f"{k} [{j}]": v for k, v in other.items() if k not in JUDGE_FREE_COLUMNS})
+        table.append(out)
+    return table
+
+
+def _judge_name(result) -> str:
+    """The style judge that scored a protocol result (its run.json's, else its CLIP model's)."""
+    try:
+        info = json.loads((Path(result.out_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(info.get("style_judge") or info.get("clip_model") or "")
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
@@ -936,6 +1002,8 @@ def experiment_images(kind: str, loras: int, prompts: int, seeds: int, values: l
         return (1 + loras + c.max_evaluations) * len(c.preview_seeds) + (17 if loras == 2 else 0)
     if kind == "epochs":  # loras: the saved versions; with the base model and the final LoRA
         return (2 + loras) * prompts * seeds
+    if kind == "judges":  # the protocol's images, made once and scored by both judges
+        return (1 + loras + loras * (loras - 1) // 2) * prompts * seeds
     if kind == "modes":  # the base model and the mix in each mode and with each preset
         from stylemix.schedules import MODES, PRESETS
 

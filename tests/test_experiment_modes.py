@@ -271,3 +271,36 @@ def test_summaries_refuse_rows_of_two_style_judges():
             {"config": "base", "clip_score": "0.31", "style_judge": "CSD-ViT-L/0123456789ab"}]
     with pytest.raises(StyleMixError, match="different style judges"):
         summarise(rows, [], [])
+
+
+def test_service_judges_kind_scores_one_set_of_images_with_clip_and_csd_side_by_side(service, mixer):
+    """Issue 19: the Experiments tab shows both judges side by side.  The protocol's images are made once and
+    scored by each judge into its own folder and its own columns; the numbers differ (two judges), the
+    configuration and CLIP score columns appear once."""
+    import csv
+
+    from stylemix.scores.csd import load_csd_scorer
+    from stylemix.scores.scoring import compute_centroid, save_centroid
+    from ui.experiments_tab import experiment_view
+
+    csd = load_csd_scorer("cpu", tiny=True)
+    r = Recipe(prompt="a house", steps=2, width=64, height=64, batch_size=2, sampler="Euler")
+    for name in ("watercolor", "px_v2"):  # CSD's own centroids, as training makes them (trainers/output.py)
+        save_centroid(mixer.library.root / name, compute_centroid(csd, mixer.generate(r.with_(loras={name: 1.0})).images))
+    Counting.calls = 0
+    res = service.run_experiment(ANN, "judges", ["watercolor", "px_v2"], ["a cat"], [0], 2, 64, sampler="Euler")
+    assert Counting.calls == 4  # base, two singles, one mix: made once for both judges
+    out = Path(res["out_dir"])
+    for png in (out / "clip").glob("images/*/*.png"):
+        assert png.read_bytes() == (out / "csd" / png.relative_to(out / "clip")).read_bytes()
+    judged = {j: {row["style_judge"] for row in csv.DictReader(open(out / j / "results.csv"))} for j in ("clip", "csd")}
+    assert judged == {"clip": {"tiny-random-clip (demo values)"}, "csd": {csd.name}}, judged
+    md, header, rows, images = experiment_view(res["record"])
+    assert "[clip]" in md and "[csd]" in md and "never the numbers across judges" in md
+    assert header[:6] == ["config", "kind", "weights", "mode", "schedules", "n"] and header.count("clip_mean") == 1
+    assert "style_sim_mean [clip]" in header and "style_sim_mean [csd]" in header and len(rows) == 4
+    singles = [row for row in res["record"]["summary"] if row["kind"] == "single"]  # full precision
+    assert len(singles) == 2 and all(row["style_sim_mean [clip]"] != row["style_sim_mean [csd]"] for row in singles)
+    assert [c for _, c in images][:2] == ["CLIP score vs style similarity, judged by tiny-random-clip (demo values)",
+                                          f"CLIP score vs style similarity, judged by {csd.name}"]
+    assert experiment_view(service.open_experiment(ANN, res["record"]["id"]))[2] == rows  # reopened: the same

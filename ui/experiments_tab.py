@@ -36,6 +36,10 @@ VALUES_FOR_KIND = {"sweep": "0, 0.5, 1", "balance": "0.5, 0.5", "epochs": "1", "
 MODES_INTRO = ("Modes and schedule presets of one mix, on the same prompts and seeds: **merge** (the weighted sum at "
                "every step), **switch** (one LoRA at a time, in turn), **composite** (the U-Net once per LoRA, "
                "the predictions averaged), and each preset's schedules (in merge mode).\n")
+JUDGES_INTRO = ("The same images scored by both style judges: columns marked **[clip]** are `{clip}`'s, **[csd]** "
+                "`{csd}`'s (CSD is trained so that images of one style sit close whatever they show; CLIP mostly "
+                "sees content). Compare the order of the configurations within each judge's columns, never the "
+                "numbers across judges: each judge has its own scale (docs/scores.md).\n")
 SIGNIFICANT = 4  # digits of a number in the results table (the CSV files keep full precision)
 
 
@@ -54,6 +58,17 @@ def experiment_view(rec: dict) -> tuple[str, list[str], list[list], list[tuple[s
     settings = rec.get("settings") or {}
     ran = (f"{settings.get('steps')} steps, {settings.get('sampler')}, {settings.get('width')}px"
            if settings else "")
+    if kind == "judges":
+        summary = rec.get("summary") or []
+        header = list(summary[0]) if summary else []
+        rows = [[rounded(r.get(k)) for k in header] for r in summary]
+        named = rec.get("judge_names") or {}
+        images = [(files[f"{j}_plot"], f"CLIP score vs style similarity, judged by {named.get(j) or j}")
+                  for j in ("clip", "csd") if f"{j}_plot" in files]
+        images += [(p, k.split("_", 1)[1]) for k, p in files.items() if k.startswith("clip_contact_")]
+        md = ((rec.get("intro") or "") + "\n" + JUDGES_INTRO.format(
+            clip=named.get("clip") or "CLIP", csd=named.get("csd") or "CSD"))
+        return md, header, rows, images
     if kind in ("protocol", "modes"):
         summary = rec.get("summary") or []
         header = list(summary[0]) if summary else []
@@ -134,7 +149,9 @@ def build_experiments_tab(service: StyleMixService, tiny: bool) -> ExperimentsTa
                              ("Weight sweep of two LoRAs", "sweep"),
                              ("Balance LoRAs toward target shares", "balance"),
                              ("Compare the epochs of one LoRA", "epochs"),
-                             ("Compare mixing modes and schedule presets of one mix", "modes")], value="protocol",
+                             ("Compare mixing modes and schedule presets of one mix", "modes"),
+                             ("Compare the style judges (CLIP and CSD) on the seed protocol", "judges")],
+                            value="protocol",
                             label="Experiment", elem_id="ex-kind")
             loras = gr.Dropdown([e["name"] for e in service.usable_loras(None)], multiselect=True,
                                 label="LoRAs", elem_id="ex-loras")
