@@ -296,21 +296,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# --------------------------------------------------------------------------- `python -m stylemix.launch --job-dir DIR`
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The job queue's process for a job of several processes: it runs the trainer under the launcher and
-    records how the job ended when a process failed (stylemix.training.jobs.supervise)."""
-    p = argparse.ArgumentParser(prog="python -m stylemix.launch")
-    p.add_argument("--job-dir", required=True)
-    args = p.parse_args(argv)
-    from stylemix.training import jobs
-
-    return jobs.supervise(args.job_dir)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

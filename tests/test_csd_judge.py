@@ -13,9 +13,10 @@ from PIL import Image, ImageDraw
 
 from stylemix.errors import StyleMixError
 from stylemix.scores.clip_models import ScorerUnavailable, tiny_scorer
-from stylemix.scores.csd import (CSD_VIT_L, TINY_CSD, TINY_CSD_NAME, CsdModel, clear_csd_cache, expected_shapes,
-                                 load_csd_scorer, random_csd, tiny_csd_scorer)
-from stylemix.scores.csd_install import install_csd, is_installed, read_record, record_path, weights_path
+from stylemix.scores.csd import (CSD_VIT_L, TINY_CSD, TINY_CSD_NAME, CsdModel, expected_shapes, random_csd,
+                                 tiny_csd_scorer)
+from stylemix.scores.csd_install import (clear_csd_cache, install_csd, is_installed, load_csd_scorer, read_record,
+                                         record_path, weights_path)
 from stylemix.scores.scoring import (check_one_judge, compute_centroid, load_centroid, save_centroid,
                                      score_images)
 from stylemix.scores.selection import STYLE_JUDGE_ENV, check_judge_name, resolve_style_judge

@@ -279,7 +279,7 @@ def test_service_judges_kind_scores_one_set_of_images_with_clip_and_csd_side_by_
     configuration and CLIP score columns appear once."""
     import csv
 
-    from stylemix.scores.csd import load_csd_scorer
+    from stylemix.scores.csd_install import load_csd_scorer
     from stylemix.scores.scoring import compute_centroid, save_centroid
     from ui.experiments_tab import experiment_view
 

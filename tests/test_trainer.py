@@ -74,7 +74,7 @@ def test_overfit_lora_in_library_loads_in_plain_diffusers_and_mixer(tmp_path, da
     centroid = load_centroid(folder, tiny_scorer().name)
     assert centroid is not None and abs(float(centroid.vector.norm()) - 1) < 1e-5
     # and one per style judge (the tiny CSD too, issue 19), so switching judges never needs the images again
-    from stylemix.scores.csd import load_csd_scorer
+    from stylemix.scores.csd_install import load_csd_scorer
     from stylemix.scores.scoring import centroid_models
 
     csd = load_csd_scorer("cpu", tiny=True).name

@@ -523,7 +523,7 @@ def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handl
     """Run the queued job in `job_dir` in this process: status updates, SIGTERM = cancel, then next in queue.
 
     The queue (stylemix.training.jobs) starts this as `python -m trainers.lora --job-dir DIR`, or, for several
-    processes, `python -m stylemix.launch --job-dir DIR`, which starts it on each process under the launcher.
+    processes, `python -m stylemix.training.supervisor --job-dir DIR`, which starts it on each process under the launcher.
     Then the first process of each machine keeps status.json (on machine 0 that is the main process, the one
     that reports progress) and leaves its result as `outcome`: the launcher's process, the job's pid, turns
     it into the job's state once every process has ended (so no next job starts on GPUs still in use), and
@@ -560,7 +560,7 @@ def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handl
         return stop.is_set() or (job_dir / jobs.CANCEL_FILE).exists()
 
     def finish(state: str, **fields) -> None:
-        if launched:  # the launcher's process writes the state when all processes have ended (jobs.supervise)
+        if launched:  # the launcher's process writes the state when all processes have ended (training/supervisor.py)
             writer.update(outcome=state, **{k: v for k, v in fields.items() if k != "pid"})
         else:
             writer.update(state=state, **fields)

@@ -24,7 +24,6 @@ from typing import Callable, ClassVar, Mapping, Sequence
 import torch
 
 from stylemix.errors import StyleMixError
-from stylemix.models import pick_device
 from stylemix.scores.clip_models import ScorerUnavailable, _rgb
 
 logger = logging.getLogger("stylemix")
@@ -209,33 +208,3 @@ def csd_scorer_from_file(path: str | Path, sha256: str, device: str | torch.devi
         raise ScorerUnavailable(f"{e} Reinstall with `stylemix judge install csd`.") from None
     return CsdScorer(model=model.to(device), preprocess=csd_preprocess(cfg), name=f"{cfg.name}/{sha256[:12]}",
                      device=torch.device(device))
-
-
-# --------------------------------------------------------------------------- loading, cached
-
-_cache: dict[tuple, CsdScorer] = {}
-_cache_lock = threading.Lock()
-
-
-def load_csd_scorer(device: str | torch.device | None = None, tiny: bool = False,
-                    judge_dir: str | Path | None = None, cfg: CsdConfig = CSD_VIT_L) -> CsdScorer:
-    """The CSD scorer, loaded once per (device, install) and cached: the tiny random one for the tiny
-    base model, else the installed weights.  Raises ScorerUnavailable (not installed, hash mismatch,
-    bad file) with what to do."""
-    from stylemix.scores import csd_install
-
-    dev = pick_device(str(device) if device is not None else None)
-    if tiny:
-        key = ("tiny", str(dev))
-    else:
-        record = csd_install.read_record(judge_dir, cfg)  # raises when not installed
-        key = (str(csd_install.weights_path(judge_dir, cfg)), record["sha256"], str(dev))
-    with _cache_lock:
-        if key not in _cache:
-            _cache[key] = tiny_csd_scorer(dev) if tiny else csd_install.load_installed(dev, judge_dir, cfg)
-        return _cache[key]
-
-
-def clear_csd_cache() -> None:
-    with _cache_lock:
-        _cache.clear()

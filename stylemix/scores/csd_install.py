@@ -27,6 +27,7 @@ import os
 import pickle
 import re
 import socket
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,8 +35,10 @@ from urllib.parse import urlparse
 import torch
 
 from stylemix.errors import StyleMixError
+from stylemix.models import pick_device
 from stylemix.scores.clip_models import HUB_PROBE_TIMEOUT_S, ScorerUnavailable
-from stylemix.scores.csd import CSD_VIT_L, CsdConfig, CsdScorer, check_state_dict, csd_scorer_from_file
+from stylemix.scores.csd import (CSD_VIT_L, CsdConfig, CsdScorer, check_state_dict, csd_scorer_from_file,
+                                 tiny_csd_scorer)
 
 logger = logging.getLogger("stylemix")
 
@@ -218,7 +221,6 @@ def install_csd(source: str | os.PathLike | None = None, folder: str | os.PathLi
     finally:
         for tmp in (tmp_w, tmp_r):
             tmp.unlink(missing_ok=True)
-    from stylemix.scores.csd import clear_csd_cache
 
     clear_csd_cache()
     logger.info("Installed CSD %s/%s from %s into %s.", cfg.name, info["sha256"][:12], what, weights)
@@ -271,3 +273,31 @@ def _fetch_release(cache_dir: str | os.PathLike | None) -> Path:
         return Path(hf_hub_download(**kwargs))
     except Exception as e:
         raise StyleMixError(f"{what} could not be downloaded ({type(e).__name__}: {str(e).strip()[:200]}).") from None
+
+
+# --------------------------------------------------------------------------- loading, cached
+
+_cache: dict[tuple, CsdScorer] = {}
+_cache_lock = threading.Lock()
+
+
+def load_csd_scorer(device: str | torch.device | None = None, tiny: bool = False,
+                    judge_dir: str | Path | None = None, cfg: CsdConfig = CSD_VIT_L) -> CsdScorer:
+    """The CSD scorer, loaded once per (device, install) and cached: the tiny random one for the tiny
+    base model, else the installed weights.  Raises ScorerUnavailable (not installed, hash mismatch,
+    bad file) with what to do."""
+    dev = pick_device(str(device) if device is not None else None)
+    if tiny:
+        key = ("tiny", str(dev))
+    else:
+        record = read_record(judge_dir, cfg)  # raises when not installed
+        key = (str(weights_path(judge_dir, cfg)), record["sha256"], str(dev))
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = tiny_csd_scorer(dev) if tiny else load_installed(dev, judge_dir, cfg)
+        return _cache[key]
+
+
+def clear_csd_cache() -> None:
+    with _cache_lock:
+        _cache.clear()

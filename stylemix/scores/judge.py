@@ -13,30 +13,13 @@ from typing import Sequence
 
 import torch
 
-from stylemix.scores.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PRETRAINED, Scorer, ScorerUnavailable, load_scorer
+from stylemix.scores.clip_models import Scorer, ScorerUnavailable
+# chosen in selection.py, re-exported here where callers have always found them
+from stylemix.scores.selection import pick_scorer, pick_scorer_or_reason  # noqa: F401
 from stylemix.errors import StyleMixError
 from stylemix.scores.scoring import CENTROID_FILE, StyleCentroid, centroid_models, load_centroid, score_images
 
 logger = logging.getLogger("stylemix")
-
-
-def pick_scorer(tiny: bool, device: str | torch.device | None = None, clip_model: str | None = None,
-                pretrained: str = DEFAULT_PRETRAINED) -> Scorer:
-    """The CLIP that judges images of a model: the tiny random demo CLIP for the tiny base model (or
-    clip_model "tiny"), else `clip_model` (default ViT-B-32/openai).  Raises ScorerUnavailable."""
-    if tiny:
-        return load_scorer(device=device, tiny=True)
-    return load_scorer(clip_model or DEFAULT_CLIP_MODEL, pretrained, device=device)
-
-
-def pick_scorer_or_reason(tiny: bool, device: str | torch.device | None = None, clip_model: str | None = None,
-                          pretrained: str = DEFAULT_PRETRAINED) -> tuple[Scorer | None, str | None]:
-    """(scorer, None), or (None, "why scores are unavailable"): for callers that go on without scores."""
-    try:
-        return pick_scorer(tiny, device, clip_model, pretrained), None
-    except ScorerUnavailable as e:
-        logger.warning("Scores unavailable: %s", e)
-        return None, str(e)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 import torch
 
 from stylemix.errors import StyleMixError
-from stylemix.scores.clip_models import DEFAULT_PRETRAINED, Scorer, ScorerUnavailable
+from stylemix.scores.clip_models import DEFAULT_CLIP_MODEL, DEFAULT_PRETRAINED, Scorer, ScorerUnavailable, load_scorer
 
 logger = logging.getLogger("stylemix")
 
@@ -68,11 +68,10 @@ def pick_style_scorer(tiny: bool, device: str | torch.device | None = None, choi
     """
     kind, why = resolve_style_judge(choice, judge_dir)
     if kind == "clip":
-        from stylemix.scores.judge import pick_scorer
 
         scorer = clip_scorer or pick_scorer(tiny, device, clip_model, pretrained)
     else:
-        from stylemix.scores.csd import load_csd_scorer
+        from stylemix.scores.csd_install import load_csd_scorer
 
         scorer = load_csd_scorer(device, tiny=tiny, judge_dir=judge_dir)
     if (scorer.name, why) not in _announced:  # once per process and judge: every image would repeat it
@@ -107,9 +106,8 @@ def describe_style_judge(tiny: bool, choice: str | None = None, judge_dir=None) 
 def available_style_scorers(tiny: bool, device: str | torch.device | None = None, judge_dir=None) -> list:
     """Every judge that can be loaded here (CLIP, and CSD if installed or tiny): a new LoRA's centroid is
     computed with each, so switching judges later never needs its training images again."""
-    from stylemix.scores.csd import load_csd_scorer
+    from stylemix.scores.csd_install import load_csd_scorer
     from stylemix.scores.csd_install import is_installed
-    from stylemix.scores.judge import pick_scorer
 
     out = []
     for load in (lambda: pick_scorer(tiny, device),
@@ -123,3 +121,22 @@ def available_style_scorers(tiny: bool, device: str | torch.device | None = None
         if scorer is not None:
             out.append(scorer)
     return out
+
+
+def pick_scorer(tiny: bool, device: str | torch.device | None = None, clip_model: str | None = None,
+                pretrained: str = DEFAULT_PRETRAINED) -> Scorer:
+    """The CLIP that judges images of a model: the tiny random demo CLIP for the tiny base model (or
+    clip_model "tiny"), else `clip_model` (default ViT-B-32/openai).  Raises ScorerUnavailable."""
+    if tiny:
+        return load_scorer(device=device, tiny=True)
+    return load_scorer(clip_model or DEFAULT_CLIP_MODEL, pretrained, device=device)
+
+
+def pick_scorer_or_reason(tiny: bool, device: str | torch.device | None = None, clip_model: str | None = None,
+                          pretrained: str = DEFAULT_PRETRAINED) -> tuple[Scorer | None, str | None]:
+    """(scorer, None), or (None, "why scores are unavailable"): for callers that go on without scores."""
+    try:
+        return pick_scorer(tiny, device, clip_model, pretrained), None
+    except ScorerUnavailable as e:
+        logger.warning("Scores unavailable: %s", e)
+        return None, str(e)

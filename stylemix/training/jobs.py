@@ -15,9 +15,9 @@ running.  So jobs survive an app restart, and a job killed with its machine is m
 (and can be resumed from its last checkpoint) the next time anyone looks.
 
 A job of several processes (`stylemix train --num-processes N`, or STYLEMIX_TRAIN_PROCESSES=N for the
-app's jobs; config.json's `launch`) is started as `python -m stylemix.launch --job-dir DIR`, which runs
-the trainer under accelerate's launcher (`supervise`): the job's pid is that process, the main training
-process keeps status.json, and when a process dies the launcher stops the others and `supervise`
+app's jobs; config.json's `launch`) is started as `python -m stylemix.training.supervisor --job-dir DIR`,
+which runs the trainer under accelerate's launcher: the job's pid is that process, the main training
+process keeps status.json, and when a process dies the launcher stops the others and the supervisor
 records which one failed.  A resumed job runs on the same number of processes.
 """
 
@@ -58,7 +58,7 @@ STALE_S = 120.0  # no heartbeat for this long: the process is gone (or hung, or 
 CANCEL_FILE = "cancel.request"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # so `-m trainers.lora` imports without installation
 TRAINER_MODULE = "trainers.lora"  # the job process: `python -m trainers.lora --job-dir DIR` runs `run_job(DIR)`
-LAUNCH_MODULE = "stylemix.launch"  # a job of several processes: `python -m stylemix.launch --job-dir DIR` (supervise)
+LAUNCH_MODULE = "stylemix.training.supervisor"  # a job of several processes (supervisor.supervise)
 
 # This machine's name, recorded with a job's pid: replicas on several machines share the jobs folder, and a
 # pid means nothing on another machine (checking or signalling it there would hit an unrelated process).
@@ -416,67 +416,6 @@ def _follow_launched(workspace: Workspace, job: TrainingJob, progress: Callable[
         print(f"Stopping job {job.id} (a checkpoint is kept)...", file=sys.stderr)
         cancel(workspace, job.id)
     return get_job(workspace, job.id)
-
-
-def supervise(job_dir: str | Path) -> int:
-    """`python -m stylemix.launch --job-dir DIR`: the job's trainer on several processes, under the launcher.
-
-    The main process keeps status.json as a one-process job does, but leaves its result as `outcome`; once
-    every process has ended, this process writes the job's state: the outcome, or, when a process was killed
-    or crashed (the launcher names it, and stops the rest), a message naming that process.  Only then may
-    the next queued job start, on GPUs no process of this job holds any more.
-    """
-    from stylemix.launch import Launch, LaunchFailed, is_consequence
-
-    job_dir = Path(job_dir).resolve()
-    job = load_job(job_dir)
-    if job is None:
-        raise StyleMixError(f"{job_dir} is not a job folder.")
-    workspace = Workspace(**{k: Path(v) for k, v in job.config["workspace"].items()})
-    launch = Launch.from_dict(job.config.get("launch"))
-    code, failure = 0, None
-    try:
-        launch.run(TRAINER_MODULE, ["--job-dir", str(job_dir)])
-    except LaunchFailed as e:
-        code, failure = 1, e
-        logger.error("%s", e)
-    except SystemExit as e:  # SIGTERM (cancel) or Ctrl-C: the launcher has stopped the processes
-        code = e.code if isinstance(e.code, int) else 1
-    except Exception as e:  # noqa: BLE001  (the launcher's own failure: ports, rendezvous)
-        code, failure = 1, e
-        logger.exception("The launcher failed")
-    # Every process has ended: the job's state, from the main process's outcome and the launcher's report.
-    status = read_json(job_dir / "status.json")
-    outcome, error = status.pop("outcome", None), None
-    if status.get("state") != RUNNING:  # cancelled or reconciled meanwhile: keep what it says
-        state = status.get("state")
-    elif isinstance(failure, LaunchFailed) and outcome not in (COMPLETED, CANCELLED):
-        state = FAILED
-        # the main process's own message says more, unless another process was the cause: one was killed,
-        # or the main process only saw its all-reduce break
-        main_error = status.get("error") or ""
-        if outcome == FAILED and main_error and not failure.signal and not is_consequence(main_error):
-            error = main_error
-        else:
-            error = (f"Training failed: {failure} No LoRA was written; the last complete checkpoint is kept: "
-                     f"resume with `stylemix jobs resume {job.id}`.")
-            status["failed_rank"] = failure.rank
-    elif failure is not None and outcome is None:
-        state, error = FAILED, f"The launcher failed: {type(failure).__name__}: {failure}"[:2000]
-    elif outcome is not None:
-        state, error = outcome, status.get("error") if outcome == FAILED else None
-    elif (job_dir / CANCEL_FILE).exists():
-        state = CANCELLED
-    else:
-        state, error = FAILED, (f"The training processes ended (code {code}) without a result; see train.log. "
-                                f"Resume with `stylemix jobs resume {job.id}`.")
-    status.update(state=state, finished=status.get("finished") or utc_now(), pid=None, error=error)
-    write_status(job_dir, status)
-    try:
-        ensure_queue_running(workspace)  # hand the GPUs to the next queued job, now that every process ended
-    except Exception:  # noqa: BLE001
-        logger.exception("Could not start the next queued job")
-    return code
 
 
 # --------------------------------------------------------------------------- inside the job process (trainers.lora.run_job)
