@@ -22,9 +22,11 @@ def mixer(tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     for i, name in enumerate(STYLES):
         make_library_lora(root, name, seed=300 + i, alpha=2.0)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (restored after this module: later tests compare images made with the default)
     loaded = LoadedModel(pipe=tiny_pipeline(), model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
-    return Mixer(loaded, LoraLibrary(root))
+    yield Mixer(loaded, LoraLibrary(root))
+    torch.set_num_threads(threads)
 
 
 def render(mixer, **changes):

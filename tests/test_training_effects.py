@@ -149,7 +149,9 @@ def test_accumulating_two_batches_of_one_is_one_batch_of_two(tmp_path, monkeypat
                 components=deterministic_components())
     acc = train(tiny_config(tmp_path, "a2", batch_size=1, grad_accumulation=2, **common), tmp_path / "a2",
                 components=deterministic_components())
-    assert drawn == [2, 1, 1]  # one batch of two, then two micro-batches of one: one optimizer step each
+    # every sample draws its own noise from its own seed (issue 18): the batch of two draws twice, then each
+    # micro-batch of one once; one optimizer step each
+    assert drawn == [1, 1, 1, 1]
     assert big.loss_curve[0][1] == pytest.approx(acc.loss_curve[0][1], rel=1e-4)
     a, b = load_file(str(big.lora_dir / WEIGHTS_NAME)), load_file(str(acc.lora_dir / WEIGHTS_NAME))
     assert set(a) == set(b)
@@ -157,10 +159,17 @@ def test_accumulating_two_batches_of_one_is_one_batch_of_two(tmp_path, monkeypat
                  components=deterministic_components())  # a step on one image: a different update
     c = load_file(str(base.lora_dir / WEIGHTS_NAME))
     moved = [k for k in a if "lora_B" in k]  # B starts at zero: what the step wrote
-    assert moved and all(float(a[k].abs().max()) > 0 for k in moved)
+    # every B moved, but q and k of the mid block's self-attention: at 64 px its latent is 1x1, one token, whose
+    # softmax is 1 whatever q and k are, so they get no gradient at all
+    still = [k for k in moved if float(a[k].abs().max()) == 0]
+    assert moved and all("mid_block" in k and ("attn1.to_q" in k or "attn1.to_k" in k) for k in still), still
     scale = max(float(a[k].abs().max()) for k in moved)  # some layers get ~1e-10: compare on the common scale
+    # Equal up to the rounding of batched kernels, amplified by the tiny random model: measured 0.3% (U-Net) and
+    # 1.3% (text encoder) of the largest update with transformers 5.23 / diffusers 0.42 (0.1% with the versions
+    # of issue 17).  The grouping itself changes nothing: 2 processes x 1 equal 1 process accumulating 2 x 1 bit
+    # for bit (tests/test_distributed.py).  A summed accumulation would be 100% off, one image alone > 10%.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3 * scale, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=2e-2, atol=2e-2 * scale, msg=k)
     # the other image's half of the gradient matters: one image alone is another step
     assert max(float((c[k] - a[k]).abs().max()) for k in moved) > 0.1 * scale
 

@@ -69,6 +69,11 @@ def parse_lora_args(items: list[str]) -> tuple[dict[str, float], dict[str, str],
         name = name.strip()
         if not name:
             raise StyleMixError(f"--lora {item!r}: name a LoRA, as in NAME=0.6.")
+        try:  # a plain number goes to the recipe as it is: Recipe.validate names a bad one in the app's words
+            loras[name] = float(args) if sep else 1.0
+            continue
+        except ValueError:
+            pass
         try:
             weight, lbw, schedule = tag_args(args.split(":") if sep else ["1"])
         except ValueError as e:
