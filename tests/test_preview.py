@@ -263,6 +263,9 @@ def test_weight_changes_cause_no_recompile(library):
     assert not torch.equal(out, before)  # and the compiled UNet does see the new weights
 
 
+# ~190 s on a fresh 2-core machine (inductor's C++ compile, cold cache): a long run, selected with -m slow; the
+# default run keeps the dynamo-level checks (test_weight_changes_cause_no_recompile, CompileCounter)
+@pytest.mark.slow
 def test_inductor_compiled_renders_match_eager_and_never_recompile(library, tmp_path, monkeypatch):
     """The real backend, inductor (C++ on the CPU; CUDA graphs need a GPU, bench/bench_live.py):
     compiled full renders and previews match the eager ones, and after one render of each shape
