@@ -570,9 +570,9 @@ def run_job(job_dir: Path, progress: Callable[[dict], None] | None = None, handl
         config = TrainConfig.from_dict(job.config["train"])
         result = train(config, job_dir, resume=latest_checkpoint(job_dir) is not None,
                        progress=on_progress if writer else None, should_stop=should_stop)
-        if not writer:
-            pass
-        elif result.cancelled:
+        if not writer:  # a process that is not the first of its machine: nothing to record
+            return code
+        if result.cancelled:
             finish(jobs.CANCELLED, finished=jobs.utc_now(), pid=None)
         elif result.lora_dir is None:  # the first process of another machine: the main process wrote the LoRA
             finish(jobs.COMPLETED, finished=jobs.utc_now(), pid=None, eta_s=0, percent=100, phase=None,
