@@ -294,6 +294,11 @@ def test_cards_schedules_plot_and_render(compose, server):
     recipe = json.loads(recipe_path.read_text())
     assert recipe["schedules"] == {NAME: "start=0.5", other: "unet=0@0,1@0.5"} and recipe["mode"] == "merge"
     assert not failures
+    # after a render, composite's cost is also said in seconds (from that render, scaled)
+    pg.locator("#cp-mode").get_by_label("composite", exact=True).check()
+    wait_until(pg, lambda: re.search(r"about [\d.]+ s at these settings", pg.locator("#cp-mode-note").inner_text()),
+               "composite's expected seconds")
+    pg.locator("#cp-mode").get_by_label("merge", exact=True).check()
 
     # a preset fills the schedules of the whole mix (and empties the start box it replaces)
     choose(pg, "cp-preset", "style late")

@@ -233,3 +233,17 @@ def test_the_page_names_the_judge_of_the_style_numbers():
     clip_only = {**image, "style_judge": None}
     md, _ = format_scores({"images": [clip_only], "clip_model": "ViT-B-32/openai"})
     assert "Style similarity judged by `ViT-B-32/openai`" in md
+
+
+def test_composite_says_its_expected_time_in_seconds_from_the_last_render():
+    """Issue 20: composite's cost is said before it starts; after a render, in seconds scaled to the settings."""
+    from ui.compose_tab import expected_seconds
+
+    mix = recipe({"a": 0.5, "b": 0.4}, mode="composite", steps=10)  # 64x64, 2 LoRAs: 2 passes per step
+    last = {"seconds": 2.0, "steps": 5, "pixels": 64 * 64, "unet_passes": 1}  # a merge render: 0.4 s per step
+    assert expected_seconds(mix, 2, last) == pytest.approx(8.0)  # 10 steps x 2 passes x 0.4 s
+    assert "about **8.0 s** at these settings" in mode_note(mix, last)
+    bigger = mix.with_(width=128, height=128)
+    assert expected_seconds(bigger, 2, last) == pytest.approx(32.0)  # 4x the pixels
+    assert mode_note(mix).endswith("merge render**.")  # no render yet: the factor alone
+    assert expected_seconds(mix, 2, {"seconds": 0}) is None and expected_seconds(mix, 2, None) is None

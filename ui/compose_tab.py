@@ -272,16 +272,42 @@ def plot_frame(recipe: Recipe) -> pd.DataFrame:
                                                                            "lora": "object"})
 
 
-def mode_note(recipe: Recipe) -> str:
-    """What the mode does, and for composite what it costs, said before the render starts."""
+def mode_note(recipe: Recipe, speed: dict | None = None) -> str:
+    """What the mode does, and for composite what it costs, said before the render starts.
+
+    speed: this page's last render ({"seconds", "steps", "pixels", "unet_passes"}, `render_speed`): with it the
+    cost is also said in seconds, scaled to these settings (per U-Net pass and pixel)."""
     if recipe.mode == "switch":
         return (f"**Switch**: one LoRA at a time, at its own weight, in the mix's order, each for "
                 f"{recipe.switch_every} step{'s' if recipe.switch_every != 1 else ''}.")
     if recipe.mode == "composite":
         n = len(compile_plan(recipe, steps=1).names)
-        return (f"**Composite** runs the U-Net once per LoRA at every step and averages them: with {n} "
-                f"LoRA{'s' if n != 1 else ''} in the mix, expect about **{n}× the time of a merge render**.")
+        note = (f"**Composite** runs the U-Net once per LoRA at every step and averages them: with {n} "
+                f"LoRA{'s' if n != 1 else ''} in the mix, expect about **{n}× the time of a merge render**")
+        seconds = expected_seconds(recipe, n, speed)
+        shown = f"{seconds:.1f}" if seconds and seconds < 10 else f"{seconds or 0:.0f}"
+        return note + (f" (about **{shown} s** at these settings, from your last render)." if seconds else ".")
     return ""
+
+
+def expected_seconds(recipe: Recipe, unet_passes: int, speed: dict | None) -> float | None:
+    """A render's expected denoising time from the last one's, scaled by U-Net passes and pixels (None: no
+    render yet, or one that says nothing)."""
+    try:
+        per = float(speed["seconds"]) / (int(speed["steps"]) * int(speed["unet_passes"]) * int(speed["pixels"]))
+    except (TypeError, KeyError, ValueError, ZeroDivisionError):
+        return None
+    return per * recipe.steps * max(unet_passes, 1) * recipe.width * recipe.height if per > 0 else None
+
+
+def render_speed(result) -> dict | None:
+    """What `expected_seconds` needs of a finished render (MixResult)."""
+    seconds = (result.timings or {}).get("denoise_decode_s")
+    if not seconds:
+        return None
+    r = result.recipe
+    return {"seconds": round(float(seconds), 3), "steps": r.steps, "pixels": r.width * r.height,
+            "unet_passes": max(int(result.unet_passes or 1), 1)}
 
 
 def format_scores(scores: dict | None) -> tuple[str, dict | str | None]:
@@ -501,6 +527,7 @@ def build_compose_tab(service: StyleMixService, tiny: bool, demo: gr.Blocks, own
                 preset = gr.Dropdown(list(PRESETS), value=None, label="Preset", elem_id="cp-preset",
                                      info="fills the schedules (and per-block weights) of the mix")
             mode_md = gr.Markdown(elem_id="cp-mode-note")
+            speed_state = gr.State(None)  # this page's last render's speed (render_speed): composite's expected time
             preset_md = gr.Markdown(elem_id="cp-preset-note")
             # the title inside the chart: Gradio sizes the chart to `height` and a label above it pushes the
             # legend out of sight
@@ -547,16 +574,21 @@ def build_compose_tab(service: StyleMixService, tiny: bool, demo: gr.Blocks, own
                       triggers, blocks, owner, schedules_box, mode, switch_every]
     # prompt .. recipe_version and schedules_box move the mix when the prompt held <lora:...> tags (compose_fn)
     compose_outputs = [image, scores_md, shares, seed, png_file, recipe_file, used,
-                       prompt, weights_box, blocks, recipe_version, schedules_box]
-    plot_inputs = [weights_box, schedules_box, steps, strength, mode, switch_every]
+                       prompt, weights_box, blocks, recipe_version, schedules_box, speed_state]
+    plot_inputs = [weights_box, schedules_box, steps, strength, mode, switch_every, speed_state, size]
     plot_outputs = [plot, mode_md]
 
-    def update_plot(weights_json, schedules_json, steps_, strength_, mode_, switch_every_):
+    def update_plot(weights_json, schedules_json, steps_, strength_, mode_, switch_every_, speed=None, size_=None):
         """The plot of each LoRA's weight per step, and the mode's note; unchanged while a value is bad (a
         schedule's problem shows under the mix, any other one here)."""
         try:
             recipe = compose_recipe("", "", weights_json, 0, steps_, "64x64", DEFAULT_SAMPLER, 7.5, strength_, False,
                                     "", schedules_json, mode_, switch_every_)
+            try:  # the render's size, for composite's expected time (the plot does not depend on it)
+                width, height = parse_size(size_)
+                recipe = recipe.with_(width=width, height=height)
+            except (TypeError, ValueError):
+                pass
         except ValueError as e:
             note = gr.skip() if str(e).startswith("schedule of LoRA") else f"*The plot waits: {escape_md(e)}*"
             return gr.skip(), note
@@ -564,7 +596,7 @@ def build_compose_tab(service: StyleMixService, tiny: bool, demo: gr.Blocks, own
         # the weight axis always shows 0 (off) and 1 (a plain LoRA's full weight), and every value drawn, with
         # a margin so that a line at 0 or at the top is not hidden in the frame
         low, high = min([0.0, *frame.weight]), max([1.0, *frame.weight])
-        return gr.update(value=frame, y_lim=[low - 0.05, high + 0.05]), mode_note(recipe)
+        return gr.update(value=frame, y_lim=[low - 0.05, high + 0.05]), mode_note(recipe, speed)
 
     def plot_colours(weights_json):
         """A colour per LoRA of the mix, sent after the data: Gradio's plot fixes its colours (and legend)
@@ -598,7 +630,8 @@ def build_compose_tab(service: StyleMixService, tiny: bool, demo: gr.Blocks, own
     # the mix's redraws, so that no step of it is lost when the mix is redrawn.  Its data first, then its
     # colours (plot_colours).
     gr.on([weights_box.change, schedules_box.change, mode.change, switch_every.change, steps.change,
-           strength.change], update_plot, inputs=plot_inputs, outputs=plot_outputs, queue=False,
+           strength.change, size.change, speed_state.change], update_plot, inputs=plot_inputs, outputs=plot_outputs,
+          queue=False,
           show_progress="hidden", trigger_mode="always_last", api_visibility="private").then(
         plot_colours, inputs=weights_box, outputs=plot, queue=False, show_progress="hidden", api_visibility="private")
 
@@ -640,7 +673,8 @@ def build_compose_tab(service: StyleMixService, tiny: bool, demo: gr.Blocks, own
                       schedules_form_json(recipe.schedules))
         else:
             tagged = (gr.update(),) * 5
-        return (path, md, share, recipe.seed, path, str(out.recipe_path), used_md) + tagged
+        speed = render_speed(out.result) or gr.skip()  # this page's last render: composite's expected time
+        return (path, md, share, recipe.seed, path, str(out.recipe_path), used_md) + tagged + (speed,)
 
     # show_progress_on: the progress and any error badge sit on the image, never over the prompt and
     # the other fields this event also updates (they stay visible and editable after a refusal)
