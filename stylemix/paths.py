@@ -114,6 +114,17 @@ def read_json_object(path: Path, max_bytes: int = 16 * 1024**2) -> dict:
     return data
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (a LoRA or a judge's weights: never all in memory)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def unique_suffix() -> str:
     """A suffix for temporary names that no other thread or process picks, on this machine or another
     one sharing the folder (replicas: process ids repeat across machines)."""

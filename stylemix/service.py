@@ -860,7 +860,8 @@ class StyleMixService:
         if second.generated:  # the copies were scored, not made again: one set of images for both judges
             raise StyleMixError(f"Comparing judges made {second.generated} image(s) twice; please report this.")
         return {"kind": "judges", "out_dir": str(out), "names": names, "protocol": first,
-                "judges": {"clip": first, "csd": second}, "is_demo": first.is_demo or second.is_demo}
+                "judges": {"clip": first, "csd": second}, "is_demo": first.is_demo or second.is_demo,
+                "judge_names": {k: j.style_judge for k, j in judges.items()}}
 
 
 EXPERIMENT_FILE = "experiment.json"  # in each run's folder: what the page shows of it, reopened after a reload
@@ -889,7 +890,7 @@ def experiment_record(result: dict, prompts: list[str], seeds: list[int], gen: d
         rec["files"] = {f"{j}_{k}": os.path.relpath(p, out) for j, r in by_judge.items() for k, p in r.files.items()}
         rec["intro"] = by_judge["clip"].intro
         rec["summary"] = judges_table({j: r.summary for j, r in by_judge.items()})
-        rec["judge_names"] = {j: _judge_name(r) for j, r in by_judge.items()}
+        rec["judge_names"] = result["judge_names"]
     elif kind == "sweep":
         rec["values"] = result["values"]
         rec["cells"] = [{k: c[k] for k in ("weights", "clip_score", "shares", "calibrated")}
@@ -921,15 +922,6 @@ def judges_table(summaries: dict[str, list[dict]]) -> list[dict]:
             out.update({f"{k} [{j}]": v for k, v in other.items() if k not in JUDGE_FREE_COLUMNS})
         table.append(out)
     return table
-
-
-def _judge_name(result) -> str:
-    """The style judge that scored a protocol result (its run.json's, else its CLIP model's)."""
-    try:
-        info = json.loads((Path(result.out_dir) / "run.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    return str(info.get("style_judge") or info.get("clip_model") or "")
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"

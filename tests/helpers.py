@@ -65,3 +65,28 @@ def tiny_mixer(library_root: Path):
 
     loaded = LoadedModel(pipe=tiny_pipeline(), model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
     return Mixer(loaded, LoraLibrary(library_root))
+
+
+def service_over(mixer, folder: Path):
+    """A StyleMixService on `mixer` with an empty workspace under `folder` (the app's actions, no model load)."""
+    from stylemix.paths import Workspace
+    from stylemix.service import StyleMixService
+
+    ws = Workspace.at(folder)
+    for p in (ws.loras, ws.data, ws.jobs, ws.outputs):
+        p.mkdir(parents=True)
+    return StyleMixService(mixer=mixer, workspace=ws, banner="")
+
+
+def counting_mixer_class():
+    """A Mixer subclass that counts its `generate` calls in the class attribute `calls` (reset it before use)."""
+    from stylemix.mixer import Mixer
+
+    class Counting(Mixer):
+        calls = 0
+
+        def generate(self, recipe, progress=None):
+            Counting.calls += 1
+            return super().generate(recipe, progress)
+
+    return Counting

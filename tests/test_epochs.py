@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_library_lora, tiny_mixer
+from helpers import make_library_lora, service_over, tiny_mixer
 from stylemix.errors import StyleMixError
 from stylemix.experiments.epochs import find_versions, parse_version, run_epochs, version_name
 
@@ -137,13 +137,7 @@ def _add_version(library, name, epoch, seed):
 
 @pytest.fixture
 def service(mixer, tmp_path):
-    from stylemix.paths import Workspace
-    from stylemix.service import StyleMixService
-
-    ws = Workspace.at(tmp_path / "ws")
-    for p in (ws.loras, ws.data, ws.jobs, ws.outputs):
-        p.mkdir(parents=True)
-    return StyleMixService(mixer=mixer, workspace=ws, banner="")
+    return service_over(mixer, tmp_path / "ws")
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import make_library_lora
+from helpers import counting_mixer_class, make_library_lora, service_over
 from stylemix.errors import StyleMixError
 from stylemix.experiments.protocol import ProtocolConfig
 from stylemix.lora.library import LoraLibrary
-from stylemix.mixer import Mixer
 from stylemix.models import LoadedModel, tiny_pipeline
 from stylemix.recipe import Recipe, read_recipe
 
@@ -25,12 +24,7 @@ EXAMPLE = Path(__file__).parents[1] / "stylemix" / "configs" / "modes_comparison
 TINY = ["--model", "tiny", "--device", "cpu"]
 
 
-class Counting(Mixer):
-    calls = 0
-
-    def generate(self, recipe, progress=None):
-        Counting.calls += 1
-        return super().generate(recipe, progress)
+Counting = counting_mixer_class()  # counts generate calls
 
 
 @pytest.fixture(scope="module")
@@ -215,13 +209,7 @@ ANN = "u" + "a" * 24
 
 @pytest.fixture
 def service(mixer, tmp_path):
-    from stylemix.paths import Workspace
-    from stylemix.service import StyleMixService
-
-    ws = Workspace.at(tmp_path / "ws")
-    for p in (ws.loras, ws.data, ws.jobs, ws.outputs):
-        p.mkdir(parents=True)
-    return StyleMixService(mixer=mixer, workspace=ws, banner="")
+    return service_over(mixer, tmp_path / "ws")
 
 
 def test_service_modes_kind_table_plot_and_contact_sheet(service):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_library_lora
+from helpers import counting_mixer_class, make_library_lora, service_over
 from stylemix.errors import StyleMixError
 from stylemix.experiments.protocol import ProtocolConfig, mean_ci, resolve_styles, run_protocol
 from stylemix.lora.library import LoraLibrary
@@ -38,12 +38,7 @@ sampler = "Euler"
 """
 
 
-class Counting(Mixer):
-    calls = 0
-
-    def generate(self, recipe, progress=None):
-        Counting.calls += 1
-        return super().generate(recipe, progress)
+Counting = counting_mixer_class()  # counts generate calls
 
 
 @pytest.fixture(scope="module")
@@ -240,13 +235,7 @@ ANN, BOB = "u" + "a" * 24, "u" + "b" * 24
 
 @pytest.fixture
 def service(mixer, tmp_path):
-    from stylemix.paths import Workspace
-    from stylemix.service import StyleMixService
-
-    ws = Workspace.at(tmp_path / "ws")
-    for p in (ws.loras, ws.data, ws.jobs, ws.outputs):
-        p.mkdir(parents=True)
-    return StyleMixService(mixer=mixer, workspace=ws, banner="")
+    return service_over(mixer, tmp_path / "ws")
 
 
 def test_experiment_sampler_and_steps_reach_every_image(service):

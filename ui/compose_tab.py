@@ -191,12 +191,7 @@ def schedules_form_json(schedules: dict[str, str], names=None) -> str:
 def read_schedules(schedules_json) -> dict[str, str]:
     """The page's (or an API caller's) schedules JSON -> the recipe's {lora: schedule text}.  Each value is
     the boxes {"start", "end", "keyframes"} or a schedule text as a recipe stores it."""
-    try:
-        form = json.loads(schedules_json or "{}")
-    except ValueError:
-        form = None
-    if not isinstance(form, dict):
-        raise ValueError(f"schedules {str(schedules_json)[:80]!r} must be a JSON object of LoRA name -> schedule.")
+    form = _mapping(schedules_json, "schedules", "schedule")
     out = {}
     for name, fields in form.items():
         text = form_schedule(name, fields)
@@ -206,13 +201,18 @@ def read_schedules(schedules_json) -> dict[str, str]:
 
 
 def read_weights(weights_json) -> dict:
+    return _mapping(weights_json, "weights", "weight")
+
+
+def _mapping(text, what: str, value: str) -> dict:
+    """A JSON object of LoRA name -> `value` from the page or an API caller ('' = {}); ValueError naming `what`."""
     try:
-        weights = json.loads(weights_json or "{}")
+        found = json.loads(text or "{}")
     except ValueError:
-        weights = None
-    if not isinstance(weights, dict):
-        raise ValueError(f"weights {str(weights_json)[:80]!r} must be a JSON object of LoRA name -> weight.")
-    return weights
+        found = None
+    if not isinstance(found, dict):
+        raise ValueError(f"{what} {str(text)[:80]!r} must be a JSON object of LoRA name -> {value}.")
+    return found
 
 
 def change_mix(action_json, weights_json, schedules_json) -> tuple[str, str] | None:
@@ -242,11 +242,7 @@ def add_to_mix(weights_json, name: str, weight: float = 1.0) -> str | None:
 def remove_from_mix(weights_json, schedules_json, name: str) -> tuple[str, str]:
     """The weights and schedules JSON without `name`."""
     weights = {n: w for n, w in read_weights(weights_json).items() if n != name}
-    try:
-        form = json.loads(schedules_json or "{}")
-    except ValueError:
-        form = {}
-    form = {n: f for n, f in form.items() if n != name} if isinstance(form, dict) else {}
+    form = {n: f for n, f in _json_object(schedules_json).items() if n != name}
     return json.dumps(weights), json.dumps(form)
 
 

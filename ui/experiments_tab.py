@@ -50,6 +50,12 @@ def rounded(x):
     return x
 
 
+def summary_table(summary: list[dict]) -> tuple[list[str], list[list]]:
+    """A protocol summary's rows (dicts, one key order) as the results table: (header, rounded rows)."""
+    header = list(summary[0]) if summary else []
+    return header, [[rounded(r.get(k)) for k in header] for r in summary]
+
+
 def experiment_view(rec: dict) -> tuple[str, list[str], list[list], list[tuple[str, str]]]:
     """A saved run (StyleMixService.run_experiment's "record", or open_experiment's) as the page shows it:
     (Markdown summary, table header, table rows, [(image path, caption)]).  The numbers are in the table
@@ -59,9 +65,7 @@ def experiment_view(rec: dict) -> tuple[str, list[str], list[list], list[tuple[s
     ran = (f"{settings.get('steps')} steps, {settings.get('sampler')}, {settings.get('width')}px"
            if settings else "")
     if kind == "judges":
-        summary = rec.get("summary") or []
-        header = list(summary[0]) if summary else []
-        rows = [[rounded(r.get(k)) for k in header] for r in summary]
+        header, rows = summary_table(rec.get("summary") or [])
         named = rec.get("judge_names") or {}
         images = [(files[f"{j}_plot"], f"CLIP score vs style similarity, judged by {named.get(j) or j}")
                   for j in ("clip", "csd") if f"{j}_plot" in files]
@@ -70,9 +74,7 @@ def experiment_view(rec: dict) -> tuple[str, list[str], list[list], list[tuple[s
             clip=named.get("clip") or "CLIP", csd=named.get("csd") or "CSD"))
         return md, header, rows, images
     if kind in ("protocol", "modes"):
-        summary = rec.get("summary") or []
-        header = list(summary[0]) if summary else []
-        rows = [[rounded(r.get(k)) for k in header] for r in summary]
+        header, rows = summary_table(rec.get("summary") or [])
         images = [(files["plot"], "CLIP score vs style similarity")] if "plot" in files else []
         images += [(p, k) for k, p in files.items() if k.startswith("contact_")]
         return (rec.get("intro") or "") + ("\n" + MODES_INTRO if kind == "modes" else ""), header, rows, images

@@ -16,7 +16,6 @@ except hashes keyed by each file's size, mtime and inode: every listing reads th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,20 +35,13 @@ from stylemix.lora.names import Target, sd15_targets
 from stylemix.lora.update import mismatch
 from stylemix.errors import StyleMixError
 from stylemix.paths import (VERSIONS_DIR, atomic_write_text, check_lora_name, check_name, folder_lock, inside,
-                            read_json_object, replace_folder, split_version, unique_suffix, version_name)
+                            read_json_object, replace_folder, sha256_file, split_version, unique_suffix,
+                            version_name)
 
 META_NAME = "stylemix.json"
 MAX_META_BYTES = 4 * 1024**2
 TRIGGER_MAX = 64
 MAX_SOURCE_NAME = 200
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

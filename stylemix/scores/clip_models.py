@@ -66,16 +66,8 @@ class Scorer:
     @torch.no_grad()
     def embed_images(self, images: Sequence) -> torch.Tensor:
         """[N, D] unit-norm image embeddings (float32, on the scorer's device), in batches."""
-        images = list(images)
-        if not images:
-            return torch.zeros(0, self.embed_dim, device=self.device)
-        out = []
-        with self._lock:  # one model shared by app threads; forward passes are not re-entrant-safe on mps
-            for i in range(0, len(images), self.batch_size):
-                batch = torch.stack([self.preprocess(_rgb(im)) for im in images[i : i + self.batch_size]])
-                feats = self.model.encode_image(batch.to(self.device))
-                out.append(torch.nn.functional.normalize(feats.float(), dim=-1))
-        return torch.cat(out)
+        return embed_in_batches(self, images, lambda batch: torch.nn.functional.normalize(
+            self.model.encode_image(batch).float(), dim=-1))
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -96,6 +88,21 @@ class Scorer:
                         self._text_cache.pop(next(iter(self._text_cache)))  # oldest first
                     self._text_cache[t] = f
             return torch.stack([self._text_cache[t] for t in texts])
+
+
+def embed_in_batches(scorer, images: Sequence, forward) -> torch.Tensor:
+    """[N, D] float32 embeddings of `images` on `scorer.device`: each preprocessed as RGB, `forward(batch)` on
+    `scorer.batch_size` at a time, under the scorer's lock (one model shared by app threads; forward passes
+    are not re-entrant-safe on mps).  Serves every judge (CLIP's Scorer, csd.CsdScorer)."""
+    images = list(images)
+    if not images:
+        return torch.zeros(0, scorer.embed_dim, device=scorer.device)
+    out = []
+    with scorer._lock:
+        for i in range(0, len(images), scorer.batch_size):
+            batch = torch.stack([scorer.preprocess(_rgb(im)) for im in images[i : i + scorer.batch_size]])
+            out.append(forward(batch.to(scorer.device)).float())
+    return torch.cat(out)
 
 
 def _rgb(image):

@@ -24,7 +24,7 @@ from typing import Callable, ClassVar, Mapping, Sequence
 import torch
 
 from stylemix.errors import StyleMixError
-from stylemix.scores.clip_models import ScorerUnavailable, _rgb
+from stylemix.scores.clip_models import ScorerUnavailable, embed_in_batches
 
 logger = logging.getLogger("stylemix")
 
@@ -158,15 +158,7 @@ class CsdScorer:
     @torch.no_grad()
     def embed_images(self, images: Sequence) -> torch.Tensor:
         """[N, D] unit-norm style descriptors (float32, on the scorer's device), in batches."""
-        images = list(images)
-        if not images:
-            return torch.zeros(0, self.embed_dim, device=self.device)
-        out = []
-        with self._lock:  # one model shared by app threads
-            for i in range(0, len(images), self.batch_size):
-                batch = torch.stack([self.preprocess(_rgb(im)) for im in images[i : i + self.batch_size]])
-                out.append(self.model(batch.to(self.device)).float())
-        return torch.cat(out)
+        return embed_in_batches(self, images, self.model)  # CsdModel returns unit-norm descriptors
 
 
 def csd_preprocess(cfg: CsdConfig) -> Callable:

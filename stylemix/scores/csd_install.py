@@ -20,7 +20,6 @@ leaves an earlier install as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from urllib.parse import urlparse
 import torch
 
 from stylemix.errors import StyleMixError
+from stylemix.paths import sha256_file
 from stylemix.models import pick_device
 from stylemix.scores.clip_models import HUB_PROBE_TIMEOUT_S, ScorerUnavailable
 from stylemix.scores.csd import (CSD_VIT_L, CsdConfig, CsdScorer, check_state_dict, csd_scorer_from_file,
@@ -91,14 +91,6 @@ def read_record(folder: str | os.PathLike | None = None, cfg: CsdConfig = CSD_VI
     if not ok:
         raise ScorerUnavailable(f"{path}: not a valid install record for {cfg.name}; {REINSTALL}.")
     return record
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_installed(device: str | torch.device = "cpu", folder: str | os.PathLike | None = None,
